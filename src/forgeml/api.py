@@ -1,0 +1,167 @@
+"""The public Python API. The CLI only parses arguments and calls these functions.
+
+import forgeml
+result = forgeml.run("examples/sst2.yaml", overrides=["train.epochs=1"])
+model = forgeml.load(result.run_dir)
+model.predict(["a gripping, beautiful film"])
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from datasets import Dataset
+
+from forgeml.config import ForgeConfig, load_config
+from forgeml.data.clean import clean, normalize_text
+from forgeml.data.io import column, read_table, replace_column
+from forgeml.data.prepare import read_split
+from forgeml.evaluate.outputs import model_outputs
+from forgeml.pipeline import RunResult, dataset_from_rows, evaluate_split, execute, rerun_config
+from forgeml.report.card import write_card
+from forgeml.store import Store, database_url
+from forgeml.tasks import load_task
+from forgeml.workspace import RunDir, atomic_write_bytes, atomic_write_json, workspace_root
+
+__all__ = ["Predictor", "RunResult", "evaluate", "load", "predict", "report", "resume", "run", "runs"]
+
+
+def run(
+    config: str | Path | dict | ForgeConfig,
+    overrides: list[str] | tuple[str, ...] = (),
+    workspace: str | Path | None = None,
+    quiet: bool = True,
+) -> RunResult:
+    """Train and evaluate from a config file (or dict); everything lands in `runs/<name>/<run-id>/`."""
+    resolved = config if isinstance(config, ForgeConfig) else load_config(config, overrides)
+    return execute(resolved, workspace_root(workspace), show_progress=not quiet)
+
+
+def resume(run_dir: str | Path, workspace: str | Path | None = None, quiet: bool = True) -> RunResult:
+    """Continue an interrupted run from its last checkpoint, with the config it started with."""
+    run_path = RunDir.open(run_dir).path
+    root = workspace_root(workspace) if workspace else run_path.parent.parent.parent
+    return execute(rerun_config(RunDir(run_path)), root, show_progress=not quiet, resume_dir=run_path)
+
+
+class Predictor:
+    """A trained model loaded from a run directory (every artefact checked against the manifest)."""
+
+    def __init__(self, run_dir: str | Path):
+        self.run = RunDir.open(run_dir)
+        self.run.verify("model/")
+        self.task, self.model = load_task(self.run.model)
+        self.model.eval()
+        self.config = rerun_config(self.run)
+
+    @property
+    def input_columns(self) -> list[str]:
+        return getattr(self.task, "text_columns", None) or self.task.features
+
+    def predict(
+        self, inputs: list[Any] | Dataset, batch_size: int = 64, show_progress: bool = False
+    ) -> list[dict[str, Any]]:
+        """Answers for raw inputs: strings, (premise, hypothesis) pairs, dicts of columns, or a Dataset.
+
+        Each answer is {'label', 'probabilities': {class: p}} or {'value'}.
+        """
+        dataset = inputs if isinstance(inputs, Dataset) else dataset_from_rows(list(inputs), self.input_columns)
+        answers = self._answers(dataset, batch_size, show_progress)
+        if "probabilities" in answers:
+            classes = self.task.target.classes
+            return [
+                {"label": label, "probabilities": dict(zip(classes, map(float, probs), strict=True))}
+                for label, probs in zip(answers["label"], answers["probabilities"], strict=True)
+            ]
+        return [{"value": float(v)} for v in answers["value"]]
+
+    def _answers(self, dataset: Dataset, batch_size: int, show_progress: bool) -> dict[str, Any]:
+        text_columns = getattr(self.task, "text_columns", [])
+        if text_columns and self.config.data.clean.normalize:
+            for name in text_columns:
+                dataset = replace_column(dataset, name, [normalize_text(v) for v in column(dataset, name)])
+        encoded = self.task.encode(dataset, "input", with_targets=False)
+        outputs, _ = model_outputs(self.model, encoded, batch_size, show_progress=show_progress)
+        return self.task.predictions(outputs)
+
+
+def load(run_dir: str | Path) -> Predictor:
+    """Load a finished run's model for prediction."""
+    return Predictor(run_dir)
+
+
+def evaluate(run_dir: str | Path, data: str | Path, batch_size: int = 64) -> dict[str, Any]:
+    """Re-evaluate a saved run on any labelled file with the training columns.
+
+    The file gets the run's cleaning; metrics and plots go to `evaluations/<file>-<time>/`.
+    """
+    predictor = Predictor(run_dir)
+    config = predictor.config
+    dataset = read_split(Path(data), config, predictor.input_columns)
+    dataset, cleaning = clean(
+        dataset,
+        getattr(predictor.task, "text_columns", []),
+        predictor.input_columns,
+        config.data.label,
+        config.data.clean,
+    )
+    encoded = predictor.task.encode(dataset, str(data))
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    folder = predictor.run.path / "evaluations" / f"{Path(data).stem}-{stamp}"
+    folder.mkdir(parents=True, exist_ok=True)
+    metrics = evaluate_split(predictor.task, predictor.model, encoded, batch_size, folder)
+    atomic_write_json(folder / "metrics.json", {"data": str(Path(data).resolve()), "cleaning": cleaning, **metrics})
+    return metrics
+
+
+def predict(
+    run_dir: str | Path, data: str | Path, output: str | Path, batch_size: int = 64, show_progress: bool = False
+) -> Path:
+    """Predict every row of a file; write its rows plus `prediction` (and `p_<class>`) to CSV or JSONL."""
+    predictor = Predictor(run_dir)
+    dataset = read_table(Path(data), predictor.config.data.format)
+    answers = predictor._answers(dataset, batch_size, show_progress)
+    columns = dataset.to_dict()
+    if "probabilities" in answers:
+        columns["prediction"] = answers["label"]
+        for index, name in enumerate(predictor.task.target.classes):
+            columns[f"p_{name}"] = np.round(answers["probabilities"][:, index], 6).tolist()
+    else:
+        columns["prediction"] = answers["value"]
+    output = Path(output)
+    names = list(columns)
+    rows = [dict(zip(names, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+    if output.suffix.lower() in (".jsonl", ".ndjson"):
+        body = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    else:
+        from io import StringIO
+
+        buffer = StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=names, delimiter="\t" if output.suffix.lower() == ".tsv" else ",")
+        writer.writeheader()
+        writer.writerows(rows)
+        body = buffer.getvalue()
+    atomic_write_bytes(output, body.encode("utf-8"))
+    return output
+
+
+def report(run_dir: str | Path) -> tuple[Path, Path]:
+    """(Re)write card.md and card.html for a run."""
+    run = RunDir.open(run_dir)
+    written = write_card(run.path)
+    run.record(written)
+    return written
+
+
+def runs(workspace: str | Path | None = None, name: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+    """Recorded runs, newest first."""
+    return Store(database_url(workspace_root(workspace))).runs(name, limit)
+
+
+def run_record(run_id: str, workspace: str | Path | None = None) -> dict[str, Any]:
+    return Store(database_url(workspace_root(workspace))).run(run_id)

@@ -1,0 +1,243 @@
+"""The `forgeml` command. It parses arguments and calls `forgeml.api`; nothing else happens here.
+
+User errors (bad config, bad data, tampered artefacts) print one paragraph and exit with code 2;
+`--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from forgeml.errors import ForgeError
+
+app = typer.Typer(
+    help="Fine-tune, evaluate and document models from one YAML file.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+runs_app = typer.Typer(help="List recorded runs, or `runs show ID` for one.", invoke_without_command=True)
+config_app = typer.Typer(help="Config helpers.", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
+app.add_typer(config_app, name="config")
+
+console = Console()
+errors = Console(stderr=True)
+STATE = {"debug": False}
+
+Workspace = Annotated[
+    Path | None,
+    typer.Option(
+        "--workspace",
+        "-w",
+        help="folder holding runs/ and forgeml.db (default: $FORGEML_WORKSPACE or the current folder)",
+    ),
+]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
+
+
+@app.callback()
+def main(
+    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks and library logs")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show library logs and warnings")] = False,
+) -> None:
+    STATE["debug"] = debug
+    if not (debug or verbose):
+        _silence_libraries()
+
+
+@app.command()
+def init(
+    task: Annotated[
+        str,
+        typer.Argument(
+            help="text-classification | text-pair-classification | regression | "
+            "tabular-classification | tabular-regression"
+        ),
+    ],
+) -> None:
+    """Print an annotated starter config: `forgeml init text-classification > my.yaml`."""
+    from forgeml.starter import starter_config
+
+    sys.stdout.write(starter_config(task))
+
+
+@app.command()
+def run(
+    config: Annotated[Path | None, typer.Argument(help="config YAML")] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help="key.path=value overrides, e.g. train.lr=3e-5")] = None,
+    resume: Annotated[Path | None, typer.Option("--resume", help="continue this interrupted run directory")] = None,
+    workspace: Workspace = None,
+    quiet: Quiet = False,
+) -> None:
+    """Data -> train -> evaluate -> model card. Prints the validation and test metrics."""
+    from forgeml import api
+    from forgeml.train.progress import progress_enabled
+
+    show = progress_enabled(quiet)
+    if resume is not None:
+        if config is not None or overrides:
+            raise ForgeError("--resume takes the config saved in the run directory; give no config or overrides")
+        result = api.resume(resume, workspace, quiet=not show)
+    elif config is None:
+        raise ForgeError("give a config file (forgeml run my.yaml), or --resume RUN_DIR")
+    else:
+        result = api.run(config, overrides or [], workspace, quiet=not show)
+    _print_metrics(result.metrics)
+    console.print(f"run directory: {result.run_dir}")
+
+
+@app.command()
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="labelled file with the training columns")],
+    batch_size: int = 64,
+) -> None:
+    """Re-evaluate a saved run on another labelled file."""
+    from forgeml import api
+
+    metrics = api.evaluate(run_dir, data, batch_size)
+    _print_metrics({str(data): metrics})
+
+
+@app.command()
+def predict(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
+    data: Annotated[Path, typer.Argument(help="csv / tsv / jsonl / parquet file with the input columns")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="where to write (.csv, .tsv or .jsonl)")],
+    batch_size: int = 64,
+    quiet: Quiet = False,
+) -> None:
+    """Predict every row of a file; writes its rows plus prediction (and class probabilities)."""
+    from forgeml import api
+    from forgeml.train.progress import progress_enabled
+
+    written = api.predict(run_dir, data, output, batch_size, show_progress=progress_enabled(quiet))
+    console.print(f"predictions written to {written}")
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
+    """(Re)write card.md and card.html for a run."""
+    from forgeml import api
+
+    for path in api.report(run_dir):
+        console.print(f"wrote {path}")
+
+
+@runs_app.callback()
+def runs_list(
+    ctx: typer.Context,
+    name: Annotated[str | None, typer.Option("--name", help="only runs with this name")] = None,
+    limit: int = 30,
+    workspace: Workspace = None,
+) -> None:
+    """Table of runs: id, name, task, status, key metrics, when."""
+    if ctx.invoked_subcommand is not None:
+        ctx.obj = workspace
+        return
+    from forgeml.store import Store, database_url
+    from forgeml.workspace import workspace_root
+
+    records = Store(database_url(workspace_root(workspace))).runs(name, limit)
+    table = Table("id", "name", "task", "status", "test metrics", "started", "seconds")
+    for record in records:
+        test = record["metrics"].get("test") or record["metrics"].get("validation") or {}
+        shown = ", ".join(f"{k}={v:.4f}" for k, v in list(test.items())[:4])
+        seconds = f"{record['seconds']:.0f}" if record["seconds"] else ""
+        status = record["status"] if record["status"] != "failed" else "[red]failed[/red]"
+        table.add_row(
+            record["id"],
+            record["name"],
+            record["task"],
+            status,
+            shown,
+            record["started_at"].strftime("%Y-%m-%d %H:%M"),
+            seconds,
+        )
+    console.print(table if records else "no runs recorded in this workspace yet")
+
+
+@runs_app.command("show")
+def runs_show(ctx: typer.Context, run_id: Annotated[str, typer.Argument(help="run id or a unique prefix")]) -> None:
+    """Everything recorded about one run, as JSON."""
+    from forgeml.store import Store, database_url
+    from forgeml.workspace import workspace_root
+
+    record = Store(database_url(workspace_root(ctx.obj))).run(run_id)
+    console.print_json(json.dumps(record, default=str))
+
+
+@config_app.command("schema")
+def config_schema() -> None:
+    """Print the JSON schema of the config file."""
+    from forgeml.config import config_schema as schema
+
+    sys.stdout.write(json.dumps(schema(), indent=2) + "\n")
+
+
+def _print_metrics(metrics: dict[str, Any]) -> None:
+    from forgeml.evaluate.metrics import scalar_metrics
+
+    for split in ("validation", "test", *[k for k in metrics if k not in ("validation", "test")]):
+        values = metrics.get(split)
+        if not isinstance(values, dict) or split in ("training", "cross_validation"):
+            continue
+        table = Table(title=f"{split} metrics", title_justify="left")
+        scalars = scalar_metrics(values)
+        for name in scalars:
+            table.add_column(name)
+        table.add_row(*(f"{v:.4f}" for v in scalars.values()))
+        console.print(table)
+    folds = metrics.get("cross_validation")
+    if folds:
+        text = ", ".join(f"{k} {v['mean']:.4f} ± {v['std']:.4f}" for k, v in folds["metrics"].items())
+        console.print(f"{folds['k']}-fold cross-validation: {text}")
+
+
+def _silence_libraries() -> None:
+    """Keep the terminal for our own progress display: no third-party progress bars or load reports."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" bar
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")
+    for name in ("transformers", "datasets", "accelerate", "torch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def entrypoint() -> None:
+    """Console script: run the app, turning user errors into exit code 2 without a traceback."""
+    try:
+        app(standalone_mode=False)
+    except ForgeError as error:
+        if STATE["debug"]:
+            raise
+        errors.print(f"[bold red]error:[/bold red] {error}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        errors.print("interrupted; resume with `forgeml run --resume RUN_DIR`")
+        sys.exit(130)
+    except (typer.Abort, typer.Exit) as stop:
+        sys.exit(getattr(stop, "exit_code", 1))
+    except Exception as error:  # click usage errors carry their own exit code and message
+        import click
+
+        if isinstance(error, click.ClickException):
+            error.show()
+            sys.exit(error.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    entrypoint()

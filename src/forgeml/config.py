@@ -1,0 +1,295 @@
+"""The run configuration: a pydantic schema plus :func:`load_config`.
+
+The YAML file is the user contract (see DESIGN.md). Every mistake is reported with the full key
+path, the value given and what is allowed, so that a person can fix it without reading code.
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from forgeml.errors import ConfigError
+
+TASKS = (
+    "text-classification",
+    "text-pair-classification",
+    "regression",
+    "tabular-classification",
+    "tabular-regression",
+)
+TaskName = Literal[
+    "text-classification",
+    "text-pair-classification",
+    "regression",
+    "tabular-classification",
+    "tabular-regression",
+]
+# Metrics where a smaller value is better; every other metric is maximised.
+LOWER_IS_BETTER = frozenset({"loss", "log_loss", "mae", "rmse", "mse"})
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, values are re-validated on set."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SplitConfig(Section):
+    """How validation/test splits are carved from `train` when no file is given."""
+
+    validation: float = Field(0.1, ge=0.0, lt=1.0, description="fraction of train held out for validation")
+    test: float = Field(0.1, ge=0.0, lt=1.0, description="fraction of train held out for test")
+    stratify: bool = Field(True, description="keep class proportions equal across splits")
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _leaves_training_rows(self) -> SplitConfig:
+        if self.validation + self.test >= 1.0:
+            raise ValueError(
+                f"data.split: validation + test must be < 1 to leave rows for training, got "
+                f"{self.validation} + {self.test}"
+            )
+        return self
+
+
+class CleanConfig(Section):
+    """Cleaning applied to every split before training; counts go to data_profile.json."""
+
+    normalize: bool = Field(True, description="Unicode NFKC and whitespace normalisation of text columns")
+    drop_empty: bool = Field(True, description="drop rows whose input is empty")
+    dedupe: bool = Field(True, description="drop exact duplicate rows (inputs and label)")
+    conflicting_labels: Literal["flag", "drop"] = Field(
+        "flag", description="same input with different labels: report it (flag) or remove every copy (drop)"
+    )
+    max_chars: int | None = Field(None, ge=1, description="inputs longer than this many characters are over-long")
+    overlong: Literal["truncate", "drop"] = Field("truncate", description="what to do with over-long inputs")
+
+
+class DataConfig(Section):
+    """Where the data is and which columns mean what. Relative paths resolve against the config file."""
+
+    train: Path
+    validation: Path | None = None
+    test: Path | None = None
+    format: Literal["auto", "csv", "tsv", "jsonl", "parquet"] = "auto"
+    text: str = Field("text", description="input text column (premise for NLI)")
+    text_pair: str | None = Field(None, description="second text column (hypothesis for NLI)")
+    label: str = "label"
+    features: list[str] | None = Field(None, description="tabular input columns; default: every column but the label")
+    sample: dict[Literal["train", "validation", "test"], int] | None = Field(
+        None, description="seeded random subset size per split, e.g. {train: 4000}"
+    )
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    clean: CleanConfig = Field(default_factory=CleanConfig)
+
+    @field_validator("sample")
+    @classmethod
+    def _positive_sample(cls, value: dict[str, int] | None) -> dict[str, int] | None:
+        for split, size in (value or {}).items():
+            if size < 1:
+                raise ValueError(f"sample.{split} must be >= 1, got {size}")
+        return value
+
+
+class ModelConfig(Section):
+    """The network: a pre-trained text backbone with a head, or an MLP for tabular data."""
+
+    backbone: str | None = Field(
+        None,
+        description="'minilm' (bundled), a Hugging Face id or local path, or 'mlp'; "
+        "default: minilm for text, mlp for tabular",
+    )
+    max_length: int = Field(128, ge=8, le=8192, description="tokens per input (longer inputs are truncated)")
+    pooling: Literal["mean", "cls"] = "mean"
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    hidden_sizes: list[int] = Field([128, 64], description="MLP hidden layer widths; [] gives a linear model")
+    categorical: Literal["onehot", "embedding"] = Field("onehot", description="how the MLP encodes categorical columns")
+    embedding_dim: int = Field(8, ge=1, le=512, description="width of categorical embeddings")
+
+    @field_validator("hidden_sizes")
+    @classmethod
+    def _positive_widths(cls, value: list[int]) -> list[int]:
+        if any(width < 1 for width in value):
+            raise ValueError(f"every hidden size must be >= 1, got {value}")
+        return value
+
+
+class EarlyStoppingConfig(Section):
+    patience: int = Field(2, ge=1, description="evaluations without improvement before stopping")
+    metric: str | None = Field(None, description="validation metric to watch; default: the task's primary metric")
+
+
+class TrainConfig(Section):
+    """Optimisation. One readable loop (train/loop.py) uses every field here."""
+
+    epochs: int = Field(3, ge=1, le=10_000)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    batch_size: int = Field(32, ge=1)
+    eval_batch_size: int = Field(64, ge=1)
+    lr: float = Field(5.0e-5, gt=0.0, le=10.0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum")
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_ratio: float = Field(0.06, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    l1: float = Field(0.0, ge=0.0, description="L1 penalty on weights (not biases or norms)")
+    max_grad_norm: float | None = Field(1.0, gt=0.0, description="gradient clipping; null disables")
+    grad_accum_steps: int = Field(1, ge=1)
+    group_by_length: bool = Field(True, description="batch inputs of similar length together (less padding)")
+    early_stopping: EarlyStoppingConfig | None = Field(default_factory=EarlyStoppingConfig)
+    eval_every: int | None = Field(None, ge=1, description="evaluate every N optimizer steps; default once per epoch")
+    checkpoint_every: int = Field(200, ge=1, description="save a resumable checkpoint every N optimizer steps")
+    keep_checkpoints: int = Field(2, ge=1)
+    seed: int = 42
+    threads: int | None = Field(None, ge=1, description="CPU threads; default: torch's choice")
+
+
+class EvaluateConfig(Section):
+    cross_validation: int | None = Field(None, ge=2, le=50, description="k for stratified k-fold; null disables")
+    batch_size: int = Field(64, ge=1)
+
+
+class ForgeConfig(Section):
+    """A whole run: one YAML file."""
+
+    name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="run name (folder under runs/)")
+    description: str = Field("", description="intended use; goes into the model card")
+    task: TaskName
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    @model_validator(mode="after")
+    def _backbone_fits_task(self) -> ForgeConfig:
+        tabular = self.task.startswith("tabular")
+        if self.model.backbone is None:
+            self.model.backbone = "mlp" if tabular else "minilm"
+        if tabular and self.model.backbone != "mlp":
+            raise ValueError(f"model.backbone: task {self.task!r} needs 'mlp', got {self.model.backbone!r}")
+        if not tabular and self.model.backbone == "mlp":
+            raise ValueError(f"model.backbone: 'mlp' works for tabular tasks only; task is {self.task!r}")
+        if self.task == "text-pair-classification" and not self.data.text_pair:
+            raise ValueError("data.text_pair: task 'text-pair-classification' needs a second text column")
+        return self
+
+    @property
+    def is_classification(self) -> bool:
+        return self.task.endswith("classification")
+
+
+def load_config(source: str | Path | dict, overrides: list[str] | tuple[str, ...] = ()) -> ForgeConfig:
+    """Read a YAML file (or a dict), apply ``key.path=value`` overrides and validate.
+
+    Relative data paths resolve against the config file's folder (the current folder for a dict).
+    Raises :class:`ConfigError` naming the key path, the value given and what is allowed.
+    """
+    if isinstance(source, dict):
+        raw, base_dir, origin = dict(source), Path.cwd(), "config"
+    else:
+        path = Path(source)
+        raw, base_dir, origin = _read_yaml(path), path.resolve().parent, str(path)
+    for override in overrides:
+        _apply_override(raw, override)
+    try:
+        config = ForgeConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(f"{origin}: " + "; ".join(_describe(e) for e in error.errors())) from None
+    _resolve_paths(config, base_dir)
+    return config
+
+
+def dump_config(config: ForgeConfig) -> str:
+    """The resolved config as YAML (what is saved in the run directory)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def config_schema() -> dict[str, Any]:
+    """JSON schema of the config file."""
+    return ForgeConfig.model_json_schema()
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        raise ConfigError(f"{path}: YAML syntax error at {where}: {error.problem}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (name, task, data, ...), got {type(raw).__name__}")
+    return raw
+
+
+def _apply_override(raw: dict, override: str) -> None:
+    key, sep, text = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {override!r}: expected key.path=value, e.g. train.lr=3e-5")
+    parts = key.strip().split(".")
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            prefix = ".".join(parts[: depth + 1])
+            raise ConfigError(f"override {override!r}: {prefix} is a value, not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        node[parts[-1]] = text
+
+
+def _describe(error: dict) -> str:
+    loc = tuple(str(part) for part in error["loc"])
+    path = ".".join(loc) or "config"
+    if error["type"] == "extra_forbidden":
+        allowed = _fields_at(loc[:-1])
+        hint = difflib.get_close_matches(loc[-1], allowed, n=1)
+        suggestion = f" (did you mean {'.'.join((*loc[:-1], hint[0]))!r}?)" if hint else ""
+        return f"unknown key {path!r}{suggestion}; allowed here: {', '.join(allowed)}"
+    if error["type"] == "missing":
+        return f"{path} is required"
+    message = error["msg"].removeprefix("Value error, ")
+    if not loc or message.startswith(path):  # our validators already name the path
+        return message
+    return f"{path}: {message} (got {error.get('input')!r})"
+
+
+def _fields_at(loc: tuple[str, ...]) -> list[str]:
+    """Field names of the config section at `loc` (for did-you-mean hints)."""
+    model: Any = ForgeConfig
+    for part in loc:
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        model = _section_type(field.annotation)
+        if model is None:
+            return []
+    return list(model.model_fields)
+
+
+def _section_type(annotation: Any) -> type[Section] | None:
+    candidates = typing.get_args(annotation) or (annotation,)
+    for candidate in candidates:
+        if isinstance(candidate, type) and issubclass(candidate, Section):
+            return candidate
+    return None
+
+
+def _resolve_paths(config: ForgeConfig, base_dir: Path) -> None:
+    for split in ("train", "validation", "test"):
+        path = getattr(config.data, split)
+        if path is not None and not path.is_absolute():
+            setattr(config.data, split, (base_dir / path).resolve())

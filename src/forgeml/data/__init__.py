@@ -1,0 +1,1 @@
+"""Data: reading, validation, cleaning, splitting and profiling."""

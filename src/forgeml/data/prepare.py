@@ -1,0 +1,131 @@
+"""From the `data` section to clean, validated, split datasets with a profile and hashes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset
+
+from forgeml.config import DataConfig, ForgeConfig
+from forgeml.data import validate
+from forgeml.data.clean import clean
+from forgeml.data.io import column, read_table
+from forgeml.data.profile import profile_split
+from forgeml.data.split import content_hash, holdout, sample
+
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass
+class PreparedData:
+    """The three splits (validation/test may be None), plus what was done to get them."""
+
+    splits: dict[str, Dataset | None]
+    input_columns: list[str]
+    text_columns: list[str]
+    profile: dict[str, Any] = field(default_factory=dict)
+    hashes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def train(self) -> Dataset:
+        return self.splits["train"]
+
+    @property
+    def validation(self) -> Dataset | None:
+        return self.splits["validation"]
+
+    @property
+    def test(self) -> Dataset | None:
+        return self.splits["test"]
+
+
+def input_columns_for(config: ForgeConfig, available: list[str]) -> tuple[list[str], list[str]]:
+    """(input columns, text columns) the task reads."""
+    data = config.data
+    if config.task.startswith("tabular"):
+        features = data.features or [c for c in available if c != data.label]
+        return list(features), []
+    texts = [data.text] + ([data.text_pair] if data.text_pair else [])
+    return texts, texts
+
+
+def read_split(path: Path, config: ForgeConfig, inputs: list[str] | None = None) -> Dataset:
+    """Read one labelled file and check its columns and label values (row numbers match the file)."""
+    data = config.data
+    dataset = read_table(path, data.format)
+    inputs = inputs or input_columns_for(config, dataset.column_names)[0]
+    validate.require_columns(dataset, inputs, path, "input column")
+    validate.require_columns(dataset, [data.label], path, "label column")
+    check_labels(column(dataset, data.label), path, config)
+    return dataset
+
+
+def check_labels(values: list, source: Path | str, config: ForgeConfig) -> None:
+    if config.is_classification:
+        validate.class_labels(values, source, config.data.label)
+    else:
+        validate.numeric_targets(values, source, config.data.label)
+
+
+def prepare(config: ForgeConfig) -> PreparedData:
+    """Read, validate, clean, split and sample the data the config names; profile what came out."""
+    data: DataConfig = config.data
+    raw_train = read_split(data.train, config)
+    inputs, texts = input_columns_for(config, raw_train.column_names)
+    sources = {"train": data.train, "validation": data.validation, "test": data.test}
+    splits: dict[str, Dataset | None] = {"train": raw_train}
+    for name in ("validation", "test"):
+        splits[name] = read_split(sources[name], config, inputs) if sources[name] else None
+
+    cleaning = {}
+    for name, dataset in splits.items():
+        if dataset is not None:
+            splits[name], cleaning[name] = clean(dataset, texts, inputs, data.label, data.clean)
+
+    split_info, taken = {}, 0.0
+    for name, fraction in (("test", data.split.test), ("validation", data.split.validation)):
+        if splits[name] is None and fraction > 0:
+            # Fractions are of the whole train file: test comes off first, validation off the rest.
+            labels = column(splits["train"], data.label) if config.is_classification and data.split.stratify else None
+            share = fraction / (1.0 - taken)
+            splits["train"], splits[name], stratified = holdout(splits["train"], share, labels, data.split.seed)
+            split_info[name] = {"fraction": fraction, "stratified": stratified}
+            taken += fraction
+
+    for name in SPLITS:
+        size = (data.sample or {}).get(name)
+        if splits[name] is not None and size:
+            splits[name] = sample(splits[name], size, data.split.seed)
+
+    train_labels = [str(v) for v in column(splits["train"], data.label)]
+    if config.is_classification:
+        validate.check_trainable_labels(train_labels, data.train, data.label)
+        for name in ("validation", "test"):
+            if splits[name] is not None:
+                validate.check_known_labels(
+                    [str(v) for v in column(splits[name], data.label)],
+                    set(train_labels),
+                    sources[name] or data.train,
+                    data.label,
+                    name,
+                )
+
+    profile = {
+        "task": config.task,
+        "inputs": inputs,
+        "label": data.label,
+        "sources": {
+            name: str(path) if path else {"split_from_train": split_info.get(name)} for name, path in sources.items()
+        },
+        "cleaning": cleaning,
+        "splits": {
+            name: profile_split(dataset, texts, data.label, config.is_classification)
+            for name, dataset in splits.items()
+            if dataset is not None
+        },
+    }
+    hashes = {name: content_hash(dataset) for name, dataset in splits.items() if dataset is not None}
+    profile["sha256"] = hashes
+    return PreparedData(splits=splits, input_columns=inputs, text_columns=texts, profile=profile, hashes=hashes)

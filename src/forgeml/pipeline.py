@@ -1,0 +1,270 @@
+"""One run, start to finish: data -> train -> evaluate -> plots -> model card -> manifest -> store.
+
+`api.run` is the public entry; this module holds the steps so each stays short and testable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset
+
+from forgeml import __version__
+from forgeml.config import ForgeConfig, dump_config, load_config
+from forgeml.data.io import column
+from forgeml.data.prepare import PreparedData, prepare
+from forgeml.data.profile import length_percentiles
+from forgeml.data.split import kfold
+from forgeml.errors import DataError
+from forgeml.evaluate import plots
+from forgeml.evaluate.metrics import scalar_metrics
+from forgeml.evaluate.outputs import model_outputs
+from forgeml.report.card import write_card
+from forgeml.store import Store, database_url
+from forgeml.tasks import Task, build_task
+from forgeml.train.loop import TrainResult, seed_everything, train
+from forgeml.workspace import RunDir, atomic_write_json, atomic_write_text, read_json
+
+
+@dataclass
+class RunResult:
+    """What `forgeml.run` returns: where the run is and its headline metrics."""
+
+    run_dir: Path
+    run_id: str
+    metrics: dict[str, Any]
+
+    def __repr__(self) -> str:
+        return f"RunResult(run_dir={str(self.run_dir)!r}, test={scalar_metrics(self.metrics.get('test', {}))})"
+
+
+def library_versions() -> dict[str, str]:
+    import accelerate
+    import datasets
+    import sklearn
+    import transformers
+
+    return {
+        "forgeml": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "datasets": datasets.__version__,
+        "accelerate": accelerate.__version__,
+        "scikit-learn": sklearn.__version__,
+    }
+
+
+def execute(config: ForgeConfig, workspace: Path, show_progress: bool, resume_dir: Path | None = None) -> RunResult:
+    """Run (or resume) the whole pipeline, recording status in the store whatever happens."""
+    store = Store(database_url(workspace))
+    config_text = dump_config(config)
+    if resume_dir is None:
+        run = RunDir.create(workspace, config.name)
+        atomic_write_text(run.config, config_text)
+        store.start_run(
+            id=run.id,
+            name=config.name,
+            task=config.task,
+            path=str(run.path),
+            config_hash=hashlib.sha256(config_text.encode()).hexdigest(),
+            versions=library_versions(),
+        )
+    else:
+        run = RunDir.open(resume_dir)
+        store.update_run(run.id, status="running", error=None)
+    durations: dict[str, float] = {}
+    try:
+        clock = time.perf_counter()
+        data = prepare(config)
+        if resume_dir is not None:
+            _check_same_data(run, data)
+        durations["data_s"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        seed_everything(config.train.seed)
+        task = build_task(config, data.input_columns)
+        task.fit(data.train)
+        encoded = {name: task.encode(split, name) for name, split in data.splits.items() if split is not None}
+        _write_profile(run, data, encoded, config)
+        model = task.build_model()
+        result = train(
+            task,
+            model,
+            encoded["train"],
+            encoded.get("validation"),
+            config.train,
+            checkpoints=run.checkpoints,
+            log_path=run.train_log,
+            resume=resume_dir is not None,
+            show_progress=show_progress,
+        )
+        task.save(run.model, model)
+        durations["train_s"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        metrics: dict[str, Any] = {"task": config.task, "primary_metric": task.primary_metric}
+        for name in ("validation", "test"):
+            if name in encoded:
+                metrics[name] = evaluate_split(
+                    task,
+                    model,
+                    encoded[name],
+                    config.evaluate.batch_size,
+                    run.plots,
+                    plot=(name == "test" or "test" not in encoded),
+                )
+        metrics["training"] = _training_summary(result)
+        plots.training_curves(result.history, result.watched_metric, run.plots / "curves.png")
+        if config.evaluate.cross_validation:
+            metrics["cross_validation"] = cross_validate(config, data, show_progress)
+        atomic_write_json(run.metrics, metrics)
+        durations["evaluate_s"] = time.perf_counter() - clock
+
+        write_card(run.path)
+        run.write_manifest()
+        store.update_run(
+            run.id,
+            status="finished",
+            metrics={k: scalar_metrics(v) for k, v in metrics.items() if isinstance(v, dict)},
+            split_hashes=data.hashes,
+            durations=durations,
+        )
+        return RunResult(run.path, run.id, metrics)
+    except BaseException as error:
+        store.update_run(run.id, status="failed", error=f"{type(error).__name__}: {error}", durations=durations)
+        raise
+
+
+def evaluate_split(
+    task: Task,
+    model: torch.nn.Module,
+    split: Any,
+    batch_size: int,
+    plot_dir: Path | None,
+    plot: bool = True,
+    prefix: str = "",
+) -> dict[str, Any]:
+    """Metrics of `model` on an encoded split, plus its plots (confusion, calibration or scatter)."""
+    outputs, targets = model_outputs(model, split, batch_size)
+    metrics = task.metrics(outputs, targets)
+    if plot and plot_dir is not None:
+        answers = task.predictions(outputs)
+        if "confusion_matrix" in metrics:
+            plots.confusion_matrix(
+                metrics["confusion_matrix"], metrics["classes"], plot_dir / f"{prefix}confusion_matrix.png"
+            )
+            plots.calibration(targets, answers["probabilities"], plot_dir / f"{prefix}calibration.png")
+        else:
+            truth = task.predictions(targets.reshape(-1, 1))["value"]
+            plots.regression_scatter(
+                np.asarray(truth), np.asarray(answers["value"]), plot_dir / f"{prefix}predicted_vs_true.png"
+            )
+    return metrics
+
+
+def cross_validate(config: ForgeConfig, data: PreparedData, show_progress: bool) -> dict[str, Any]:
+    """Stratified k-fold over the training split: a fresh model per fold, mean ± std per metric."""
+    pool = data.train
+    labels = [str(v) for v in column(pool, config.data.label)] if config.is_classification else None
+    folds: list[dict[str, float]] = []
+    k = config.evaluate.cross_validation
+    if len(pool) < 2 * k:
+        raise DataError(f"evaluate.cross_validation: {k} folds need at least {2 * k} training rows, have {len(pool)}")
+    for fold, (train_rows, held_rows) in enumerate(kfold(len(pool), k, labels, config.data.split.seed)):
+        seed_everything(config.train.seed + fold)
+        fold_train, fold_held = pool.select(train_rows), pool.select(held_rows)
+        task = build_task(config, data.input_columns)
+        task.fit(fold_train)
+        try:
+            held = task.encode(fold_held, f"fold {fold + 1}")
+        except DataError:  # a class absent from this fold's training part: k is too big for the data
+            raise DataError(
+                f"evaluate.cross_validation: fold {fold + 1} of {k} has labels unseen in its training part; "
+                "use a smaller k"
+            ) from None
+        model = task.build_model()
+        train(task, model, task.encode(fold_train, "train"), held, config.train, show_progress=show_progress)
+        outputs, targets = model_outputs(model, held, config.evaluate.batch_size)
+        folds.append(scalar_metrics(task.metrics(outputs, targets)))
+    summary = {}
+    for name in folds[0]:
+        values = np.asarray([fold[name] for fold in folds])
+        summary[name] = {"mean": float(values.mean()), "std": float(values.std(ddof=1)), "folds": values.tolist()}
+    return {"k": k, "metrics": summary}
+
+
+def _training_summary(result: TrainResult) -> dict[str, Any]:
+    return {
+        "steps": result.steps,
+        "best_step": result.best_step,
+        "best_metric": result.best_metric,
+        "watched_metric": result.watched_metric,
+        "stopped_early": result.stopped_early,
+        "samples_per_second": result.samples_per_second,
+        "mfu": result.mfu,
+        "seconds": result.seconds,
+    }
+
+
+def _write_profile(run: RunDir, data: PreparedData, encoded: dict[str, Any], config: ForgeConfig) -> None:
+    profile = dict(data.profile)
+    if data.text_columns:
+        profile["tokens"] = {
+            name: {
+                **length_percentiles(split.lengths),
+                "at_max_length": int((split.lengths >= config.model.max_length).sum()),
+            }
+            for name, split in encoded.items()
+        }
+        plots.lengths({name: split.lengths.tolist() for name, split in encoded.items()}, run.plots / "lengths.png")
+    if config.is_classification:
+        plots.class_balance(
+            {n: s["class_counts"] for n, s in profile["splits"].items()}, run.plots / "class_balance.png"
+        )
+    atomic_write_json(run.profile, profile)
+
+
+def _check_same_data(run: RunDir, data: PreparedData) -> None:
+    recorded = read_json(run.profile).get("sha256", {}) if run.profile.is_file() else {}
+    for name, digest in data.hashes.items():
+        if recorded.get(name) not in (None, digest):
+            raise DataError(
+                f"cannot resume {run.path}: the {name} split differs from the one the run started with "
+                "(data files changed); start a new run instead"
+            )
+
+
+def rerun_config(run: RunDir) -> ForgeConfig:
+    """The resolved config a run was started with."""
+    return load_config(run.config)
+
+
+def dataset_from_rows(rows: list[Any], columns: list[str]) -> Dataset:
+    """Plain Python inputs -> a Dataset with the task's input columns.
+
+    Accepts strings (one text column), tuples/lists (one value per column) or dicts.
+    """
+    table: dict[str, list] = {name: [] for name in columns}
+    for index, row in enumerate(rows):
+        if isinstance(row, dict):
+            missing = [c for c in columns if c not in row]
+            if missing:
+                raise DataError(f"input {index}: missing {', '.join(missing)}; each input needs {', '.join(columns)}")
+            values = [row[c] for c in columns]
+        elif isinstance(row, str):
+            values = [row]
+        else:
+            values = list(row)
+        if len(values) != len(columns):
+            raise DataError(f"input {index}: expected {len(columns)} values ({', '.join(columns)}), got {len(values)}")
+        for name, value in zip(columns, values, strict=True):
+            table[name].append(value)
+    return Dataset.from_dict(table)

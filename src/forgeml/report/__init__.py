@@ -1,0 +1,1 @@
+"""The model card (Markdown and self-contained HTML)."""

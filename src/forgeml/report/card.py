@@ -1,0 +1,572 @@
+"""The model card: one run directory summarised as `card.md` and a self-contained `card.html`.
+
+The card is built once as a list of sections made of a few plain blocks (paragraph, facts,
+table, figure) and then rendered twice, so the Markdown and the HTML always say the same thing.
+Markdown is rendered by hand because the blocks are this simple; a Markdown library would be a
+dependency for nothing. The HTML embeds its plots as base64 data URIs and its CSS inline, so the
+file can be mailed or attached to a ticket and still show everything, offline.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from forgeml.errors import ArtifactError
+from forgeml.workspace import atomic_write_text, read_json
+
+SPLIT_ORDER = ("train", "validation", "test")
+METRIC_ORDER = ("accuracy", "f1", "precision", "recall", "log_loss", "roc_auc", "mae", "rmse", "mse", "r2")
+# Known plots first, in the order a reader needs them: data, then training, then results.
+PLOT_CAPTIONS = {
+    "class_balance.png": "Class balance per split.",
+    "lengths.png": "Input lengths per split.",
+    "curves.png": "Training loss and validation metric over training steps.",
+    "confusion_matrix.png": "Confusion matrix: rows are true classes, columns are predicted classes.",
+    "calibration.png": "Calibration: predicted confidence against observed accuracy (the diagonal is perfect).",
+    "predicted_vs_true.png": "Predicted against true values (the diagonal is perfect).",
+}
+CLEANING_COLUMNS = {
+    "rows_in": "rows in",
+    "normalized": "normalized",
+    "dropped_empty": "dropped empty",
+    "dropped_duplicates": "dropped duplicates",
+    "conflicting_label_inputs": "conflicting-label inputs",
+    "conflicting_label_rows": "conflicting-label rows",
+    "rows_out": "rows out",
+}
+HYPERPARAMETERS = (
+    "epochs",
+    "max_steps",
+    "batch_size",
+    "grad_accum_steps",
+    "lr",
+    "optimizer",
+    "scheduler",
+    "warmup_ratio",
+    "weight_decay",
+    "l1",
+    "max_grad_norm",
+    "group_by_length",
+    "seed",
+)
+LABELS = {"lr": "Learning rate", "grad_accum_steps": "Gradient accumulation steps", "l1": "L1 penalty"}
+MODEL_KEYS = ("backbone", "max_length", "pooling", "dropout", "hidden_sizes", "categorical", "embedding_dim")
+WEIGHTS = "model/model.safetensors"
+
+
+# --- blocks: what a card is made of -----------------------------------------------------------
+
+
+@dataclass
+class Paragraph:
+    text: str
+
+
+@dataclass
+class Facts:
+    """A short list of `label: value` lines."""
+
+    items: list[tuple[str, str]]
+
+
+@dataclass
+class Table:
+    header: list[str]
+    rows: list[list[str]]
+    caption: str = ""
+
+
+@dataclass
+class Figure:
+    path: Path
+    caption: str
+
+
+Block = Paragraph | Facts | Table | Figure
+
+
+@dataclass
+class Section:
+    title: str
+    blocks: list[Block] = field(default_factory=list)
+
+
+# --- public entry point -----------------------------------------------------------------------
+
+
+def write_card(run_dir: str | Path) -> tuple[Path, Path]:
+    """Write `card.md` and `card.html` into `run_dir` and return their paths.
+
+    Reads `config.yaml` (required) and, when present, `data_profile.json`, `metrics.json`,
+    `manifest.json` and `plots/*.png`; whatever is missing is left out of the card. `card.md`
+    links plots by relative path; `card.html` embeds them and needs no other file or network.
+    Both files are written atomically.
+    """
+    run = Path(run_dir)
+    config_path = run / "config.yaml"
+    if not config_path.is_file():
+        raise ArtifactError(f"{run} is not a run directory (no config.yaml in it)")
+    config = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+    profile = _read_optional_json(run / "data_profile.json")
+    metrics = _read_optional_json(run / "metrics.json")
+    manifest = _read_optional_json(run / "manifest.json")
+
+    title = f"Model card: {config.get('name') or run.name}"
+    sections = [
+        _intended_use(config),
+        _task_and_model(config, profile, manifest),
+        _data(profile),
+        _training(config, metrics),
+        _evaluation(metrics),
+        _plots(run / "plots"),
+        _limitations(metrics, profile),
+    ]
+    sections = [section for section in sections if section.blocks]
+
+    md_path, html_path = run / "card.md", run / "card.html"
+    atomic_write_text(md_path, render_markdown(title, sections, run))
+    atomic_write_text(html_path, render_html(title, sections))
+    return md_path, html_path
+
+
+def _read_optional_json(path: Path) -> dict[str, Any]:
+    return read_json(path) if path.is_file() else {}
+
+
+# --- sections ---------------------------------------------------------------------------------
+
+
+def _intended_use(config: dict[str, Any]) -> Section:
+    description = (config.get("description") or "").strip()
+    if not description:
+        return Section("Intended use", [Paragraph('No intended use was given (set "description" in the config).')])
+    paragraphs = [part.strip() for part in re.split(r"\n\s*\n", description) if part.strip()]
+    return Section("Intended use", [Paragraph(part) for part in paragraphs])
+
+
+def _task_and_model(config: dict[str, Any], profile: dict[str, Any], manifest: dict[str, Any]) -> Section:
+    facts = [("Task", str(config.get("task") or profile.get("task") or "unknown"))]
+    inputs = profile.get("inputs") or _configured_inputs(config.get("data") or {})
+    if inputs:
+        facts.append(("Inputs", ", ".join(map(str, inputs))))
+    label = profile.get("label") or (config.get("data") or {}).get("label")
+    if label:
+        facts.append(("Label", str(label)))
+    model = config.get("model") or {}
+    for key in MODEL_KEYS:
+        if model.get(key) not in (None, [], {}):
+            facts.append((_humanize(key), _format_value(model[key])))
+    weights_hash = (manifest.get("files") or {}).get(WEIGHTS)
+    if weights_hash:
+        # The full hash, not a prefix: this is the value someone verifies a deployed file against.
+        facts.append(("Weights SHA-256", f"{weights_hash} ({WEIGHTS})"))
+    return Section("Task & model", [Facts(facts)])
+
+
+def _configured_inputs(data: dict[str, Any]) -> list[str]:
+    if data.get("features"):
+        return list(data["features"])
+    return [data[key] for key in ("text", "text_pair") if data.get(key)]
+
+
+def _data(profile: dict[str, Any]) -> Section:
+    if not profile:
+        return Section("Data")
+    blocks: list[Block] = []
+    sources = profile.get("sources") or {}
+    if sources:
+        blocks.append(
+            Table(["split", "source"], [[split, _describe_source(sources[split])] for split in _ordered(sources)])
+        )
+    splits = profile.get("splits") or {}
+    hashes = profile.get("sha256") or {}
+    if splits:
+        rows = [
+            [split, _format_value(splits[split].get("rows")), _short_hash(hashes.get(split))]
+            for split in _ordered(splits)
+        ]
+        blocks.append(Table(["split", "rows", "SHA-256"], rows, "Rows per split after cleaning."))
+        blocks.extend(_label_tables(splits))
+        blocks.extend(_length_tables(splits))
+    cleaning = profile.get("cleaning") or {}
+    if cleaning:
+        blocks.append(_cleaning_table(cleaning))
+    tokens = profile.get("tokens") or {}
+    if tokens:
+        rows = [
+            [split, *(_format_value(tokens[split].get(key)) for key in ("p50", "p95", "p100", "truncated"))]
+            for split in _ordered(tokens)
+        ]
+        blocks.append(Table(["split", "tokens p50", "p95", "max", "truncated"], rows, "Tokens per input."))
+    return Section("Data", blocks)
+
+
+def _describe_source(source: Any) -> str:
+    if isinstance(source, dict) and "split_from_train" in source:
+        details = source["split_from_train"] or {}
+        settings = ", ".join(f"{key}={_format_value(value)}" for key, value in details.items())
+        return f"split from train ({settings})" if settings else "split from train"
+    return _format_value(source)
+
+
+def _short_hash(digest: str | None) -> str:
+    # A 12-hex prefix is enough to tell two data versions apart by eye; the full hash is in the profile.
+    return f"{digest[:12]}…" if digest else "—"
+
+
+def _label_tables(splits: dict[str, Any]) -> list[Block]:
+    """Class counts (classification) or target summary (regression), one column per split."""
+    names = _ordered(splits)
+    counted = [name for name in names if splits[name].get("class_counts")]
+    if counted:
+        classes = sorted({str(c) for name in counted for c in splits[name]["class_counts"]}, key=_natural_key)
+        rows = []
+        for cls in classes:
+            row = [cls]
+            for name in counted:
+                counts = {str(k): v for k, v in splits[name]["class_counts"].items()}
+                total = sum(counts.values()) or 1
+                n = counts.get(cls, 0)
+                row.append(f"{n:,} ({100 * n / total:.1f} %)")
+            rows.append(row)
+        return [Table(["class", *counted], rows, "Class balance.")]
+    summarised = [name for name in names if splits[name].get("target")]
+    if summarised:
+        stats = ("mean", "std", "min", "max")
+        rows = [[name, *(_format_value(splits[name]["target"].get(s)) for s in stats)] for name in summarised]
+        return [Table(["split", *stats], rows, "Target distribution.")]
+    return []
+
+
+def _length_tables(splits: dict[str, Any]) -> list[Block]:
+    rows = []
+    for name in _ordered(splits):
+        for key, stats in splits[name].items():
+            if isinstance(stats, dict) and key.endswith(("_chars", "_words")):
+                column, unit = key.rsplit("_", 1)
+                rows.append([name, column, unit, *(_format_value(stats.get(p)) for p in ("p50", "p95", "p100"))])
+    return [Table(["split", "column", "unit", "p50", "p95", "max"], rows, "Input lengths.")] if rows else []
+
+
+def _cleaning_table(cleaning: dict[str, Any]) -> Table:
+    keys = [key for key in CLEANING_COLUMNS if any(key in counts for counts in cleaning.values())]
+    # Counters added later by the cleaning step still show up, after the known ones.
+    keys += sorted({key for counts in cleaning.values() for key in counts if key not in CLEANING_COLUMNS})
+    header = ["split", *(CLEANING_COLUMNS.get(key, _humanize(key).lower()) for key in keys)]
+    rows = [[split, *(_format_value(cleaning[split].get(key)) for key in keys)] for split in _ordered(cleaning)]
+    return Table(header, rows, "Cleaning.")
+
+
+def _training(config: dict[str, Any], metrics: dict[str, Any]) -> Section:
+    train = config.get("train") or {}
+    blocks: list[Block] = []
+    settings = [(_humanize(key), _format_value(train[key])) for key in HYPERPARAMETERS if train.get(key) is not None]
+    stopping = train.get("early_stopping")
+    if stopping:
+        settings.append(("Early stopping", f"patience {stopping.get('patience')} on {stopping.get('metric')}"))
+    if settings:
+        blocks.append(Table(["setting", "value"], [list(item) for item in settings], "Hyperparameters."))
+    outcome = metrics.get("training") or {}
+    if outcome:
+        blocks.append(Facts(_training_outcome(outcome)))
+    return Section("Training set-up", blocks)
+
+
+def _training_outcome(outcome: dict[str, Any]) -> list[tuple[str, str]]:
+    facts = []
+    if outcome.get("steps") is not None:
+        facts.append(("Optimizer steps", _format_value(outcome["steps"])))
+    if outcome.get("best_step") is not None:
+        best = _format_value(outcome["best_step"])
+        if outcome.get("best_metric") is not None:
+            best += f" ({outcome.get('watched_metric') or 'metric'} = {_format_value(outcome['best_metric'])})"
+        facts.append(("Best step", best))
+    if outcome.get("stopped_early") is not None:
+        facts.append(("Stopped early", "yes" if outcome["stopped_early"] else "no"))
+    if outcome.get("samples_per_second") is not None:
+        facts.append(("Throughput", f"{outcome['samples_per_second']:.1f} samples/s"))
+    if outcome.get("mfu") is not None:
+        # MFU is recorded as a fraction of the device's peak FLOP/s.
+        facts.append(("Model FLOPs utilisation", f"{100 * outcome['mfu']:.1f} %"))
+    if outcome.get("seconds") is not None:
+        facts.append(("Training time", _format_duration(outcome["seconds"])))
+    return facts
+
+
+def _evaluation(metrics: dict[str, Any]) -> Section:
+    splits = _evaluated_splits(metrics)
+    primary = metrics.get("primary_metric")
+    blocks: list[Block] = []
+    if primary:
+        blocks.append(Paragraph(f"Primary metric: {primary}."))
+    if splits:
+        blocks.append(_metrics_table({name: metrics[name] for name in splits}, primary))
+    for name in splits:
+        per_class = metrics[name].get("per_class") or {}
+        if per_class:
+            rows = [
+                [str(cls), *(_format_metric(scores.get(key)) for key in ("precision", "recall", "f1", "support"))]
+                for cls, scores in per_class.items()
+            ]
+            blocks.append(Table(["class", "precision", "recall", "f1", "support"], rows, f"Per class ({name})."))
+    cross_validation = metrics.get("cross_validation") or {}
+    if cross_validation.get("metrics"):
+        blocks.append(_cross_validation_table(cross_validation))
+    return Section("Evaluation", blocks)
+
+
+def _evaluated_splits(metrics: dict[str, Any]) -> list[str]:
+    """The splits metrics.json has scores for (validation, test, ...), in reading order."""
+    return [
+        name for name in _ordered(metrics) if name not in ("training", "cross_validation") and _is_split(metrics[name])
+    ]
+
+
+def _is_split(value: Any) -> bool:
+    return isinstance(value, dict) and any(_is_scalar(v) for v in value.values())
+
+
+def _metrics_table(splits: dict[str, dict[str, Any]], primary: str | None) -> Table:
+    names = {key for scores in splits.values() for key, value in scores.items() if _is_scalar(value)}
+    ordered = sorted(names, key=lambda key: (key != primary, _metric_rank(key), key))
+    rows = []
+    for key in ordered:
+        label = f"{key} (primary)" if key == primary else key
+        rows.append([label, *(_format_metric(scores.get(key)) for scores in splits.values())])
+    return Table(["metric", *splits], rows, "Scores per split.")
+
+
+def _cross_validation_table(cross_validation: dict[str, Any]) -> Table:
+    results = cross_validation["metrics"]
+    rows = []
+    for key in sorted(results, key=lambda key: (_metric_rank(key), key)):
+        result = results[key]
+        folds = ", ".join(_format_metric(value) for value in result.get("folds") or [])
+        rows.append([key, f"{_format_metric(result.get('mean'))} ± {_format_metric(result.get('std'))}", folds])
+    k = cross_validation.get("k")
+    return Table(["metric", "mean ± std", "folds"], rows, f"{k}-fold cross-validation." if k else "Cross-validation.")
+
+
+def _metric_rank(key: str) -> int:
+    return METRIC_ORDER.index(key) if key in METRIC_ORDER else len(METRIC_ORDER)
+
+
+def _plots(plots_dir: Path) -> Section:
+    if not plots_dir.is_dir():
+        return Section("Plots")
+    files = sorted(plots_dir.glob("*.png"), key=_plot_order)
+    figures: list[Block] = [Figure(path, PLOT_CAPTIONS.get(path.name) or _humanize(path.stem) + ".") for path in files]
+    return Section("Plots", figures)
+
+
+def _plot_order(path: Path) -> tuple[int, str]:
+    known = list(PLOT_CAPTIONS)
+    return (known.index(path.name), "") if path.name in known else (len(known), path.name)
+
+
+def _limitations(metrics: dict[str, Any], profile: dict[str, Any]) -> Section:
+    evaluated = _evaluated_splits(metrics)
+    if evaluated:
+        splits = f"the {' and '.join(evaluated)} split{'s' if len(evaluated) > 1 else ''} listed above"
+        scope = f"This model was evaluated only on {splits}, drawn from the same sources as its training data. "
+    else:
+        scope = "This card records no evaluation on held-out data, so nothing here shows how well the model works. "
+    blocks: list[Block] = [
+        Paragraph(
+            scope + "Scores on such data say little about data from other sources, time periods, languages or "
+            "groups of people, and they average over everyone, so they can hide groups the model serves badly. "
+            "Before deploying it, check fairness across the groups it will affect, robustness to noisy, shifted or "
+            "adversarial input, and calibration on data like production's, then keep monitoring it once it is live."
+        )
+    ]
+    truncated = ((profile.get("tokens") or {}).get("train") or {}).get("truncated")
+    if truncated:
+        blocks.append(
+            Paragraph(
+                f"{truncated:,} training inputs were longer than the model's maximum length and were truncated; "
+                "the model never saw their ends."
+            )
+        )
+    return Section("Limitations", blocks)
+
+
+# --- formatting -------------------------------------------------------------------------------
+
+
+def _ordered(mapping: dict[str, Any]) -> list[str]:
+    """Split names in reading order: train, validation, test, then any others as given."""
+    known = [name for name in SPLIT_ORDER if name in mapping]
+    return known + [name for name in mapping if name not in SPLIT_ORDER]
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _format_metric(value: Any) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.4f}" if isinstance(value, float) else _format_value(value)
+
+
+def _format_value(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_format_value(item) for item in value)
+    if isinstance(value, dict):
+        return ", ".join(f"{key}={_format_value(item)}" for key, item in value.items())
+    return str(value)
+
+
+def _format_duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    return f"{minutes} min {secs:02d} s" if minutes else f"{seconds:.1f} s"
+
+
+def _humanize(key: str) -> str:
+    if key in LABELS:
+        return LABELS[key]
+    text = key.replace("_", " ")
+    return text[:1].upper() + text[1:]
+
+
+def _natural_key(text: str) -> tuple[int, float | str]:
+    # Class labels are often numbers stored as strings: sort "2" before "10".
+    try:
+        return (0, float(text))
+    except ValueError:
+        return (1, text)
+
+
+_NUMERIC = re.compile(r"^[-+]?[\d,]*\.?\d+(e[-+]?\d+)?( \(.*\))?( %)?$|^—$")
+
+
+def _numeric_columns(table: Table) -> list[bool]:
+    """Right-align a column when every cell in it is a number (or a dash for missing)."""
+    columns = list(zip(*table.rows, strict=True)) if table.rows else [() for _ in table.header]
+    return [any(cell != "—" for cell in cells) and all(_NUMERIC.match(cell) for cell in cells) for cells in columns]
+
+
+# --- Markdown ---------------------------------------------------------------------------------
+
+
+def render_markdown(title: str, sections: list[Section], run: Path) -> str:
+    lines = [f"# {_md_text(title)}", ""]
+    for section in sections:
+        lines += [f"## {section.title}", ""]
+        for block in section.blocks:
+            lines += [*_markdown_block(block, run), ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _markdown_block(block: Block, run: Path) -> list[str]:
+    if isinstance(block, Paragraph):
+        return [_md_text(block.text)]
+    if isinstance(block, Facts):
+        return [f"- **{_md_cell(label)}:** {_md_cell(value)}" for label, value in block.items]
+    if isinstance(block, Table):
+        numeric = _numeric_columns(block)
+        lines = [f"*{_md_text(block.caption)}*", ""] if block.caption else []
+        lines.append("| " + " | ".join(_md_cell(cell) for cell in block.header) + " |")
+        lines.append("|" + "|".join("---:" if right else "---" for right in numeric) + "|")
+        lines += ["| " + " | ".join(_md_cell(cell) for cell in row) + " |" for row in block.rows]
+        return lines
+    relative = block.path.relative_to(run).as_posix()
+    return [f"![{_md_cell(block.caption)}]({relative})", "", f"*{_md_text(block.caption)}*"]
+
+
+def _md_text(text: str) -> str:
+    # Markdown passes raw HTML through, so user text is escaped here too: a card shown by a wiki or
+    # registry must not run a `<script>` that someone put in a config's description.
+    return html.escape(text, quote=False)
+
+
+def _md_cell(text: str) -> str:
+    # A pipe or newline inside a cell would break the table row.
+    return _md_text(text).replace("|", "\\|").replace("\n", " ")
+
+
+# --- HTML -------------------------------------------------------------------------------------
+
+# Inline, and no web fonts: the card must render the same with no network.
+CSS = """
+body { font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1f2328;
+       max-width: 960px; margin: 2rem auto; padding: 0 1.5rem; background: #fff; }
+h1 { font-size: 1.8rem; border-bottom: 2px solid #d0d7de; padding-bottom: .4rem; }
+h2 { font-size: 1.3rem; margin-top: 2.2rem; border-bottom: 1px solid #d0d7de; padding-bottom: .25rem; }
+ul.facts { list-style: none; padding: 0; }
+ul.facts li { margin: .15rem 0; overflow-wrap: anywhere; }
+table { border-collapse: collapse; margin: .4rem 0 1.2rem; font-size: 14px; }
+caption { caption-side: top; text-align: left; font-weight: 600; padding-bottom: .3rem; color: #57606a; }
+th, td { border: 1px solid #d0d7de; padding: .3rem .7rem; text-align: left; vertical-align: top; }
+th { background: #f6f8fa; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+figure { margin: 1rem 0 2rem; }
+figure img { max-width: 100%; height: auto; border: 1px solid #d0d7de; }
+figcaption { color: #57606a; font-size: 14px; margin-top: .3rem; }
+"""
+
+
+def render_html(title: str, sections: list[Section]) -> str:
+    body = [f"<h1>{html.escape(title)}</h1>"]
+    for section in sections:
+        body.append(f"<section>\n<h2>{html.escape(section.title)}</h2>")
+        body += [_html_block(block) for block in section.blocks]
+        body.append("</section>")
+    return (
+        "<!DOCTYPE html>\n"
+        '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f"<title>{html.escape(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
+        + "\n".join(body)
+        + "\n</body>\n</html>\n"
+    )
+
+
+def _html_block(block: Block) -> str:
+    if isinstance(block, Paragraph):
+        return f"<p>{html.escape(block.text)}</p>"
+    if isinstance(block, Facts):
+        items = "".join(f"<li><b>{html.escape(label)}:</b> {html.escape(value)}</li>" for label, value in block.items)
+        return f'<ul class="facts">{items}</ul>'
+    if isinstance(block, Table):
+        return _html_table(block)
+    encoded = base64.b64encode(block.path.read_bytes()).decode("ascii")
+    caption = html.escape(block.caption)
+    return (
+        f'<figure><img src="data:image/png;base64,{encoded}" alt="{caption}">'
+        f"<figcaption>{caption}</figcaption></figure>"
+    )
+
+
+def _html_table(table: Table) -> str:
+    numeric = _numeric_columns(table)
+    parts = ["<table>"]
+    if table.caption:
+        parts.append(f"<caption>{html.escape(table.caption)}</caption>")
+    parts.append("<tr>" + "".join(f"<th>{html.escape(cell)}</th>" for cell in table.header) + "</tr>")
+    for row in table.rows:
+        cells = (
+            f'<td class="num">{html.escape(c)}</td>' if right else f"<td>{html.escape(c)}</td>"
+            for c, right in zip(row, numeric, strict=True)
+        )
+        parts.append("<tr>" + "".join(cells) + "</tr>")
+    parts.append("</table>")
+    return "\n".join(parts)

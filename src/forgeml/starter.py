@@ -1,0 +1,65 @@
+"""`forgeml init TASK`: an annotated starter config, generated from the schema so it never drifts."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel
+
+from forgeml.config import TASKS, ForgeConfig, Section
+from forgeml.errors import ConfigError
+
+# What differs per task in a starter: the data columns and a sensible description.
+STARTERS: dict[str, dict[str, Any]] = {
+    "text-classification": {"data": {"train": "train.csv", "text": "text", "label": "label"}},
+    "text-pair-classification": {
+        "data": {"train": "train.csv", "text": "premise", "text_pair": "hypothesis", "label": "label"}
+    },
+    "regression": {"data": {"train": "train.csv", "text": "text", "label": "score"}},
+    "tabular-classification": {"data": {"train": "train.csv", "label": "label"}, "train": {"lr": 1e-3, "epochs": 20}},
+    "tabular-regression": {"data": {"train": "train.csv", "label": "target"}, "train": {"lr": 1e-3, "epochs": 20}},
+}
+TEXT_ONLY = {"text", "text_pair", "max_length", "pooling", "max_chars", "overlong"}
+TABULAR_ONLY = {"features", "hidden_sizes", "categorical", "embedding_dim"}
+
+
+def starter_config(task: str) -> str:
+    """Annotated YAML for `task`: every key with its default and what it means."""
+    if task not in STARTERS:
+        raise ConfigError(f"init: unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    raw = {"name": task.replace("-", "_"), "task": task, **STARTERS[task]}
+    config = ForgeConfig.model_validate(raw)
+    skip = TEXT_ONLY if task.startswith("tabular") else TABULAR_ONLY
+    header = [
+        f"# forgeml config for {task}. Paths are relative to this file.",
+        "# Run it with: forgeml run THIS.yaml   (override any key: train.lr=3e-5)",
+        "# Every key below shows its default; delete what you do not change.",
+    ]
+    return "\n".join(header + _emit(config, 0, skip)) + "\n"
+
+
+def _emit(section: BaseModel, depth: int, skip: set[str]) -> list[str]:
+    lines = []
+    indent = "  " * depth
+    for name, field in type(section).model_fields.items():
+        if name in skip:
+            continue
+        value = getattr(section, name)
+        comment = f"  # {field.description}" if field.description else ""
+        if isinstance(value, Section):
+            lines.append(f"{indent}{name}:{comment}")
+            lines += _emit(value, depth + 1, skip)
+        else:
+            lines.append(f"{indent}{name}: {_scalar(value)}{comment}")
+    return lines
+
+
+def _scalar(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return json.dumps(value) if value == "" or ":" in value or value.strip() != value else value
+    if hasattr(value, "as_posix"):
+        return value.name
+    return json.dumps(value)

@@ -1,0 +1,87 @@
+"""The run store: one SQL table per kind of record (SQLite file by default, any SQLAlchemy URL works)."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, Float, String, Text, create_engine, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from forgeml.errors import ForgeError
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class RunRecord(Base):
+    __tablename__ = "runs"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), index=True)
+    task: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), index=True)  # running | finished | failed
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    path: Mapped[str] = mapped_column(Text)
+    config_hash: Mapped[str] = mapped_column(String(64))
+    split_hashes: Mapped[dict] = mapped_column(JSON, default=dict)
+    metrics: Mapped[dict] = mapped_column(JSON, default=dict)
+    versions: Mapped[dict] = mapped_column(JSON, default=dict)
+    durations: Mapped[dict] = mapped_column(JSON, default=dict)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {column.name: getattr(self, column.name) for column in self.__table__.columns}
+
+
+def database_url(workspace: Path) -> str:
+    """$FORGEML_DB_URL (e.g. postgresql://...) or the SQLite file `forgeml.db` in the workspace."""
+    return os.environ.get("FORGEML_DB_URL") or f"sqlite:///{workspace / 'forgeml.db'}"
+
+
+class Store:
+    def __init__(self, url: str):
+        self.engine = create_engine(url)
+        Base.metadata.create_all(self.engine)
+
+    def start_run(self, **fields: Any) -> None:
+        with Session(self.engine) as session, session.begin():
+            session.add(RunRecord(status="running", started_at=_now(), **fields))
+
+    def update_run(self, run_id: str, **fields: Any) -> None:
+        with Session(self.engine) as session, session.begin():
+            record = session.get(RunRecord, run_id)
+            if record is None:
+                return
+            for key, value in fields.items():
+                setattr(record, key, value)
+            if fields.get("status") in ("finished", "failed"):
+                record.finished_at = _now()
+                started = record.started_at.replace(tzinfo=record.started_at.tzinfo or UTC)
+                record.seconds = (record.finished_at - started).total_seconds()
+
+    def runs(self, name: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        query = select(RunRecord).order_by(RunRecord.started_at.desc()).limit(limit)
+        if name:
+            query = query.where(RunRecord.name == name)
+        with Session(self.engine) as session:
+            return [record.as_dict() for record in session.scalars(query)]
+
+    def run(self, run_id: str) -> dict[str, Any]:
+        """One run by id or by a unique prefix of its id."""
+        with Session(self.engine) as session:
+            matches = list(session.scalars(select(RunRecord).where(RunRecord.id.startswith(run_id)).limit(3)))
+        if not matches:
+            raise ForgeError(f"no run with id {run_id!r} in this workspace (see `forgeml runs`)")
+        if len(matches) > 1:
+            raise ForgeError(f"run id {run_id!r} is ambiguous: {', '.join(m.id for m in matches)} ...")
+        return matches[0].as_dict()
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)

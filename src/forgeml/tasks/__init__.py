@@ -1,0 +1,55 @@
+"""Tasks: everything that differs between text, text-pair, regression and tabular problems.
+
+`build_task(config, input_columns)` makes a fresh task for a run; `load_task(folder)` rebuilds
+a saved task and its trained model from a run's `model/` folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from forgeml.config import ForgeConfig
+from forgeml.errors import ArtifactError
+from forgeml.tasks.base import EncodedSplit, Task
+from forgeml.tasks.tabular import TabularTask
+from forgeml.tasks.targets import ClassLabels, NumericTarget, target_from_state
+from forgeml.tasks.text import TextTask
+from forgeml.workspace import read_json
+
+__all__ = ["EncodedSplit", "Task", "build_task", "load_task"]
+
+
+def build_task(config: ForgeConfig, input_columns: list[str]) -> Task:
+    label = config.data.label
+    target = ClassLabels(label) if config.is_classification else NumericTarget(label)
+    options = config.model
+    if config.task.startswith("tabular"):
+        model = {
+            "hidden_sizes": options.hidden_sizes,
+            "dropout": options.dropout,
+            "categorical": options.categorical,
+            "embedding_dim": options.embedding_dim,
+        }
+        return TabularTask(config.task, input_columns, target, model)
+    model = {
+        "backbone": options.backbone,
+        "max_length": options.max_length,
+        "pooling": options.pooling,
+        "dropout": options.dropout,
+    }
+    return TextTask(config.task, input_columns, target, model)
+
+
+def load_task(folder: str | Path) -> tuple[Task, nn.Module]:
+    """Rebuild the task and its trained model from a `model/` folder written by `Task.save`."""
+    folder = Path(folder)
+    state = read_json(folder / "task.json")
+    target = target_from_state(state["target"])
+    architecture = state.get("model", {}).get("architecture")
+    if architecture == "text":
+        return TextTask.load(folder, state, target)
+    if architecture == "mlp":
+        return TabularTask.load(folder, state, target)
+    raise ArtifactError(f"{folder / 'task.json'}: unknown model architecture {architecture!r}")

@@ -1,0 +1,90 @@
+"""The Task protocol: the one place where text, text-pair, regression and tabular problems differ.
+
+The training loop, evaluator, predictor and model card only ever talk to these interfaces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from datasets import Dataset
+from torch import nn
+
+
+class EncodedSplit(Protocol):
+    """A split turned into model inputs, fetched batch by batch."""
+
+    lengths: np.ndarray  # tokens (or 1 for tabular rows) per example; drives length-grouped batching
+
+    def __len__(self) -> int: ...
+
+    def batch(self, rows: Sequence[int]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """Model inputs (padded to the longest row in the batch) and targets (None when unlabelled)."""
+        ...
+
+
+class Task(Protocol):
+    """Everything a run needs to know about one kind of problem."""
+
+    name: str
+    primary_metric: str  # watched by early stopping unless the config names another
+
+    def fit(self, train: Dataset) -> None:
+        """Learn what comes from the training data only: classes, target scale, preprocessing."""
+
+    def build_model(self) -> nn.Module:
+        """A fresh model (pre-trained backbone + new head, or a new MLP)."""
+
+    def encode(self, dataset: Dataset, source: str = "", with_targets: bool = True) -> EncodedSplit:
+        """Rows -> model inputs. `source` names the data in error messages."""
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
+
+    def predictions(self, outputs: np.ndarray) -> dict[str, Any]:
+        """Raw model outputs -> answers: {'label', 'probabilities'} or {'value'}."""
+
+    def metrics(self, outputs: np.ndarray, targets: np.ndarray) -> dict[str, Any]: ...
+
+    def save(self, folder: Path, model: nn.Module) -> None:
+        """Write weights (safetensors) and everything needed to rebuild the task (JSON)."""
+
+
+class Target(Protocol):
+    """What the model predicts: class labels or a number. Shared by text and tabular tasks."""
+
+    kind: str
+    primary_metric: str
+    num_outputs: int
+
+    def fit(self, values: list) -> None: ...
+
+    def encode(self, values: list, source: str) -> np.ndarray: ...
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
+
+    def predictions(self, outputs: np.ndarray) -> dict[str, Any]: ...
+
+    def metrics(self, outputs: np.ndarray, targets: np.ndarray) -> dict[str, Any]: ...
+
+    def state(self) -> dict[str, Any]: ...
+
+
+class TensorSplit:
+    """An EncodedSplit held as tensors (tabular data, or anything already fixed-size)."""
+
+    def __init__(self, inputs: dict[str, torch.Tensor], targets: torch.Tensor | None):
+        self.inputs = inputs
+        self.targets = targets
+        self.lengths = np.ones(len(next(iter(inputs.values()))), dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def batch(self, rows: Sequence[int]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        index = torch.as_tensor(rows, dtype=torch.long)
+        inputs = {name: tensor[index] for name, tensor in self.inputs.items()}
+        return inputs, None if self.targets is None else self.targets[index]

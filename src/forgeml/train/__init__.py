@@ -1,0 +1,1 @@
+"""The training loop, checkpoints, progress display and throughput accounting."""

@@ -1,0 +1,270 @@
+"""The training loop: plain PyTorch, on one screen, with Accelerate hiding the device.
+
+Batches are built from a seeded permutation per epoch (length-grouped to avoid computing padding),
+so a checkpoint only needs (epoch, batch index) plus the RNG, optimizer and scheduler states to
+continue exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_model
+from torch import nn
+
+from forgeml.config import LOWER_IS_BETTER, TrainConfig
+from forgeml.errors import ConfigError
+from forgeml.evaluate.metrics import scalar_metrics
+from forgeml.evaluate.outputs import model_outputs
+from forgeml.tasks.base import EncodedSplit, Task
+from forgeml.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
+from forgeml.train.peak import matmul_peak_flops
+from forgeml.train.progress import ProgressBar
+
+BEST_WEIGHTS = "best.safetensors"
+LOG_EVERY = 10  # optimizer steps between train-log lines
+
+
+@dataclass
+class TrainResult:
+    history: list[dict[str, Any]]
+    steps: int
+    best_step: int | None
+    best_metric: float | None
+    watched_metric: str
+    stopped_early: bool
+    samples_per_second: float
+    mfu: float
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def epoch_batches(lengths: np.ndarray, batch_size: int, seed: int, group_by_length: bool) -> list[np.ndarray]:
+    """Row indices per batch for one epoch; the same seed always gives the same batches.
+
+    Length grouping (as Hugging Face's LengthGroupedSampler): shuffle, cut into mega-batches of
+    50 batches, sort each by length so a batch holds similar lengths, then shuffle batch order.
+    """
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(lengths))
+    if not group_by_length:
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = []
+    mega = batch_size * 50
+    for start in range(0, len(order), mega):
+        chunk = order[start : start + mega]
+        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """No weight decay on biases and normalisation weights (the usual transformer recipe)."""
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            (no_decay if parameter.ndim < 2 else decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
+    return torch.optim.AdamW(groups, lr=config.lr)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):
+    warmup = int(config.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if config.scheduler == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if config.scheduler == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return max(0.0, 1.0 - progress)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train(
+    task: Task,
+    model: nn.Module,
+    train_split: EncodedSplit,
+    validation_split: EncodedSplit | None,
+    config: TrainConfig,
+    checkpoints: Path | None = None,
+    log_path: Path | None = None,
+    resume: bool = False,
+    show_progress: bool = False,
+) -> TrainResult:
+    """Train `model` in place; at the end it holds the best weights seen on validation."""
+    seed_everything(config.seed)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    optimizer = make_optimizer(model, config)
+    batches_per_epoch = math.ceil(len(train_split) / config.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum_steps)
+    total_steps = min(config.epochs * steps_per_epoch, config.max_steps or math.inf)
+    scheduler = make_scheduler(optimizer, config, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw_model = accelerator.unwrap_model(model)
+    watched = (config.early_stopping.metric if config.early_stopping else None) or task.primary_metric
+    lower_is_better = watched in LOWER_IS_BETTER
+    peak = matmul_peak_flops(accelerator.device)
+
+    state: dict[str, Any] = {
+        "epoch": 0,
+        "batch": 0,
+        "step": 0,
+        "history": [],
+        "best": None,
+        "best_step": None,
+        "bad_evals": 0,
+        "finished": False,
+    }
+    checkpoint = latest_checkpoint(checkpoints) if resume and checkpoints else None
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, raw_model, optimizer, scheduler)
+    if log_path:  # after a resume the log restarts from what the checkpoint knew
+        log_path.write_text("".join(json.dumps(event) + "\n" for event in state["history"]), encoding="utf-8")
+    window = {"samples": 0, "seconds": 0.0, "flops": 0.0, "loss": 0.0, "batches": 0}
+    totals = {"samples": 0, "seconds": 0.0, "flops": 0.0}
+    started = time.perf_counter()
+    best_in_memory: dict[str, torch.Tensor] = {}
+
+    def record(event: dict[str, Any]) -> None:
+        state["history"].append(event)
+        if log_path:
+            with open(log_path, "a", encoding="utf-8") as log:
+                log.write(json.dumps(event) + "\n")
+
+    def evaluate() -> bool:
+        """Validate, keep the best weights, return True when early stopping says stop."""
+        outputs, targets = model_outputs(model, validation_split, config.eval_batch_size, accelerator.device)
+        metrics = scalar_metrics(task.metrics(outputs, targets))
+        metrics["loss"] = float(task.loss(torch.from_numpy(outputs), torch.from_numpy(targets)))
+        record({"event": "eval", "step": state["step"], "epoch": state["epoch"], **metrics})
+        value = metrics.get(watched)
+        if value is None:
+            raise ConfigError(
+                f"train.early_stopping.metric: {watched!r} is not a validation metric; choose from {sorted(metrics)}"
+            )
+        best = state["best"]
+        if best is None or (value < best if lower_is_better else value > best):
+            state.update(best=value, best_step=state["step"], bad_evals=0)
+            if checkpoints:
+                save_weights(raw_model, checkpoints / BEST_WEIGHTS)
+            else:
+                best_in_memory.update({k: v.detach().clone() for k, v in raw_model.state_dict().items()})
+            return False
+        state["bad_evals"] += 1
+        return bool(config.early_stopping and state["bad_evals"] >= config.early_stopping.patience)
+
+    def checkpoint_now() -> None:
+        if checkpoints and accelerator.is_main_process:
+            save_checkpoint(checkpoints, state["step"], raw_model, optimizer, scheduler, state, config.keep_checkpoints)
+
+    stop = state["finished"] or state["step"] >= total_steps
+    model.train()
+    with ProgressBar("training", total_steps, show_progress, completed=state["step"]) as bar:
+        while not stop and state["epoch"] < config.epochs:
+            seed = config.seed + state["epoch"]
+            batches = epoch_batches(train_split.lengths, config.batch_size, seed, config.group_by_length)
+            for index in range(state["batch"], len(batches)):
+                tick = time.perf_counter()
+                rows = batches[index]
+                inputs, targets = train_split.batch(rows.tolist())
+                inputs = {name: tensor.to(accelerator.device) for name, tensor in inputs.items()}
+                loss = task.loss(model(**inputs), targets.to(accelerator.device))
+                if config.l1:
+                    loss = loss + config.l1 * sum(p.abs().sum() for p in raw_model.parameters() if p.ndim >= 2)
+                accelerator.backward(loss / config.grad_accum_steps)
+                boundary = (index + 1) % config.grad_accum_steps == 0 or index == len(batches) - 1
+                if boundary:
+                    if config.max_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    state["step"] += 1
+                    state["batch"] = index + 1
+                elapsed = time.perf_counter() - tick
+                flops = raw_model.training_flops(rows, int(train_split.lengths[rows].max()))
+                for tally in (window, totals):
+                    tally["samples"] += len(rows)
+                    tally["seconds"] += elapsed
+                    tally["flops"] += flops
+                window["loss"] += float(loss)
+                window["batches"] += 1
+                if not boundary:
+                    continue
+                speed = window["samples"] / max(window["seconds"], 1e-9)
+                mfu = window["flops"] / max(window["seconds"], 1e-9) / peak
+                bar.advance(1, loss=window["loss"] / window["batches"], **{"samples/s": speed, "mfu": mfu})
+                if state["step"] % LOG_EVERY == 0 or state["step"] == total_steps:
+                    record(
+                        {
+                            "event": "train",
+                            "step": state["step"],
+                            "epoch": state["epoch"],
+                            "loss": window["loss"] / window["batches"],
+                            "lr": scheduler.get_last_lr()[0],
+                            "samples_per_s": speed,
+                            "mfu": mfu,
+                        }
+                    )
+                    window = dict.fromkeys(window, 0)
+                if validation_split is not None and config.eval_every and state["step"] % config.eval_every == 0:
+                    stop = evaluate()
+                stop = stop or state["step"] >= total_steps
+                if stop:
+                    break
+                if state["step"] % config.checkpoint_every == 0:
+                    checkpoint_now()
+            else:  # the epoch ran to its end
+                state["epoch"], state["batch"] = state["epoch"] + 1, 0
+                if validation_split is not None and not config.eval_every:
+                    stop = evaluate()
+                checkpoint_now()
+        evaluated_last = state["history"] and state["history"][-1]["event"] == "eval"
+        if validation_split is not None and not state["finished"] and not evaluated_last:
+            evaluate()
+        if not state["finished"]:
+            state["finished"] = True
+            checkpoint_now()
+
+    best_path = checkpoints / BEST_WEIGHTS if checkpoints else None
+    if best_path is not None and best_path.is_file():
+        load_model(raw_model, str(best_path))
+    elif best_in_memory:
+        raw_model.load_state_dict(best_in_memory)
+    evaluations = [h for h in state["history"] if h["event"] == "eval"]
+    return TrainResult(
+        history=state["history"],
+        steps=state["step"],
+        best_step=state["best_step"],
+        best_metric=state["best"],
+        watched_metric=watched,
+        stopped_early=state["step"] < total_steps,
+        samples_per_second=totals["samples"] / max(totals["seconds"], 1e-9),
+        mfu=totals["flops"] / max(totals["seconds"], 1e-9) / peak,
+        seconds=time.perf_counter() - started,
+        extra={"evaluations": len(evaluations), "total_steps": total_steps},
+    )

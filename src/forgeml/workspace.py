@@ -1,0 +1,159 @@
+"""Run directories: where they live, atomic writes, and the SHA-256 manifest checked on load."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from forgeml.errors import ArtifactError
+
+MANIFEST = "manifest.json"
+# Checkpoints are rewritten while training and are only read by `resume`, which checks them itself.
+UNHASHED_DIRS = ("checkpoints",)
+
+
+def workspace_root(explicit: str | Path | None = None) -> Path:
+    """The folder holding `runs/` and `forgeml.db`: `--workspace`, else $FORGEML_WORKSPACE, else cwd."""
+    root = Path(explicit or os.environ.get("FORGEML_WORKSPACE") or Path.cwd())
+    return root.resolve()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, payload: Any) -> None:
+    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ArtifactError(f"missing file: {path}") from None
+    except json.JSONDecodeError as error:
+        raise ArtifactError(f"{path} is not valid JSON (line {error.lineno}): was it edited or truncated?") from None
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def new_run_id() -> str:
+    """Sortable by time, unique across processes: 20261123-142501-3f9a."""
+    return datetime.now(UTC).strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+
+
+class RunDir:
+    """One run's folder: `runs/<name>/<run-id>/` and the names of what goes in it."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).resolve()
+
+    @classmethod
+    def create(cls, workspace: Path, name: str) -> RunDir:
+        run = cls(workspace / "runs" / name / new_run_id())
+        run.path.mkdir(parents=True, exist_ok=False)
+        run.plots.mkdir()
+        return run
+
+    @classmethod
+    def open(cls, path: str | Path) -> RunDir:
+        run = cls(path)
+        if not (run.path / "config.yaml").is_file():
+            raise ArtifactError(f"{path} is not a run directory (no config.yaml in it)")
+        return run
+
+    @property
+    def id(self) -> str:
+        return self.path.name
+
+    @property
+    def name(self) -> str:
+        return self.path.parent.name
+
+    config = property(lambda self: self.path / "config.yaml")
+    model = property(lambda self: self.path / "model")
+    checkpoints = property(lambda self: self.path / "checkpoints")
+    plots = property(lambda self: self.path / "plots")
+    metrics = property(lambda self: self.path / "metrics.json")
+    profile = property(lambda self: self.path / "data_profile.json")
+    train_log = property(lambda self: self.path / "train.log")
+    splits = property(lambda self: self.path / "splits.json")
+
+    def write_manifest(self) -> dict[str, str]:
+        """Record the SHA-256 of every artefact (checkpoints excepted) in manifest.json."""
+        hashes = {}
+        for file in sorted(self.path.rglob("*")):
+            relative = file.relative_to(self.path)
+            if not file.is_file() or relative.name == MANIFEST or relative.parts[0] in UNHASHED_DIRS:
+                continue
+            if relative.name.startswith("."):  # temp files of an interrupted write
+                continue
+            hashes[relative.as_posix()] = sha256_file(file)
+        atomic_write_json(self.path / MANIFEST, {"algorithm": "sha256", "files": hashes})
+        return hashes
+
+    def record(self, files: list[Path] | tuple[Path, ...]) -> None:
+        """Update the manifest entries of files a later command rewrote (e.g. the model card)."""
+        manifest_path = self.path / MANIFEST
+        if not manifest_path.is_file():
+            return
+        manifest = read_json(manifest_path)
+        for file in files:
+            manifest["files"][Path(file).resolve().relative_to(self.path).as_posix()] = sha256_file(file)
+        atomic_write_json(manifest_path, manifest)
+
+    def verify(self, under: str = "") -> None:
+        """Refuse to go on if any recorded artefact (below `under`) changed or disappeared."""
+        manifest_path = self.path / MANIFEST
+        if not manifest_path.is_file():
+            raise ArtifactError(f"{self.path}: no {MANIFEST}; the run did not finish, so its artefacts are unverified")
+        recorded = read_json(manifest_path)["files"]
+        for relative, expected in recorded.items():
+            if not relative.startswith(under):
+                continue
+            file = self.path / relative
+            if not file.is_file():
+                raise ArtifactError(f"{file}: recorded in {MANIFEST} but missing")
+            if sha256_file(file) != expected:
+                raise ArtifactError(
+                    f"{file}: SHA-256 does not match {MANIFEST}; the file was changed after the run wrote it. "
+                    "Refusing to load it."
+                )
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item"):  # numpy / torch scalars
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
