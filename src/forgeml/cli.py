@@ -31,8 +31,9 @@ config_app = typer.Typer(help="Config helpers.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
 app.add_typer(config_app, name="config")
 
-console = Console()
-errors = Console(stderr=True)
+# Piped output is not cut to 80 columns: tables and paths stay whole for scripts and logs.
+console = Console() if sys.stdout.isatty() else Console(width=200, soft_wrap=True)
+errors = Console(stderr=True, soft_wrap=True)
 STATE = {"debug": False}
 
 Workspace = Annotated[

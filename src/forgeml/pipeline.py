@@ -64,6 +64,7 @@ def library_versions() -> dict[str, str]:
 
 def execute(config: ForgeConfig, workspace: Path, show_progress: bool, resume_dir: Path | None = None) -> RunResult:
     """Run (or resume) the whole pipeline, recording status in the store whatever happens."""
+    workspace.mkdir(parents=True, exist_ok=True)
     store = Store(database_url(workspace))
     config_text = dump_config(config)
     if resume_dir is None:

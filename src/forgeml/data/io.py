@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import codecs
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
+import datasets as hf_datasets
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
@@ -96,5 +99,19 @@ def column(dataset: Dataset, name: str) -> list:
 
 def replace_column(dataset: Dataset, name: str, values: list) -> Dataset:
     """`dataset` with column `name` replaced by `values`, column order kept."""
-    order = dataset.column_names
-    return dataset.remove_columns([name]).add_column(name, values).select_columns(order)
+    with quiet_datasets():  # re-indexing a subset shows a progress bar of its own otherwise
+        table = dataset.flatten_indices().data.table
+    position = table.schema.get_field_index(name)
+    return Dataset(table.set_column(position, name, pa.array(values)))
+
+
+@contextlib.contextmanager
+def quiet_datasets() -> Iterator[None]:
+    """No `datasets` progress bars inside our own steps (the CLI shows one display of its own)."""
+    was_enabled = not hf_datasets.are_progress_bars_disabled()
+    hf_datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_datasets.enable_progress_bars()

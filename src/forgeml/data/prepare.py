@@ -80,9 +80,12 @@ def prepare(config: ForgeConfig) -> PreparedData:
         splits[name] = read_split(sources[name], config, inputs) if sources[name] else None
 
     cleaning = {}
+    # Duplicates are dropped from train only: evaluation files are scored as given.
+    evaluation_clean = data.clean.model_copy(update={"dedupe": False})
     for name, dataset in splits.items():
         if dataset is not None:
-            splits[name], cleaning[name] = clean(dataset, texts, inputs, data.label, data.clean)
+            options = data.clean if name == "train" else evaluation_clean
+            splits[name], cleaning[name] = clean(dataset, texts, inputs, data.label, options)
 
     split_info, taken = {}, 0.0
     for name, fraction in (("test", data.split.test), ("validation", data.split.validation)):

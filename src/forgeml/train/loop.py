@@ -211,7 +211,7 @@ def train(
                     tally["samples"] += len(rows)
                     tally["seconds"] += elapsed
                     tally["flops"] += flops
-                window["loss"] += float(loss)
+                window["loss"] += loss.item()
                 window["batches"] += 1
                 if not boundary:
                     continue

@@ -1,0 +1,96 @@
+"""Shared fixtures: a tiny random-initialised BERT with its own small tokenizer, small data files,
+and the shared real datasets (skipped with a reason where absent)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+import string
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch a hub
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+REPO = Path(__file__).resolve().parent.parent
+DATASETS = REPO.parent / "shared" / "datasets"
+
+POSITIVE = ["great", "good", "lovely", "superb", "fine", "happy", "brilliant", "wonderful"]
+NEGATIVE = ["bad", "awful", "poor", "terrible", "boring", "sad", "dull", "horrible"]
+FILLER = ["the", "film", "was", "a", "plot", "and", "acting", "story", "quite", "very", "movie", "cast"]
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, 32-wide BERT with random weights and a ~100-token WordPiece vocabulary."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    letters = list(string.ascii_lowercase + string.digits)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *POSITIVE, *NEGATIVE, *FILLER, *letters]
+    vocab += [f"##{c}" for c in letters] + list(".,!?'")
+    vocab = list(dict.fromkeys(vocab))
+    BertTokenizerFast(vocab={token: index for index, token in enumerate(vocab)}).save_pretrained(folder)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    import torch
+
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+def sentiment_rows(count: int, seed: int = 0) -> list[dict[str, str]]:
+    """Short synthetic reviews whose label is given by the sentiment word they contain."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        label = rng.choice(["positive", "negative"])
+        word = rng.choice(POSITIVE if label == "positive" else NEGATIVE)
+        words = [*rng.sample(FILLER, rng.randint(2, 6)), word]
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict], columns: list[str] | None = None) -> Path:
+    columns = columns or list(rows[0])
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture
+def sentiment_csv(tmp_path: Path) -> Path:
+    return write_csv(tmp_path / "reviews.csv", sentiment_rows(400))
+
+
+@pytest.fixture
+def text_config(tiny_backbone: Path, sentiment_csv: Path) -> dict:
+    """A fast text-classification config on the tiny backbone."""
+    return {
+        "name": "tiny",
+        "description": "synthetic sentiment for tests",
+        "task": "text-classification",
+        "data": {"train": str(sentiment_csv), "split": {"validation": 0.15, "test": 0.15}},
+        "model": {"backbone": str(tiny_backbone), "max_length": 32},
+        "train": {"epochs": 4, "batch_size": 16, "lr": 3e-3, "warmup_ratio": 0.0, "early_stopping": None},
+    }
+
+
+@pytest.fixture(scope="session")
+def shared_datasets() -> Path:
+    if not DATASETS.is_dir():
+        pytest.skip(f"real datasets not found at {DATASETS} (they live in ../shared/datasets beside the checkout)")
+    return DATASETS
