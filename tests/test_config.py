@@ -91,6 +91,11 @@ def test_backbone_must_fit_the_task() -> None:
     assert "model.backbone" in error_of(tabular)
 
 
+def test_early_stopping_metric_must_exist_for_the_task() -> None:
+    message = error_of({**BASE, "train": {"early_stopping": {"metric": "r2"}}})
+    assert "train.early_stopping.metric" in message and "'r2'" in message and "accuracy" in message
+
+
 def test_pair_task_needs_text_pair() -> None:
     assert "data.text_pair" in error_of({**BASE, "task": "text-pair-classification"})
 

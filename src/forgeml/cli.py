@@ -82,18 +82,23 @@ def run(
     quiet: Quiet = False,
 ) -> None:
     """Data -> train -> evaluate -> model card. Prints the validation and test metrics."""
-    from forgeml import api
+    from forgeml.config import load_config
     from forgeml.train.progress import progress_enabled
 
-    show = progress_enabled(quiet)
-    if resume is not None:
-        if config is not None or overrides:
-            raise ForgeError("--resume takes the config saved in the run directory; give no config or overrides")
-        result = api.resume(resume, workspace, quiet=not show)
-    elif config is None:
+    if resume is not None and (config is not None or overrides):
+        raise ForgeError("--resume takes the config saved in the run directory; give no config or overrides")
+    if resume is None and config is None:
         raise ForgeError("give a config file (forgeml run my.yaml), or --resume RUN_DIR")
+    # Check the config before importing torch and friends: a typo is reported in a blink.
+    resolved = load_config(config, overrides or []) if config is not None else None
+
+    from forgeml import api
+
+    show = progress_enabled(quiet)
+    if resolved is None:
+        result = api.resume(resume, workspace, quiet=not show)
     else:
-        result = api.run(config, overrides or [], workspace, quiet=not show)
+        result = api.run(resolved, workspace=workspace, quiet=not show)
     _print_metrics(result.metrics)
     console.print(f"run directory: {result.run_dir}")
 

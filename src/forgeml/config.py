@@ -30,7 +30,9 @@ TaskName = Literal[
     "tabular-classification",
     "tabular-regression",
 ]
-# Metrics where a smaller value is better; every other metric is maximised.
+# Validation metrics early stopping can watch, and those where a smaller value is better.
+CLASSIFICATION_METRICS = ("f1", "accuracy", "precision", "recall", "roc_auc", "log_loss", "loss")
+REGRESSION_METRICS = ("rmse", "mae", "mse", "r2", "loss")
 LOWER_IS_BETTER = frozenset({"loss", "log_loss", "mae", "rmse", "mse"})
 
 
@@ -175,6 +177,13 @@ class ForgeConfig(Section):
             raise ValueError(f"model.backbone: task {self.task!r} needs 'mlp', got {self.model.backbone!r}")
         if not tabular and self.model.backbone == "mlp":
             raise ValueError(f"model.backbone: 'mlp' works for tabular tasks only; task is {self.task!r}")
+        stopping = self.train.early_stopping
+        allowed = CLASSIFICATION_METRICS if self.is_classification else REGRESSION_METRICS
+        if stopping and stopping.metric and stopping.metric not in allowed:
+            raise ValueError(
+                f"train.early_stopping.metric: {stopping.metric!r} is not a {self.task} metric; "
+                f"choose one of {', '.join(allowed)}"
+            )
         if self.task == "text-pair-classification" and not self.data.text_pair:
             raise ValueError("data.text_pair: task 'text-pair-classification' needs a second text column")
         return self

@@ -221,7 +221,7 @@ def _write_profile(run: RunDir, data: PreparedData, encoded: dict[str, Any], con
         profile["tokens"] = {
             name: {
                 **length_percentiles(split.lengths),
-                "at_max_length": int((split.lengths >= config.model.max_length).sum()),
+                "truncated": int((split.lengths >= config.model.max_length).sum()),
             }
             for name, split in encoded.items()
         }

@@ -57,7 +57,9 @@ HYPERPARAMETERS = (
     "seed",
 )
 LABELS = {"lr": "Learning rate", "grad_accum_steps": "Gradient accumulation steps", "l1": "L1 penalty"}
-MODEL_KEYS = ("backbone", "max_length", "pooling", "dropout", "hidden_sizes", "categorical", "embedding_dim")
+# The model settings that mean something for each family of task (the config carries them all).
+TEXT_MODEL_KEYS = ("backbone", "max_length", "pooling", "dropout")
+TABULAR_MODEL_KEYS = ("backbone", "hidden_sizes", "dropout", "categorical", "embedding_dim")
 WEIGHTS = "model/model.safetensors"
 
 
@@ -160,8 +162,11 @@ def _task_and_model(config: dict[str, Any], profile: dict[str, Any], manifest: d
     if label:
         facts.append(("Label", str(label)))
     model = config.get("model") or {}
-    for key in MODEL_KEYS:
-        if model.get(key) not in (None, [], {}):
+    tabular = str(config.get("task", "")).startswith("tabular")
+    for key in TABULAR_MODEL_KEYS if tabular else TEXT_MODEL_KEYS:
+        if key == "hidden_sizes" and model.get(key) == []:
+            facts.append(("Hidden sizes", "none (a linear model)"))
+        elif model.get(key) is not None:
             facts.append((_humanize(key), _format_value(model[key])))
     weights_hash = (manifest.get("files") or {}).get(WEIGHTS)
     if weights_hash:

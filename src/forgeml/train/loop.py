@@ -217,14 +217,15 @@ def train(
                     continue
                 speed = window["samples"] / max(window["seconds"], 1e-9)
                 mfu = window["flops"] / max(window["seconds"], 1e-9) / peak
-                bar.advance(1, loss=window["loss"] / window["batches"], **{"samples/s": speed, "mfu": mfu})
+                mean_loss = window["loss"] / window["batches"]
+                bar.advance(1, {"loss": f"{mean_loss:.4f}", "samples/s": f"{speed:.0f}", "mfu": f"{mfu:.1%}"})
                 if state["step"] % LOG_EVERY == 0 or state["step"] == total_steps:
                     record(
                         {
                             "event": "train",
                             "step": state["step"],
                             "epoch": state["epoch"],
-                            "loss": window["loss"] / window["batches"],
+                            "loss": mean_loss,
                             "lr": scheduler.get_last_lr()[0],
                             "samples_per_s": speed,
                             "mfu": mfu,

@@ -14,7 +14,7 @@ def progress_enabled(quiet: bool = False) -> bool:
 
 
 class ProgressBar:
-    """`with ProgressBar("training", total, enabled) as bar: bar.advance(1, loss=0.3)`."""
+    """`with ProgressBar("training", total, enabled) as bar: bar.advance(1, {"loss": "0.31"})`."""
 
     def __init__(self, description: str, total: int, enabled: bool = True, completed: int = 0):
         self.enabled = enabled
@@ -28,7 +28,7 @@ class ProgressBar:
         if self.enabled:
             self._progress = Progress(
                 TextColumn("[bold]{task.description}"),
-                BarColumn(),
+                BarColumn(bar_width=24),
                 MofNCompleteColumn(),
                 TextColumn("{task.fields[stats]}"),
                 TimeElapsedColumn(),
@@ -43,10 +43,10 @@ class ProgressBar:
             )
         return self
 
-    def advance(self, steps: int = 1, **stats: float | str) -> None:
+    def advance(self, steps: int = 1, stats: dict[str, str] | None = None) -> None:
         if self._progress is None:
             return
-        text = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items())
+        text = "  ".join(f"{name} {value}" for name, value in (stats or {}).items())
         self._progress.update(self._task, advance=steps, stats=text)
 
     def __exit__(
