@@ -83,6 +83,9 @@ LR = 5e-5
 WARMUP_RATIO = 0.06
 WEIGHT_DECAY = 0.01
 CONTENDERS = ("forgeml", "trainer", "trainer-grouped")
+# Above this share of machine CPU used by other processes a run's timing is unreliable: with 2 cores,
+# torch's threads and a neighbour's threads preempt each other and a run can take 10x longer.
+BUSY_PERCENT = 10.0
 
 
 # ----------------------------------------------------------------------------- measurements
@@ -403,10 +406,15 @@ def markdown(records: list[RunRecord], summary: dict[str, Any]) -> str:
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in records:
+        busy = " *" if r.others_percent > BUSY_PERCENT else ""
         lines.append(
             f"| {r.round} | {r.contender} | {r.seconds:.1f} | {r.cpu_seconds:.1f} | {r.samples_per_second:.2f} | "
-            f"{r.mfu:.1%} | {r.padding_fraction:.1%} | {r.steal_percent:.1f} % | {r.others_percent:.1f} % | "
+            f"{r.mfu:.1%} | {r.padding_fraction:.1%} | {r.steal_percent:.1f} % | {r.others_percent:.1f} %{busy} | "
             f"{r.accuracy:.4f} |"
+        )
+    if any(r.others_percent > BUSY_PERCENT for r in records):
+        lines.append(
+            f"\n\\* other processes used over {BUSY_PERCENT:.0f} % of the CPU: this run's timing is unreliable"
         )
     lines += [
         "",

@@ -18,12 +18,11 @@ from datasets import Dataset
 
 from forgeml import __version__
 from forgeml.config import ForgeConfig, dump_config, load_config
-from forgeml.data.io import column
 from forgeml.data.prepare import PreparedData, prepare
 from forgeml.data.profile import length_percentiles
-from forgeml.data.split import kfold
 from forgeml.errors import DataError
 from forgeml.evaluate import plots
+from forgeml.evaluate.cross_validation import cross_validate
 from forgeml.evaluate.metrics import scalar_metrics
 from forgeml.evaluate.outputs import model_outputs
 from forgeml.report.card import write_card
@@ -169,37 +168,6 @@ def evaluate_split(
                 np.asarray(truth), np.asarray(answers["value"]), plot_dir / f"{prefix}predicted_vs_true.png"
             )
     return metrics
-
-
-def cross_validate(config: ForgeConfig, data: PreparedData, show_progress: bool) -> dict[str, Any]:
-    """Stratified k-fold over the training split: a fresh model per fold, mean ± std per metric."""
-    pool = data.train
-    labels = [str(v) for v in column(pool, config.data.label)] if config.is_classification else None
-    folds: list[dict[str, float]] = []
-    k = config.evaluate.cross_validation
-    if len(pool) < 2 * k:
-        raise DataError(f"evaluate.cross_validation: {k} folds need at least {2 * k} training rows, have {len(pool)}")
-    for fold, (train_rows, held_rows) in enumerate(kfold(len(pool), k, labels, config.data.split.seed)):
-        seed_everything(config.train.seed + fold)
-        fold_train, fold_held = pool.select(train_rows), pool.select(held_rows)
-        task = build_task(config, data.input_columns)
-        task.fit(fold_train)
-        try:
-            held = task.encode(fold_held, f"fold {fold + 1}")
-        except DataError:  # a class absent from this fold's training part: k is too big for the data
-            raise DataError(
-                f"evaluate.cross_validation: fold {fold + 1} of {k} has labels unseen in its training part; "
-                "use a smaller k"
-            ) from None
-        model = task.build_model()
-        train(task, model, task.encode(fold_train, "train"), held, config.train, show_progress=show_progress)
-        outputs, targets = model_outputs(model, held, config.evaluate.batch_size)
-        folds.append(scalar_metrics(task.metrics(outputs, targets)))
-    summary = {}
-    for name in folds[0]:
-        values = np.asarray([fold[name] for fold in folds])
-        summary[name] = {"mean": float(values.mean()), "std": float(values.std(ddof=1)), "folds": values.tolist()}
-    return {"k": k, "metrics": summary}
 
 
 def _training_summary(result: TrainResult) -> dict[str, Any]:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from forgeml.errors import ConfigError
 
@@ -27,12 +30,35 @@ def resolve_backbone(name: str) -> str:
     return name
 
 
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """No "LOAD REPORT" table or weight-loading bar: dropping the checkpoint's pooler is expected."""
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def load_tokenizer(backbone: str) -> PreTrainedTokenizerBase:
     location = resolve_backbone(backbone)
     try:
-        return AutoTokenizer.from_pretrained(location)
+        with quiet_loading():
+            return AutoTokenizer.from_pretrained(location)
     except (OSError, ValueError) as error:
         raise ConfigError(f"model.backbone: cannot load a tokenizer from {backbone!r}: {error}") from None
+
+
+def _encoder_from_pretrained(location: str) -> nn.Module:
+    try:
+        return AutoModel.from_pretrained(location, add_pooling_layer=False)
+    except TypeError:  # encoders without a pooling layer do not take the argument
+        return AutoModel.from_pretrained(location)
 
 
 class TextModel(nn.Module):
@@ -49,9 +75,8 @@ class TextModel(nn.Module):
     def from_pretrained(cls, backbone: str, num_outputs: int, dropout: float = 0.1, pooling: str = "mean") -> TextModel:
         location = resolve_backbone(backbone)
         try:
-            encoder = AutoModel.from_pretrained(location, add_pooling_layer=False)
-        except TypeError:  # encoders without a pooling layer do not take the argument
-            encoder = AutoModel.from_pretrained(location)
+            with quiet_loading():
+                encoder = _encoder_from_pretrained(location)
         except (OSError, ValueError) as error:
             raise ConfigError(f"model.backbone: cannot load {backbone!r}: {error}") from None
         return cls(encoder, num_outputs, dropout, pooling)
