@@ -21,14 +21,27 @@ from forgeml.config import ForgeConfig, load_config
 from forgeml.data.clean import clean, normalize_text
 from forgeml.data.io import column, read_table, replace_column
 from forgeml.data.prepare import read_split
+from forgeml.errors import ForgeError
 from forgeml.evaluate.outputs import model_outputs
 from forgeml.pipeline import RunResult, dataset_from_rows, evaluate_split, execute, rerun_config
 from forgeml.report.card import write_card
 from forgeml.store import Store, database_url
 from forgeml.tasks import load_task
-from forgeml.workspace import RunDir, atomic_write_bytes, atomic_write_json, workspace_root
+from forgeml.workspace import RunDir, atomic_write_bytes, atomic_write_json, read_json, workspace_root
 
-__all__ = ["Predictor", "RunResult", "evaluate", "load", "predict", "report", "resume", "run", "runs"]
+__all__ = [
+    "Predictor",
+    "RunResult",
+    "audit",
+    "evaluate",
+    "explain",
+    "load",
+    "predict",
+    "report",
+    "resume",
+    "run",
+    "runs",
+]
 
 
 def run(
@@ -58,6 +71,9 @@ class Predictor:
         self.task, self.model = load_task(self.run.model)
         self.model.eval()
         self.config = rerun_config(self.run)
+        # Per-group decision thresholds fitted by the fairness audit, applied when inputs carry the column.
+        thresholds = self.run.model / "fairness_thresholds.json"
+        self.thresholds: dict[str, Any] | None = read_json(thresholds) if thresholds.is_file() else None
 
     @property
     def input_columns(self) -> list[str]:
@@ -68,9 +84,17 @@ class Predictor:
     ) -> list[dict[str, Any]]:
         """Answers for raw inputs: strings, (premise, hypothesis) pairs, dicts of columns, or a Dataset.
 
-        Each answer is {'label', 'probabilities': {class: p}} or {'value'}.
+        Each answer is {'label', 'probabilities': {class: p}} or {'value'}. When the fairness audit
+        fitted per-group thresholds, inputs that carry the group column are labelled by them.
         """
-        dataset = inputs if isinstance(inputs, Dataset) else dataset_from_rows(list(inputs), self.input_columns)
+        if not isinstance(inputs, Dataset):
+            rows = list(inputs)
+            columns = list(self.input_columns)
+            group = self.thresholds["column"] if self.thresholds else None
+            if group and rows and all(isinstance(row, dict) and group in row for row in rows):
+                columns.append(group)  # lets the fairness thresholds apply
+            inputs = dataset_from_rows(rows, columns)
+        dataset = inputs
         answers = self._answers(dataset, batch_size, show_progress)
         if "probabilities" in answers:
             classes = self.task.target.classes
@@ -87,7 +111,19 @@ class Predictor:
                 dataset = replace_column(dataset, name, [normalize_text(v) for v in column(dataset, name)])
         encoded = self.task.encode(dataset, "input", with_targets=False)
         outputs, _ = model_outputs(self.model, encoded, batch_size, show_progress=show_progress)
-        return self.task.predictions(outputs)
+        answers = self.task.predictions(outputs)
+        if self.thresholds and self.thresholds["column"] in dataset.column_names:
+            answers["label"] = self._fair_labels(answers, column(dataset, self.thresholds["column"]))
+        return answers
+
+    def _fair_labels(self, answers: dict[str, Any], groups: list) -> list[str]:
+        """Labels decided by the group's threshold instead of the arg-max (binary tasks only)."""
+        from forgeml.trust.fairness import apply_thresholds
+
+        rule, classes = self.thresholds, self.task.target.classes
+        index = classes.index(rule["positive_label"])
+        decisions = apply_thresholds(rule, answers["probabilities"][:, index], groups)
+        return [classes[index] if decided else classes[1 - index] for decided in decisions]
 
 
 def load(run_dir: str | Path) -> Predictor:
@@ -148,6 +184,46 @@ def predict(
         body = buffer.getvalue()
     atomic_write_bytes(output, body.encode("utf-8"))
     return output
+
+
+def audit(run_dir: str | Path, data: str | Path | None = None, sensitive: list[str] | None = None) -> dict[str, Any]:
+    """(Re)run the trust audits of a finished run; results go to trust/ and the model card.
+
+    With `data`, the audits run on that labelled file (same columns as training) instead of the
+    run's own test split; `sensitive` overrides `data.sensitive`. Uses the config's `audit:`
+    section, or every audit's defaults when the run had none.
+    """
+    from forgeml.config import AuditConfig
+    from forgeml.data.prepare import prepare
+    from forgeml.trust.audit import run_audits
+
+    predictor = Predictor(run_dir)
+    config = predictor.config.model_copy(deep=True)
+    if config.audit is None:
+        config.audit = AuditConfig()
+    if sensitive is not None:
+        config.data.sensitive = list(sensitive)
+    if data is not None:
+        config.data.test = Path(data).resolve()
+    splits = prepare(config).splits
+    encoded = {name: predictor.task.encode(split, name) for name, split in splits.items() if split is not None}
+    headline = run_audits(
+        config, predictor.task, predictor.model, splits, encoded, predictor.run.trust, predictor.run.model
+    )
+    written = [*predictor.run.trust.rglob("*"), *predictor.run.model.glob("fairness_thresholds.json")]
+    predictor.run.record([path for path in written if path.is_file()])
+    report(run_dir)
+    return headline
+
+
+def explain(run_dir: str | Path, inputs: list[Any], steps: int = 20) -> list[Any]:
+    """Word attributions (Captum integrated gradients) for texts or (premise, hypothesis) pairs."""
+    from forgeml.trust.explain import explain_texts
+
+    predictor = Predictor(run_dir)
+    if not getattr(predictor.task, "text_columns", None):
+        raise ForgeError("explain: word attributions are for text models; tabular runs get them from `forgeml audit`")
+    return explain_texts(predictor.task, predictor.model, inputs, steps=steps)
 
 
 def report(run_dir: str | Path) -> tuple[Path, Path]:

@@ -133,6 +133,43 @@ def predict(
 
 
 @app.command()
+def audit(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
+    data: Annotated[Path | None, typer.Option("--data", "-d", help="audit on this labelled file instead")] = None,
+    sensitive: Annotated[
+        list[str] | None, typer.Option("--sensitive", "-s", help="sensitive column (repeat for several)")
+    ] = None,
+) -> None:
+    """(Re)run the trust audits: fairness, membership inference, explanations. Results in trust/ and the card."""
+    from forgeml import api
+
+    headline = api.audit(run_dir, data, sensitive)
+    console.print_json(json.dumps(headline, default=str))
+    console.print(f"audit written to {Path(run_dir) / 'trust'} and the model card")
+
+
+@app.command()
+def explain(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
+    texts: Annotated[list[str], typer.Argument(help="texts to explain; for pairs give 'premise ||| hypothesis'")],
+    html: Annotated[Path | None, typer.Option("--html", help="also write the highlighted words to this file")] = None,
+    steps: int = 20,
+) -> None:
+    """Which words pushed the prediction: integrated-gradients attributions, coloured in the terminal."""
+    from forgeml import api
+    from forgeml.trust.explain import explanation_html, explanation_terminal
+    from forgeml.workspace import atomic_write_text
+
+    inputs = [tuple(part.strip() for part in text.split("|||")) if "|||" in text else text for text in texts]
+    explanations = api.explain(run_dir, inputs, steps)
+    for explanation in explanations:
+        console.print(explanation_terminal(explanation))
+    if html is not None:
+        atomic_write_text(html, explanation_html(explanations))
+        console.print(f"wrote {html}")
+
+
+@app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
     """(Re)write card.md and card.html for a run."""
     from forgeml import api

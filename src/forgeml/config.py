@@ -89,6 +89,9 @@ class DataConfig(Section):
     )
     split: SplitConfig = Field(default_factory=SplitConfig)
     clean: CleanConfig = Field(default_factory=CleanConfig)
+    sensitive: list[str] = Field(
+        default_factory=list, description="columns the fairness audit compares groups by (e.g. [sex, race, age])"
+    )
 
     @field_validator("sample")
     @classmethod
@@ -157,6 +160,45 @@ class EvaluateConfig(Section):
     batch_size: int = Field(64, ge=1)
 
 
+class FairnessAuditConfig(Section):
+    """Group metrics over `data.sensitive` columns, optional threshold mitigation, identity swaps for text."""
+
+    enabled: bool = True
+    positive_label: str | None = Field(
+        None, description="the favourable class; default: the last class in sorted order ('1', 'positive', '>50K')"
+    )
+    bins: int = Field(4, ge=2, le=20, description="numeric sensitive columns are cut into this many quantile bins")
+    bootstrap: int = Field(200, ge=0, le=5000, description="bootstrap resamples for 95 % intervals (0 disables)")
+    mitigate: Literal["demographic_parity", "equalized_odds"] | None = Field(
+        None, description="fit per-group thresholds (Fairlearn ThresholdOptimizer) on validation predictions"
+    )
+    mitigate_on: str | None = Field(None, description="sensitive column the thresholds use; default: the first")
+    counterfactual: bool = Field(True, description="text tasks: swap identity terms and count flipped predictions")
+    max_examples: int = Field(500, ge=10, description="texts used by the identity-swap test")
+
+
+class PrivacyAuditConfig(Section):
+    """Membership inference: can an attacker tell training rows from unseen rows by the model's loss?"""
+
+    enabled: bool = True
+    max_examples: int = Field(2000, ge=20, description="members and non-members compared (each)")
+    bootstrap: int = Field(200, ge=0, le=5000)
+
+
+class AuditConfig(Section):
+    """Trust audits run after evaluation; each writes JSON and plots under trust/ and a card section."""
+
+    fairness: FairnessAuditConfig = Field(default_factory=FairnessAuditConfig)
+    privacy: PrivacyAuditConfig = Field(default_factory=PrivacyAuditConfig)
+    explain: int = Field(8, ge=0, le=500, description="validation examples explained in the card (0 disables)")
+
+    @field_validator("fairness", "privacy", mode="before")
+    @classmethod
+    def _switch(cls, value: Any) -> Any:
+        """`fairness: false` is short for `fairness: {enabled: false}`."""
+        return {"enabled": value} if isinstance(value, bool) else value
+
+
 class ForgeConfig(Section):
     """A whole run: one YAML file."""
 
@@ -167,6 +209,7 @@ class ForgeConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    audit: AuditConfig | None = Field(None, description="trust audits after evaluation; null skips them")
 
     @model_validator(mode="after")
     def _backbone_fits_task(self) -> ForgeConfig:
@@ -183,6 +226,12 @@ class ForgeConfig(Section):
             raise ValueError(
                 f"train.early_stopping.metric: {stopping.metric!r} is not a {self.task} metric; "
                 f"choose one of {', '.join(allowed)}"
+            )
+        fairness = self.audit.fairness if self.audit else None
+        if fairness and fairness.mitigate_on and fairness.mitigate_on not in self.data.sensitive:
+            raise ValueError(
+                f"audit.fairness.mitigate_on: {fairness.mitigate_on!r} is not one of data.sensitive "
+                f"({', '.join(self.data.sensitive) or 'empty'})"
             )
         if self.task == "text-pair-classification" and not self.data.text_pair:
             raise ValueError("data.text_pair: task 'text-pair-classification' needs a second text column")

@@ -125,8 +125,15 @@ def execute(config: ForgeConfig, workspace: Path, show_progress: bool, resume_di
         plots.training_curves(result.history, result.watched_metric, run.plots / "curves.png")
         if config.evaluate.cross_validation:
             metrics["cross_validation"] = cross_validate(config, data, show_progress)
-        atomic_write_json(run.metrics, metrics)
         durations["evaluate_s"] = time.perf_counter() - clock
+
+        if config.audit:
+            from forgeml.trust.audit import run_audits  # captum and fairlearn load only when asked for
+
+            clock = time.perf_counter()
+            metrics["audit"] = run_audits(config, task, model, data.splits, encoded, run.trust, run.model)
+            durations["audit_s"] = time.perf_counter() - clock
+        atomic_write_json(run.metrics, metrics)
 
         write_card(run.path)
         run.write_manifest()
@@ -150,7 +157,6 @@ def evaluate_split(
     batch_size: int,
     plot_dir: Path | None,
     plot: bool = True,
-    prefix: str = "",
 ) -> dict[str, Any]:
     """Metrics of `model` on an encoded split, plus its plots (confusion, calibration or scatter)."""
     outputs, targets = model_outputs(model, split, batch_size)
@@ -158,14 +164,12 @@ def evaluate_split(
     if plot and plot_dir is not None:
         answers = task.predictions(outputs)
         if "confusion_matrix" in metrics:
-            plots.confusion_matrix(
-                metrics["confusion_matrix"], metrics["classes"], plot_dir / f"{prefix}confusion_matrix.png"
-            )
-            plots.calibration(targets, answers["probabilities"], plot_dir / f"{prefix}calibration.png")
+            plots.confusion_matrix(metrics["confusion_matrix"], metrics["classes"], plot_dir / "confusion_matrix.png")
+            plots.calibration(targets, answers["probabilities"], plot_dir / "calibration.png")
         else:
             truth = task.predictions(targets.reshape(-1, 1))["value"]
             plots.regression_scatter(
-                np.asarray(truth), np.asarray(answers["value"]), plot_dir / f"{prefix}predicted_vs_true.png"
+                np.asarray(truth), np.asarray(answers["value"]), plot_dir / "predicted_vs_true.png"
             )
     return metrics
 

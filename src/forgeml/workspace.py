@@ -105,7 +105,7 @@ class RunDir:
     metrics = property(lambda self: self.path / "metrics.json")
     profile = property(lambda self: self.path / "data_profile.json")
     train_log = property(lambda self: self.path / "train.log")
-    splits = property(lambda self: self.path / "splits.json")
+    trust = property(lambda self: self.path / "trust")
 
     def write_manifest(self) -> dict[str, str]:
         """Record the SHA-256 of every artefact (checkpoints excepted) in manifest.json."""

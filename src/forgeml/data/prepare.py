@@ -58,6 +58,7 @@ def read_split(path: Path, config: ForgeConfig, inputs: list[str] | None = None)
     inputs = inputs or input_columns_for(config, dataset.column_names)[0]
     validate.require_columns(dataset, inputs, path, "input column")
     validate.require_columns(dataset, [data.label], path, "label column")
+    validate.require_columns(dataset, data.sensitive, path, "sensitive column (data.sensitive)")
     check_labels(column(dataset, data.label), path, config)
     return dataset
 

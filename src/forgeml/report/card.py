@@ -91,7 +91,16 @@ class Figure:
     caption: str
 
 
-Block = Paragraph | Facts | Table | Figure
+@dataclass
+class Fragment:
+    """Markup our own code produced and escaped (highlighted explanations): inlined in the HTML
+    card, linked from the Markdown one."""
+
+    html: str
+    path: Path
+
+
+Block = Paragraph | Facts | Table | Figure | Fragment
 
 
 @dataclass
@@ -128,6 +137,7 @@ def write_card(run_dir: str | Path) -> tuple[Path, Path]:
         _training(config, metrics),
         _evaluation(metrics),
         _plots(run / "plots"),
+        *_trust(run),
         _limitations(metrics, profile),
     ]
     sections = [section for section in sections if section.blocks]
@@ -330,7 +340,9 @@ def _evaluation(metrics: dict[str, Any]) -> Section:
 def _evaluated_splits(metrics: dict[str, Any]) -> list[str]:
     """The splits metrics.json has scores for (validation, test, ...), in reading order."""
     return [
-        name for name in _ordered(metrics) if name not in ("training", "cross_validation") and _is_split(metrics[name])
+        name
+        for name in _ordered(metrics)
+        if name not in ("training", "cross_validation", "audit") and _is_split(metrics[name])
     ]
 
 
@@ -374,6 +386,28 @@ def _plots(plots_dir: Path) -> Section:
 def _plot_order(path: Path) -> tuple[int, str]:
     known = list(PLOT_CAPTIONS)
     return (known.index(path.name), "") if path.name in known else (len(known), path.name)
+
+
+def _trust(run: Path) -> list[Section]:
+    """One section per audit, from `trust/summary.json` (written by forgeml.trust.audit)."""
+    summary = _read_optional_json(run / "trust" / "summary.json")
+    sections = []
+    for entry in summary.get("sections", []):
+        blocks: list[Block] = [Paragraph(text) for text in entry.get("paragraphs", [])]
+        if entry.get("facts"):
+            blocks.append(Facts([(str(label), str(value)) for label, value in entry["facts"]]))
+        for table in entry.get("tables", []):
+            blocks.append(
+                Table(table["header"], [[str(c) for c in row] for row in table["rows"]], table.get("caption", ""))
+            )
+        for plot in entry.get("plots", []):
+            if (run / plot["path"]).is_file():
+                blocks.append(Figure(run / plot["path"], plot.get("caption", "")))
+        fragment = entry.get("fragment")
+        if fragment and (run / fragment).is_file():
+            blocks.append(Fragment((run / fragment).read_text(encoding="utf-8"), run / fragment))
+        sections.append(Section(f"Trust: {entry['title']}", blocks))
+    return sections
 
 
 def _limitations(metrics: dict[str, Any], profile: dict[str, Any]) -> Section:
@@ -494,6 +528,8 @@ def _markdown_block(block: Block, run: Path) -> list[str]:
         lines += ["| " + " | ".join(_md_cell(cell) for cell in row) + " |" for row in block.rows]
         return lines
     relative = block.path.relative_to(run).as_posix()
+    if isinstance(block, Fragment):
+        return [f"[Open the highlighted explanations]({relative})"]
     return [f"![{_md_cell(block.caption)}]({relative})", "", f"*{_md_text(block.caption)}*"]
 
 
@@ -553,6 +589,8 @@ def _html_block(block: Block) -> str:
         return f'<ul class="facts">{items}</ul>'
     if isinstance(block, Table):
         return _html_table(block)
+    if isinstance(block, Fragment):
+        return block.html
     encoded = base64.b64encode(block.path.read_bytes()).decode("ascii")
     caption = html.escape(block.caption)
     return (

@@ -1,0 +1,1 @@
+"""Trust audits: fairness, privacy, robustness and explanations."""
