@@ -13,6 +13,22 @@ Throughput: `redact_texts` over (a) the labelled texts repeated to ``--throughpu
 (b) the SST-2 training set (67k short sentences, the size of a real fine-tuning set) when
 ``../shared/datasets/sst2/train.csv`` exists; best and median of ``--repeats`` timed passes.
 
+How the set was built, for reading the numbers honestly: the same person wrote the set and the
+detector, so the per-batch first measurements below are the fairer estimate of accuracy on new text.
+Batch 1 (377 lines) was frozen before the detector existed; after each fix a new batch of unseen
+lines was added and measured before any further change (the ``batch`` key on each line). First
+measurement of each batch (P / R), then what was changed:
+
+- batch 1 (v1): EMAIL 1.000 / 0.981, PHONE 0.986 / 1.000, CREDIT_CARD 1.000 / 1.000. Fixed: a quote
+  before an address; "0024 5892 1525" inside a gift-card number (country codes are now checked).
+- batch 2 (v2, 135 lines): EMAIL 1.000 / 1.000, PHONE 0.941 / 0.970, CREDIT_CARD 1.000 / 1.000; one miss
+  each for IBAN, US_SSN, UK_NINO. Fixed: dashed IBANs/NINOs, unbroken SSNs next to "SSN", 12-digit
+  and 9-digit national phone groupings, Brazilian "(11) 91234-5678".
+- batch 3 (v3, 78 lines): EMAIL 1.000 / 1.000, PHONE 0.913 / 0.840, CREDIT_CARD 1.000 / 1.000. Fixed:
+  unusual national groupings ("069 123 456 78", "0176 12345678") accepted after a context word.
+- batch 4 (v4 = this version, 56 lines): EMAIL 1.000 / 1.000, PHONE 0.952 / 1.000, CREDIT_CARD
+  1.000 / 0.875 (a card number glued to a word). Not changed since.
+
 Run from the repository root (a few seconds)::
 
     python benchmarks/pii_accuracy.py
@@ -140,7 +156,9 @@ def main() -> None:
 
     steal_before = cpu_busy_share()
     texts = [row["text"] for row in rows]
-    speed = {"labelled": throughput((texts * (args.throughput_rows // len(texts) + 1))[: args.throughput_rows], args.repeats)}
+    speed = {
+        "labelled": throughput((texts * (args.throughput_rows // len(texts) + 1))[: args.throughput_rows], args.repeats)
+    }
     if SST2.exists():
         with SST2.open(encoding="utf-8", newline="") as handle:
             speed["sst2_train"] = throughput([row["text"] for row in csv.DictReader(handle)], args.repeats)
@@ -169,7 +187,9 @@ def main() -> None:
         print("\n| batch | " + " | ".join(f"{name} P / R (gold)" for name in main_types) + " |")
         print("|---|" + "---:|" * len(main_types))
         for batch, scores in per_batch.items():
-            cells = [f"{scores[n]['precision']:.3f} / {scores[n]['recall']:.3f} ({scores[n]['gold']})" for n in main_types]
+            cells = [
+                f"{scores[n]['precision']:.3f} / {scores[n]['recall']:.3f} ({scores[n]['gold']})" for n in main_types
+            ]
             print(f"| {batch} | " + " | ".join(cells) + " |")
     print("\n| throughput (redact_texts, all types) | strings | mean chars | best strings/s | median strings/s |")
     print("|---|---:|---:|---:|---:|")

@@ -164,3 +164,19 @@ def test_kfold_is_stratified_and_covers_every_row() -> None:
         assert not set(train_rows) & set(held_rows)
         seen += list(held_rows)
     assert sorted(seen) == list(range(36))
+
+
+def test_pii_is_redacted_before_training_and_counted(tmp_path: Path) -> None:
+    rows = [
+        {"text": "mail me at jane.doe@example.com please", "label": "pos"},
+        {"text": "card 4111 1111 1111 1111 was charged twice", "label": "neg"},
+        {"text": "call +44 20 7946 0958 tomorrow", "label": "pos"},
+        {"text": "nothing personal here", "label": "neg"},
+    ] * 3
+    rows = [{**row, "text": f"{row['text']} #{i}"} for i, row in enumerate(rows)]
+    path = write_csv(tmp_path / "d.csv", rows)
+    data = prepare(config_for(path, pii={"redact": True}, split={"validation": 0.0, "test": 0.0}))
+    texts = column(data.train, "text")
+    assert not any("@example.com" in t or "4111" in t or "7946" in t for t in texts)
+    assert sum("[EMAIL]" in t for t in texts) == 3 and sum("[CREDIT_CARD]" in t for t in texts) == 3
+    assert data.profile["cleaning"]["train"]["pii_redacted"] == {"CREDIT_CARD": 3, "EMAIL": 3, "PHONE": 3}

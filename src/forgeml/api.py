@@ -20,7 +20,7 @@ from datasets import Dataset
 from forgeml.config import ForgeConfig, load_config
 from forgeml.data.clean import clean, normalize_text
 from forgeml.data.io import column, read_table, replace_column
-from forgeml.data.prepare import read_split
+from forgeml.data.prepare import read_split, redact_pii
 from forgeml.errors import ForgeError
 from forgeml.evaluate.outputs import model_outputs
 from forgeml.pipeline import RunResult, dataset_from_rows, evaluate_split, execute, rerun_config
@@ -109,6 +109,9 @@ class Predictor:
         if text_columns and self.config.data.clean.normalize:
             for name in text_columns:
                 dataset = replace_column(dataset, name, [normalize_text(v) for v in column(dataset, name)])
+        pii = self.config.data.pii
+        if text_columns and pii.redact:  # the model never saw personal data; it should not see it now either
+            dataset, _ = redact_pii(dataset, text_columns, pii.types, pii.style)
         encoded = self.task.encode(dataset, "input", with_targets=False)
         outputs, _ = model_outputs(self.model, encoded, batch_size, show_progress=show_progress)
         answers = self.task.predictions(outputs)

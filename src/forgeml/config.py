@@ -73,6 +73,24 @@ class CleanConfig(Section):
     overlong: Literal["truncate", "drop"] = Field("truncate", description="what to do with over-long inputs")
 
 
+class PiiConfig(Section):
+    """Personal data in text inputs: detect and replace it before anything is trained on it."""
+
+    redact: bool = Field(False, description="replace emails, phones, cards, IBANs, IPs, URLs, SSNs, NI numbers")
+    types: list[str] | None = Field(None, description="entity types to redact; default: all")
+    style: Literal["tag", "mask"] = Field("tag", description="tag: '[EMAIL]'; mask: '*' of the same length")
+
+    @field_validator("types")
+    @classmethod
+    def _known_types(cls, value: list[str] | None) -> list[str] | None:
+        from forgeml.data.pii import ENTITY_TYPES
+
+        unknown = [t for t in value or [] if t.upper() not in ENTITY_TYPES]
+        if unknown:
+            raise ValueError(f"unknown PII type(s) {', '.join(unknown)}; allowed: {', '.join(ENTITY_TYPES)}")
+        return value
+
+
 class DataConfig(Section):
     """Where the data is and which columns mean what. Relative paths resolve against the config file."""
 
@@ -89,6 +107,7 @@ class DataConfig(Section):
     )
     split: SplitConfig = Field(default_factory=SplitConfig)
     clean: CleanConfig = Field(default_factory=CleanConfig)
+    pii: PiiConfig = Field(default_factory=PiiConfig)
     sensitive: list[str] = Field(
         default_factory=list, description="columns the fairness audit compares groups by (e.g. [sex, race, age])"
     )

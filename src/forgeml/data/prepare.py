@@ -11,7 +11,8 @@ from datasets import Dataset
 from forgeml.config import DataConfig, ForgeConfig
 from forgeml.data import validate
 from forgeml.data.clean import clean
-from forgeml.data.io import column, read_table
+from forgeml.data.io import column, read_table, replace_column
+from forgeml.data.pii import redact_texts
 from forgeml.data.profile import profile_split
 from forgeml.data.split import content_hash, holdout, sample
 
@@ -70,6 +71,19 @@ def check_labels(values: list, source: Path | str, config: ForgeConfig) -> None:
         validate.numeric_targets(values, source, config.data.label)
 
 
+def redact_pii(
+    dataset: Dataset, text_columns: list[str], types: list[str] | None, style: str
+) -> tuple[Dataset, dict[str, int]]:
+    """Replace personal data in the text columns; return counts per entity type."""
+    total: dict[str, int] = {}
+    for name in text_columns:
+        redacted, counts = redact_texts(column(dataset, name), types, style)
+        dataset = replace_column(dataset, name, redacted)
+        for entity, count in counts.items():
+            total[entity] = total.get(entity, 0) + count
+    return dataset, dict(sorted(total.items()))
+
+
 def prepare(config: ForgeConfig) -> PreparedData:
     """Read, validate, clean, split and sample the data the config names; profile what came out."""
     data: DataConfig = config.data
@@ -87,6 +101,14 @@ def prepare(config: ForgeConfig) -> PreparedData:
         if dataset is not None:
             options = data.clean if name == "train" else evaluation_clean
             splits[name], cleaning[name] = clean(dataset, texts, inputs, data.label, options)
+
+    if data.pii.redact and texts:
+        redactions = {}
+        for name, dataset in splits.items():
+            if dataset is not None:
+                splits[name], redactions[name] = redact_pii(dataset, texts, data.pii.types, data.pii.style)
+        for name, counts in redactions.items():
+            cleaning[name]["pii_redacted"] = counts
 
     split_info, taken = {}, 0.0
     for name, fraction in (("test", data.split.test), ("validation", data.split.validation)):

@@ -133,7 +133,7 @@ def verdict(report: dict[str, Any]) -> str:
         return f"{head}: unseen rows get lower losses than training rows; no leakage, but check the splits"
     if low <= 0.5 or auc < 0.55:
         return f"{head}: no measurable leakage (a loss-threshold attack is only a lower bound)"
-    found = f"TPR {report['tpr_at_1pct_fpr']:.0%} at 1 % FPR"
+    found = f"TPR {100 * report['tpr_at_1pct_fpr']:.0f} % at 1 % FPR"
     if auc < 0.6:
         return f"{head}, {found}: slight leakage; training rows are a little more familiar to the model"
     if auc < 0.7:
@@ -165,7 +165,7 @@ def plot_membership_roc(report: dict[str, Any], path: Path) -> Path:
     logarithmic.set_xlim(smallest, 1)
     logarithmic.set_ylim(smallest / 10, 1)
     logarithmic.set_title(
-        f"Low FPR: TPR {report['tpr_at_1pct_fpr']:.1%} at 1 %, {report['tpr_at_10pct_fpr']:.1%} at 10 %"
+        f"Low FPR: TPR {100 * report['tpr_at_1pct_fpr']:.1f} % at 1 %, {100 * report['tpr_at_10pct_fpr']:.1f} % at 10 %"
     )
     for axis in (linear, logarithmic):
         axis.set_xlabel("false positive rate (non-members flagged)")
