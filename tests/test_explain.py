@@ -93,7 +93,7 @@ def test_batching_does_not_change_the_answers(sentiment_model: forgeml.api.Predi
 def test_deleting_top_words_hurts_more_than_deleting_random_words(sentiment_model: forgeml.api.Predictor) -> None:
     texts = [row["text"] for row in sentiment_rows(30, seed=7)]
     result = faithfulness(sentiment_model.task, sentiment_model.model, texts, k=2, seed=0)
-    assert result["texts"] + result["skipped"] == 30
+    assert result["measure"] == "probability" and result["texts"] + result["skipped"] == 30
     assert result["texts"] >= 20
     assert result["gap"] > 0  # observed ~0.5
     assert result["top_k_drop"] > result["random_drop"]
@@ -117,7 +117,7 @@ def test_pairs_explain_words_of_both_texts(tiny_backbone: Path) -> None:
     assert explanation_html([explanation]).count("<p ") == 2
 
 
-def test_regression_explains_the_value(tiny_backbone: Path) -> None:
+def test_regression_explains_the_value_and_its_faithfulness(tiny_backbone: Path) -> None:
     task, model = _untrained_text_task(tiny_backbone, ["text"], NumericTarget("score", mean=3.0, std=2.0))
     explanation = explain_texts(task, model, ["great film", "awful plot"])[1]
     assert explanation.probability is None and explanation.target == "score"
@@ -125,6 +125,10 @@ def test_regression_explains_the_value(tiny_backbone: Path) -> None:
     assert [w.word for w in explanation.words] == ["awful", "plot"]
     total = sum(abs(w.score) for w in explanation.words)
     assert abs(explanation.delta) <= 0.1 * total + 1e-6
+    result = faithfulness(task, model, ["great film and plot", "awful plot", "the film was very dull"], k=1)
+    assert result["measure"] == "value" and result["texts"] + result["skipped"] == 3
+    assert np.isfinite(result["gap"])
+    json.dumps(result)
 
 
 def x1_rows(count: int, seed: int) -> list[dict]:

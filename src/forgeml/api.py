@@ -104,7 +104,8 @@ class Predictor:
             ]
         return [{"value": float(v)} for v in answers["value"]]
 
-    def _answers(self, dataset: Dataset, batch_size: int, show_progress: bool) -> dict[str, Any]:
+    def prepare_inputs(self, dataset: Dataset) -> Dataset:
+        """The text transforms training applied (Unicode normalisation, PII redaction), applied to inputs."""
         text_columns = getattr(self.task, "text_columns", [])
         if text_columns and self.config.data.clean.normalize:
             for name in text_columns:
@@ -112,6 +113,10 @@ class Predictor:
         pii = self.config.data.pii
         if text_columns and pii.redact:  # the model never saw personal data; it should not see it now either
             dataset, _ = redact_pii(dataset, text_columns, pii.types, pii.style)
+        return dataset
+
+    def _answers(self, dataset: Dataset, batch_size: int, show_progress: bool) -> dict[str, Any]:
+        dataset = self.prepare_inputs(dataset)
         encoded = self.task.encode(dataset, "input", with_targets=False)
         outputs, _ = model_outputs(self.model, encoded, batch_size, show_progress=show_progress)
         answers = self.task.predictions(outputs)
@@ -224,9 +229,13 @@ def explain(run_dir: str | Path, inputs: list[Any], steps: int = 20) -> list[Any
     from forgeml.trust.explain import explain_texts
 
     predictor = Predictor(run_dir)
-    if not getattr(predictor.task, "text_columns", None):
+    columns = getattr(predictor.task, "text_columns", None)
+    if not columns:
         raise ForgeError("explain: word attributions are for text models; tabular runs get them from `forgeml audit`")
-    return explain_texts(predictor.task, predictor.model, inputs, steps=steps)
+    prepared = predictor.prepare_inputs(dataset_from_rows(list(inputs), columns))
+    texts = [column(prepared, name) for name in columns]
+    items = texts[0] if len(columns) == 1 else list(zip(*texts, strict=True))
+    return explain_texts(predictor.task, predictor.model, items, steps=steps)
 
 
 def report(run_dir: str | Path) -> tuple[Path, Path]:

@@ -15,7 +15,7 @@ import numpy as np
 from forgeml.workspace import atomic_write_bytes
 
 
-def _save(figure: plt.Figure, path: Path) -> Path:
+def save_figure(figure: plt.Figure, path: Path) -> Path:
     buffer = io.BytesIO()
     figure.tight_layout()
     figure.savefig(buffer, format="png", dpi=110)
@@ -36,7 +36,7 @@ def class_balance(split_counts: dict[str, dict[str, int]], path: Path) -> Path:
     axis.set_ylabel("rows")
     axis.set_title("Class balance")
     axis.legend()
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def lengths(lengths_by_split: dict[str, list[int]], path: Path, unit: str = "tokens") -> Path:
@@ -48,7 +48,7 @@ def lengths(lengths_by_split: dict[str, list[int]], path: Path, unit: str = "tok
     axis.set_ylabel("rows")
     axis.set_title("Input lengths")
     axis.legend()
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def confusion_matrix(matrix: list[list[int]], classes: list[str], path: Path, title: str = "Confusion matrix") -> Path:
@@ -65,7 +65,7 @@ def confusion_matrix(matrix: list[list[int]], classes: list[str], path: Path, ti
     axis.set_xlabel("predicted")
     axis.set_ylabel("true")
     axis.set_title(title)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def calibration(targets: np.ndarray, probabilities: np.ndarray, path: Path, bins: int = 10) -> Path:
@@ -86,7 +86,7 @@ def calibration(targets: np.ndarray, probabilities: np.ndarray, path: Path, bins
     axis.set_ylabel("accuracy")
     axis.set_title("Calibration")
     axis.legend()
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def regression_scatter(targets: np.ndarray, predicted: np.ndarray, path: Path) -> Path:
@@ -108,7 +108,7 @@ def regression_scatter(targets: np.ndarray, predicted: np.ndarray, path: Path) -
     axis.set_ylabel("predicted")
     axis.set_title("Predicted vs true")
     axis.legend()
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def training_curves(history: list[dict[str, Any]], metric: str, path: Path) -> Path:
@@ -128,4 +128,4 @@ def training_curves(history: list[dict[str, Any]], metric: str, path: Path) -> P
     metric_axis.set_xlabel("step")
     metric_axis.set_ylabel(metric)
     metric_axis.set_title(f"Validation {metric}")
-    return _save(figure, path)
+    return save_figure(figure, path)

@@ -20,7 +20,7 @@ from forgeml.errors import ConfigError
 from forgeml.evaluate.outputs import model_outputs
 from forgeml.tasks.base import EncodedSplit, Task
 from forgeml.trust import explain, fairness, membership
-from forgeml.workspace import atomic_write_json
+from forgeml.workspace import atomic_write_json, atomic_write_text
 
 THRESHOLDS = "fairness_thresholds.json"  # in model/: applied by predict when the column is given
 
@@ -320,7 +320,7 @@ def _text_explanations(
     items = [inputs[i] for i in chosen]
     explanations = explain.explain_texts(task, model, items)
     fragment = explain.explanation_html(explanations)
-    (folder / "explanations.html").write_text(fragment, encoding="utf-8")
+    atomic_write_text(folder / "explanations.html", fragment)
     faithful = explain.faithfulness(task, model, items, k=2)
     atomic_write_json(
         folder / "explanations.json", {"explanations": [e.to_dict() for e in explanations], "faithfulness": faithful}

@@ -31,7 +31,7 @@ from forgeml.config import LOWER_IS_BETTER
 from forgeml.data.io import column, replace_column
 from forgeml.errors import ConfigError, DataError
 from forgeml.evaluate.outputs import model_outputs
-from forgeml.evaluate.plots import _save as save_png  # the atomic PNG write every other plot uses
+from forgeml.evaluate.plots import save_figure as save_png
 from forgeml.evaluate.plots import plt  # pyplot as imported there, after selecting the file-only backend
 
 # Rows (interpolation steps x texts) x tokens in one forward+backward pass: bounds memory (~1 GB for MiniLM)
@@ -240,13 +240,13 @@ def faithfulness(
 ) -> dict[str, Any]:
     """Deletion test: removing the k words most attributed toward the predicted class should lower that
     class's probability more than removing k random words. A positive `gap` (top-k drop minus random drop)
-    means the explanations point at words the model really uses.
+    means the explanations point at words the model really uses. For regression the same test runs on the
+    predicted value (in the target's units): removing the words that raised it most should lower it most.
 
     Texts with no positively attributed word, or no more than k words, are skipped (counted in `skipped`).
     """
-    if task.target.kind != "classification":
-        raise ConfigError("faithfulness: needs a classification task (it measures the predicted class's probability)")
     _require_positive(k=k)
+    classification = task.target.kind == "classification"
     rng = random.Random(seed)
     kept, top_removed, random_removed = [], [], []
     for explanation in explain_texts(task, model, texts, steps=steps):
@@ -256,15 +256,15 @@ def faithfulness(
         kept.append(explanation)
         top_removed.append(_without(explanation, top))
         random_removed.append(_without(explanation, rng.sample(explanation.words, len(top))))
-    classes = task.target.classes
-    predicted = np.asarray([classes.index(e.label) for e in kept], dtype=np.int64)
-    original = np.asarray([e.probability for e in kept], dtype=np.float64)
-    top_drops = original - _probabilities(task, model, top_removed, predicted)
-    random_drops = original - _probabilities(task, model, random_removed, predicted)
+    classes = [task.target.classes.index(e.label) for e in kept] if classification else [0] * len(kept)
+    original = _explained_scores(task, model, [tuple(e.segments) for e in kept], classes)
+    top_drops = original - _explained_scores(task, model, top_removed, classes)
+    random_drops = original - _explained_scores(task, model, random_removed, classes)
     return {
         "k": k,
         "steps": steps,
         "seed": seed,
+        "measure": "probability" if classification else "value",
         "texts": len(kept),
         "skipped": len(texts) - len(kept),
         "top_k_drop": _mean(top_drops),
@@ -283,14 +283,16 @@ def _without(explanation: TextExplanation, removed: list[WordAttribution]) -> tu
     return tuple(segments)
 
 
-def _probabilities(task: Any, model: nn.Module, inputs: list[tuple[str, ...]], classes: np.ndarray) -> np.ndarray:
-    """Probability of the given class for each input, through the task's own encoding."""
+def _explained_scores(task: Any, model: nn.Module, inputs: list[tuple[str, ...]], classes: list[int]) -> np.ndarray:
+    """Per input, the given class's probability (or the predicted value), through the task's own encoding."""
     if not inputs:
         return np.zeros(0)
     dataset = Dataset.from_dict({name: [parts[i] for parts in inputs] for i, name in enumerate(task.text_columns)})
     outputs, _ = model_outputs(model, task.encode(dataset, "input", with_targets=False), device=_device(model))
-    probabilities = task.predictions(outputs)["probabilities"]
-    return probabilities[np.arange(len(inputs)), classes]
+    answers = task.predictions(outputs)
+    if "probabilities" in answers:
+        return answers["probabilities"][np.arange(len(inputs)), classes]
+    return np.asarray(answers["value"], dtype=np.float64)
 
 
 # ---------------------------------------------------------------------------------------------- tabular

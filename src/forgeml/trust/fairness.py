@@ -38,7 +38,7 @@ from fairlearn.postprocessing import ThresholdOptimizer
 from sklearn.base import BaseEstimator
 
 from forgeml.errors import ArtifactError, DataError
-from forgeml.evaluate.plots import _save, plt  # plots sets the file-only Agg backend first
+from forgeml.evaluate.plots import save_figure, plt  # plots sets the file-only Agg backend first
 
 UNKNOWN = "unknown"  # the group of rows whose sensitive value is missing
 GROUP_METRICS = ("accuracy", "selection_rate", "tpr", "fpr")
@@ -305,7 +305,7 @@ def plot_group_metrics(report: dict[str, Any], folder: Path) -> list[Path]:
         gap = result["disparities"]["demographic_parity_difference"]["value"]
         axis.set_title(f"{column}: metrics by group (DP difference {_fmt(gap)})")
         axis.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
-        paths.append(_save(figure, Path(folder) / f"fairness_{_slug(column)}.png"))
+        paths.append(save_figure(figure, Path(folder) / f"fairness_{_slug(column)}.png"))
     return paths
 
 
@@ -591,7 +591,7 @@ def plot_counterfactual(report: dict[str, Any], path: Path) -> Path:
         axis.set_title(title)
     axes[0].set_yticks(positions, names)
     axes[0].invert_yaxis()
-    return _save(figure, Path(path))
+    return save_figure(figure, Path(path))
 
 
 def _variants(

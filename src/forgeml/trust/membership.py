@@ -171,7 +171,7 @@ def plot_membership_roc(report: dict[str, Any], path: Path) -> Path:
         axis.set_xlabel("false positive rate (non-members flagged)")
         axis.set_ylabel("true positive rate (members found)")
     linear.legend(loc="lower right", fontsize=8)
-    return plots._save(figure, Path(path))
+    return plots.save_figure(figure, Path(path))
 
 
 class _Rows:
