@@ -31,8 +31,8 @@ from forgeml.config import LOWER_IS_BETTER
 from forgeml.data.io import column, replace_column
 from forgeml.errors import ConfigError, DataError
 from forgeml.evaluate.outputs import model_outputs
-from forgeml.evaluate.plots import save_figure as save_png
 from forgeml.evaluate.plots import plt  # pyplot as imported there, after selecting the file-only backend
+from forgeml.evaluate.plots import save_figure as save_png
 
 # Rows (interpolation steps x texts) x tokens in one forward+backward pass: bounds memory (~1 GB for MiniLM)
 # while keeping matmuls large enough to run near peak on a CPU.

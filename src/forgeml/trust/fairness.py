@@ -38,7 +38,7 @@ from fairlearn.postprocessing import ThresholdOptimizer
 from sklearn.base import BaseEstimator
 
 from forgeml.errors import ArtifactError, DataError
-from forgeml.evaluate.plots import save_figure, plt  # plots sets the file-only Agg backend first
+from forgeml.evaluate.plots import plt, save_figure  # plots sets the file-only Agg backend first
 
 UNKNOWN = "unknown"  # the group of rows whose sensitive value is missing
 GROUP_METRICS = ("accuracy", "selection_rate", "tpr", "fpr")
