@@ -49,7 +49,10 @@ def run_audits(
         if text and len(task.text_columns) == 1 and audit.fairness.counterfactual:
             sections.append(_counterfactual(config, task, model, splits[scored], folder, headline))
     if audit.privacy.enabled and "train" in encoded:
-        sections.append(_membership(config, task, model, encoded["train"], encoded[scored], folder, headline))
+        # Non-members should come from the training rows' own distribution, or the attack measures the shift
+        # between two files rather than memorisation: the validation split is usually carved from train.
+        unseen = "validation" if "validation" in encoded else scored
+        sections.append(_membership(config, task, model, encoded["train"], encoded[unseen], unseen, folder, headline))
     if audit.explain:
         explained = splits.get("validation") if splits.get("validation") is not None else splits[scored]
         if text:
@@ -278,6 +281,7 @@ def _membership(
     model: nn.Module,
     members: EncodedSplit,
     non_members: EncodedSplit,
+    unseen: str,
     folder: Path,
     headline: dict[str, Any],
 ) -> dict[str, Any]:
@@ -288,11 +292,13 @@ def _membership(
     plot = membership.plot_membership_roc(report, folder / "membership_roc.png")
     atomic_write_json(folder / "membership.json", report)
     headline["membership_auc"] = report["auc"]
+    headline["membership_non_members"] = unseen
     return {
         "title": "Privacy: membership inference",
         "paragraphs": [
-            "A loss-threshold attack tries to tell training rows from held-out rows by the model's loss on them. "
-            "AUC 0.5 means it cannot; this attack gives a lower bound on what a stronger attacker could learn.",
+            f"A loss-threshold attack tries to tell training rows from held-out rows (the {unseen} split) by the "
+            "model's loss on them. AUC 0.5 means it cannot; this attack gives a lower bound on what a stronger "
+            "attacker could learn.",
             membership.verdict(report),
         ],
         "facts": [
