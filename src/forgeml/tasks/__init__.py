@@ -24,21 +24,10 @@ __all__ = ["EncodedSplit", "Task", "build_task", "load_task"]
 def build_task(config: ForgeConfig, input_columns: list[str]) -> Task:
     label = config.data.label
     target = ClassLabels(label) if config.is_classification else NumericTarget(label)
-    options = config.model
     if config.task.startswith("tabular"):
-        model = {
-            "hidden_sizes": options.hidden_sizes,
-            "dropout": options.dropout,
-            "categorical": options.categorical,
-            "embedding_dim": options.embedding_dim,
-        }
+        model = config.model.model_dump(include={"hidden_sizes", "dropout", "categorical", "embedding_dim"})
         return TabularTask(config.task, input_columns, target, model)
-    model = {
-        "backbone": options.backbone,
-        "max_length": options.max_length,
-        "pooling": options.pooling,
-        "dropout": options.dropout,
-    }
+    model = config.model.model_dump(include={"backbone", "max_length", "pooling", "dropout"})
     return TextTask(config.task, input_columns, target, model)
 
 

@@ -73,6 +73,25 @@ class Target(Protocol):
     def state(self) -> dict[str, Any]: ...
 
 
+class TargetTask:
+    """Loss, answers and metrics come from the task's Target; subclasses turn rows into inputs."""
+
+    target: Target
+
+    @property
+    def primary_metric(self) -> str:
+        return self.target.primary_metric
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.target.loss(outputs, targets)
+
+    def predictions(self, outputs: np.ndarray) -> dict[str, Any]:
+        return self.target.predictions(outputs)
+
+    def metrics(self, outputs: np.ndarray, targets: np.ndarray) -> dict[str, Any]:
+        return self.target.metrics(outputs, targets)
+
+
 class TensorSplit:
     """An EncodedSplit held as tensors (tabular data, or anything already fixed-size)."""
 

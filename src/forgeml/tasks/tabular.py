@@ -21,7 +21,7 @@ from forgeml.data.io import column as column_values
 from forgeml.data.validate import require_columns
 from forgeml.errors import DataError
 from forgeml.models.mlp import TabularMLP
-from forgeml.tasks.base import Target, TensorSplit
+from forgeml.tasks.base import Target, TargetTask, TensorSplit
 from forgeml.workspace import atomic_write_json
 
 MISSING = 0  # category id for missing and never-seen values
@@ -91,7 +91,7 @@ class TabularPreprocessor:
         return {"numeric": self.numeric, "categorical": self.categorical}
 
 
-class TabularTask:
+class TabularTask(TargetTask):
     """tabular-classification and tabular-regression."""
 
     def __init__(
@@ -107,10 +107,6 @@ class TabularTask:
         self.target = target
         self.model_options = dict(model)  # hidden_sizes, dropout, categorical, embedding_dim
         self.preprocessor = preprocessor or TabularPreprocessor()
-
-    @property
-    def primary_metric(self) -> str:
-        return self.target.primary_metric
 
     def fit(self, train: Dataset) -> None:
         self.target.fit(column_values(train, self.target.column))
@@ -134,15 +130,6 @@ class TabularTask:
         if with_targets:
             targets = torch.as_tensor(self.target.encode(column_values(dataset, self.target.column), source))
         return TensorSplit(inputs, targets)
-
-    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.target.loss(outputs, targets)
-
-    def predictions(self, outputs: np.ndarray) -> dict[str, Any]:
-        return self.target.predictions(outputs)
-
-    def metrics(self, outputs: np.ndarray, targets: np.ndarray) -> dict[str, Any]:
-        return self.target.metrics(outputs, targets)
 
     def state(self) -> dict[str, Any]:
         return {

@@ -14,7 +14,7 @@ from safetensors.torch import load_model, save_model
 from forgeml.data.io import column
 from forgeml.data.validate import require_columns
 from forgeml.models.hf import TextModel, load_tokenizer
-from forgeml.tasks.base import Target
+from forgeml.tasks.base import Target, TargetTask
 from forgeml.workspace import atomic_write_json
 
 TOKENIZE_CHUNK = 2_000
@@ -50,7 +50,7 @@ class TokenizedSplit:
         return inputs, None if self.targets is None else self.targets[rows]
 
 
-class TextTask:
+class TextTask(TargetTask):
     """text-classification, text-pair-classification and (text) regression."""
 
     def __init__(self, name: str, text_columns: list[str], target: Target, model: dict[str, Any]):
@@ -60,10 +60,6 @@ class TextTask:
         self.model_options = dict(model)  # backbone, max_length, pooling, dropout
         self.tokenizer = load_tokenizer(self.model_options["backbone"])
         self.truncated = 0
-
-    @property
-    def primary_metric(self) -> str:
-        return self.target.primary_metric
 
     def fit(self, train: Dataset) -> None:
         self.target.fit(column(train, self.target.column))
@@ -94,15 +90,6 @@ class TextTask:
         split = TokenizedSplit(columns, targets, self.tokenizer.pad_token_id or 0)
         self.truncated = int((split.lengths >= max_length).sum())
         return split
-
-    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.target.loss(outputs, targets)
-
-    def predictions(self, outputs: np.ndarray) -> dict[str, Any]:
-        return self.target.predictions(outputs)
-
-    def metrics(self, outputs: np.ndarray, targets: np.ndarray) -> dict[str, Any]:
-        return self.target.metrics(outputs, targets)
 
     def state(self) -> dict[str, Any]:
         return {
