@@ -56,6 +56,7 @@ def test_every_audit_writes_its_results(audited: forgeml.RunResult) -> None:
     assert headline["split"] == "test"
     assert 0.0 <= headline["membership_auc"] <= 1.0
     assert headline["counterfactual_flip_rate"]["gender"] is not None
+    assert 0.0 <= headline["robustness_worst_flip_rate"] <= 1.0 and 0.0 <= headline["attack_success_rate"] <= 1.0
     mitigation = headline["fairness.mitigation"]
     assert set(mitigation["before"]) == {"accuracy", "demographic_parity_difference", "equalized_odds_difference"}
     report = json.loads((trust / "fairness.json").read_text())["report"]
@@ -118,6 +119,7 @@ def test_tabular_audit_reports_importance_and_membership(tmp_path: Path) -> None
     result = forgeml.run(config, workspace=tmp_path)
     headline = result.metrics["audit"]
     assert headline["top_features"][0] == "x1"  # the label depends most on x1
+    assert 0.0 <= headline["robustness_worst_flip_rate"] <= 1.0
     assert "fairness.colour.demographic_parity_difference" in headline
     assert (result.run_dir / "trust" / "feature_importance.png").is_file()
 

@@ -204,14 +204,32 @@ class PrivacyAuditConfig(Section):
     bootstrap: int = Field(200, ge=0, le=5000)
 
 
+class RobustnessAuditConfig(Section):
+    """How predictions hold up under typos, case and punctuation changes, word swaps, or numeric noise."""
+
+    enabled: bool = True
+    rates: list[float] = Field([0.1, 0.3], description="text: share of words perturbed")
+    sigmas: list[float] = Field([0.1, 0.3, 0.5], description="tabular: Gaussian noise in training standard deviations")
+    max_examples: int = Field(500, ge=10, description="rows scored under each perturbation")
+    attack_examples: int = Field(50, ge=0, description="text: rows given the word-substitution attack (0 skips it)")
+
+    @field_validator("rates", "sigmas")
+    @classmethod
+    def _fractions(cls, value: list[float]) -> list[float]:
+        if not value or any(v <= 0 or v > 5 for v in value):
+            raise ValueError(f"each value must be > 0 (and at most 5), got {value}")
+        return value
+
+
 class AuditConfig(Section):
     """Trust audits run after evaluation; each writes JSON and plots under trust/ and a card section."""
 
     fairness: FairnessAuditConfig = Field(default_factory=FairnessAuditConfig)
     privacy: PrivacyAuditConfig = Field(default_factory=PrivacyAuditConfig)
+    robustness: RobustnessAuditConfig = Field(default_factory=RobustnessAuditConfig)
     explain: int = Field(8, ge=0, le=500, description="validation examples explained in the card (0 disables)")
 
-    @field_validator("fairness", "privacy", mode="before")
+    @field_validator("fairness", "privacy", "robustness", mode="before")
     @classmethod
     def _switch(cls, value: Any) -> Any:
         """`fairness: false` is short for `fairness: {enabled: false}`."""

@@ -19,7 +19,7 @@ from forgeml.data.io import column
 from forgeml.errors import ConfigError
 from forgeml.evaluate.outputs import model_outputs
 from forgeml.tasks.base import EncodedSplit, Task
-from forgeml.trust import explain, fairness, membership
+from forgeml.trust import explain, fairness, membership, robustness
 from forgeml.workspace import atomic_write_json, atomic_write_text
 
 THRESHOLDS = "fairness_thresholds.json"  # in model/: applied by predict when the column is given
@@ -53,6 +53,8 @@ def run_audits(
         # between two files rather than memorisation: the validation split is usually carved from train.
         unseen = "validation" if "validation" in encoded else scored
         sections.append(_membership(config, task, model, encoded["train"], encoded[unseen], unseen, folder, headline))
+    if audit.robustness.enabled:
+        sections.append(_robustness(config, task, model, splits[scored], folder, headline))
     if audit.explain:
         explained = splits.get("validation") if splits.get("validation") is not None else splits[scored]
         if text:
@@ -312,6 +314,35 @@ def _membership(
         ],
         "plots": [{"path": f"trust/{plot.name}", "caption": "ROC of the membership-inference attack."}],
     }
+
+
+# --- robustness -----------------------------------------------------------------------------------
+
+
+def _robustness(
+    config: ForgeConfig, task: Task, model: nn.Module, dataset: Dataset, folder: Path, headline: dict[str, Any]
+) -> dict[str, Any]:
+    options = config.audit.robustness
+    text_report = attack = tabular_report = None
+    if getattr(task, "text_columns", None):
+        text_report = robustness.text_robustness(
+            task, model, dataset, rates=options.rates, max_examples=options.max_examples
+        )
+        if config.is_classification and options.attack_examples:
+            attack = robustness.word_substitution_attack(task, model, dataset, max_examples=options.attack_examples)
+        report = text_report
+    else:
+        tabular_report = robustness.tabular_robustness(
+            task, model, dataset, sigmas=options.sigmas, max_examples=options.max_examples
+        )
+        report = tabular_report
+    robustness.plot_robustness(report, folder / "robustness.png")
+    atomic_write_json(folder / "robustness.json", {"text": text_report, "attack": attack, "tabular": tabular_report})
+    change = "flip_rate" if report["kind"] == "classification" else "mean_abs_change"
+    headline["robustness_worst_" + change] = max(r[change] for r in report["results"])
+    if attack is not None:
+        headline["attack_success_rate"] = attack["success_rate"]
+    return robustness.robustness_section(text_report, attack, tabular_report, "trust/robustness.png")
 
 
 # --- explanations ---------------------------------------------------------------------------------
