@@ -7,10 +7,12 @@ continue exactly where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,6 +109,18 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+@contextlib.contextmanager
+def thread_count(threads: int | None) -> Iterator[None]:
+    """Use `threads` CPU threads inside the block, and give the caller's setting back after it."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def train(
     task: Task,
     model: nn.Module,
@@ -118,10 +132,27 @@ def train(
     resume: bool = False,
     show_progress: bool = False,
 ) -> TrainResult:
-    """Train `model` in place; at the end it holds the best weights seen on validation."""
+    """Train `model` in place; at the end it holds the best weights seen on validation.
+
+    With `checkpoints`, a resumable checkpoint is written every `config.checkpoint_every` steps and
+    `resume=True` continues from the latest one; `log_path` receives JSON lines of progress.
+    """
+    with thread_count(config.threads):
+        return _train(task, model, train_split, validation_split, config, checkpoints, log_path, resume, show_progress)
+
+
+def _train(
+    task: Task,
+    model: nn.Module,
+    train_split: EncodedSplit,
+    validation_split: EncodedSplit | None,
+    config: TrainConfig,
+    checkpoints: Path | None,
+    log_path: Path | None,
+    resume: bool,
+    show_progress: bool,
+) -> TrainResult:
     seed_everything(config.seed)
-    if config.threads:
-        torch.set_num_threads(config.threads)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     optimizer = make_optimizer(model, config)
     batches_per_epoch = math.ceil(len(train_split) / config.batch_size)
