@@ -102,6 +102,15 @@ def test_audit_command_reruns_and_keeps_the_run_loadable(audited: forgeml.RunRes
     forgeml.load(audited.run_dir)  # manifest updated for the rewritten trust/ files and thresholds
 
 
+def test_audit_on_an_external_file_with_its_own_sensitive_column(audited: forgeml.RunResult, tmp_path: Path) -> None:
+    rows = [{**row, "segment": "new" if i % 3 else "old"} for i, row in enumerate(sentiment_rows(90, seed=8))]
+    people = write_csv(tmp_path / "people.csv", rows)
+    result = forgeml_cli("audit", str(audited.run_dir), "--data", str(people), "--sensitive", "segment")
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((audited.run_dir / "trust" / "fairness.json").read_text())["report"]
+    assert report["rows"] == 90 and set(report["columns"]["segment"]["groups"]) == {"new", "old"}
+
+
 def test_explain_command_prints_words_and_writes_html(audited: forgeml.RunResult, tmp_path: Path) -> None:
     out = tmp_path / "why.html"
     result = forgeml_cli("explain", str(audited.run_dir), "the film was great", "--html", str(out))

@@ -180,3 +180,12 @@ def test_pii_is_redacted_before_training_and_counted(tmp_path: Path) -> None:
     assert not any("@example.com" in t or "4111" in t or "7946" in t for t in texts)
     assert sum("[EMAIL]" in t for t in texts) == 3 and sum("[CREDIT_CARD]" in t for t in texts) == 3
     assert data.profile["cleaning"]["train"]["pii_redacted"] == {"CREDIT_CARD": 3, "EMAIL": 3, "PHONE": 3}
+
+
+def test_sensitive_columns_are_checked_in_the_file_that_gets_audited(tmp_path: Path) -> None:
+    train = write_csv(tmp_path / "train.csv", sentiment_rows(40))
+    people = write_csv(tmp_path / "people.csv", [{**r, "group": "a"} for r in sentiment_rows(20, seed=2)])
+    data = prepare(config_for(train, test=str(people), sensitive=["group"], split={"validation": 0.2, "test": 0.0}))
+    assert "group" in data.test.column_names  # train need not have it: only the audited test file does
+    message = data_error(config_for(train, sensitive=["group"]))
+    assert "sensitive column (data.sensitive) 'group'" in message and str(train) in message

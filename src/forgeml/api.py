@@ -197,8 +197,9 @@ def predict(
 def audit(run_dir: str | Path, data: str | Path | None = None, sensitive: list[str] | None = None) -> dict[str, Any]:
     """(Re)run the trust audits of a finished run; results go to trust/ and the model card.
 
-    With `data`, the audits run on that labelled file (same columns as training) instead of the
-    run's own test split; `sensitive` overrides `data.sensitive`. Uses the config's `audit:`
+    With `data`, the audits run on that labelled file (the training columns plus any sensitive
+    ones) instead of the run's own test split, and fitted fairness thresholds are left as they
+    are; `sensitive` overrides `data.sensitive`. Uses the config's `audit:`
     section, or every audit's defaults when the run had none.
     """
     from forgeml.config import AuditConfig
@@ -213,6 +214,7 @@ def audit(run_dir: str | Path, data: str | Path | None = None, sensitive: list[s
         config.data.sensitive = list(sensitive)
     if data is not None:
         config.data.test = Path(data).resolve()
+        config.audit.fairness.mitigate = None  # auditing another file must not refit the run's thresholds
     splits = prepare(config).splits
     encoded = {name: predictor.task.encode(split, name) for name, split in splits.items() if split is not None}
     headline = run_audits(

@@ -59,7 +59,6 @@ def read_split(path: Path, config: ForgeConfig, inputs: list[str] | None = None)
     inputs = inputs or input_columns_for(config, dataset.column_names)[0]
     validate.require_columns(dataset, inputs, path, "input column")
     validate.require_columns(dataset, [data.label], path, "label column")
-    validate.require_columns(dataset, data.sensitive, path, "sensitive column (data.sensitive)")
     check_labels(column(dataset, data.label), path, config)
     return dataset
 
@@ -93,6 +92,12 @@ def prepare(config: ForgeConfig) -> PreparedData:
     splits: dict[str, Dataset | None] = {"train": raw_train}
     for name in ("validation", "test"):
         splits[name] = read_split(sources[name], config, inputs) if sources[name] else None
+
+    # The fairness audit reads data.sensitive from the split it scores; check that file now, not after training.
+    audited = "test" if data.test or data.split.test > 0 else "validation"
+    audited_file = sources[audited] or data.train  # a split carved from train has train's columns
+    audited_rows = splits[audited] if sources[audited] else raw_train
+    validate.require_columns(audited_rows, data.sensitive, audited_file, "sensitive column (data.sensitive)")
 
     cleaning = {}
     # Duplicates are dropped from train only: evaluation files are scored as given.

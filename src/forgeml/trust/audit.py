@@ -189,6 +189,8 @@ def _mitigate(
     validation = splits.get("validation")
     if validation is None:
         raise ConfigError("audit.fairness.mitigate: needs a validation split to fit thresholds on")
+    if name not in validation.column_names:
+        raise ConfigError(f"audit.fairness.mitigate: the validation split has no column {name!r} to fit thresholds on")
     index = classes.index(positive)
     other = classes[1 - index]
     validation_scores = predict(task, model, validation)["probabilities"][:, index]
