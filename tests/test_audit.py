@@ -76,6 +76,8 @@ def test_card_has_a_section_per_audit(audited: forgeml.RunResult) -> None:
     html = (audited.run_dir / "card.html").read_text()
     assert html.count("data:image/png;base64,") >= 8  # the run's plots plus the audits'
     assert "trust/explanations.html" in card
+    assert "- **group:** a, b" in card  # Factors: the groups the evaluation was broken down by
+    assert "Audits run: Fairness, Identity-term swaps" in card  # Ethical considerations
 
 
 def test_thresholds_apply_when_the_group_column_is_given(audited: forgeml.RunResult) -> None:

@@ -227,9 +227,12 @@ def test_card_with_only_config(tmp_path: Path) -> None:
 
     assert f"# Model card: {NAME}" in markdown
     assert "No intended use was given" in markdown
-    assert "## Task & model" in markdown and "minilm" in markdown
-    assert "## Training set-up" in markdown and "## Limitations" in markdown
-    assert "## Evaluation" not in markdown and "## Plots" not in markdown and "## Data" not in markdown
+    assert "## Model details" in markdown and "minilm" in markdown
+    assert "## Training set-up" in markdown and "## Caveats and recommendations" in markdown
+    assert "## Quantitative analyses" not in markdown and "## Plots" not in markdown
+    assert "## Training and evaluation data" not in markdown
+    assert "## Factors" in markdown and "No sensitive attributes" in markdown
+    assert "## Ethical considerations" in markdown and "No fairness, privacy" in markdown
     assert "data:image" not in page
     assert "no evaluation on held-out data" in markdown
     assert page.rstrip().endswith("</html>")

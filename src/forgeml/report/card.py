@@ -61,6 +61,12 @@ LABELS = {"lr": "Learning rate", "grad_accum_steps": "Gradient accumulation step
 TEXT_MODEL_KEYS = ("backbone", "max_length", "pooling", "dropout")
 TABULAR_MODEL_KEYS = ("backbone", "hidden_sizes", "dropout", "categorical", "embedding_dim")
 WEIGHTS = "model/model.safetensors"
+METRIC_MEANINGS = {
+    "f1": "macro-averaged F1: every class counts equally, however rare",
+    "accuracy": "share of correct predictions",
+    "rmse": "root mean squared error, in the target's units",
+    "mae": "mean absolute error, in the target's units",
+}
 
 
 # --- blocks: what a card is made of -----------------------------------------------------------
@@ -130,14 +136,18 @@ def write_card(run_dir: str | Path) -> tuple[Path, Path]:
     manifest = _read_optional_json(run / "manifest.json")
 
     title = f"Model card: {config.get('name') or run.name}"
+    # The headings of Mitchell et al. (2019), "Model Cards for Model Reporting", in their order.
     sections = [
-        _intended_use(config),
         _task_and_model(config, profile, manifest),
+        _intended_use(config),
+        _factors(config, run),
+        _metrics_used(metrics),
         _data(profile),
         _training(config, metrics),
         _evaluation(metrics),
         _plots(run / "plots"),
         *_trust(run),
+        _ethics(config, profile, run),
         _limitations(metrics, profile),
     ]
     sections = [section for section in sections if section.blocks]
@@ -182,7 +192,81 @@ def _task_and_model(config: dict[str, Any], profile: dict[str, Any], manifest: d
     if weights_hash:
         # The full hash, not a prefix: this is the value someone verifies a deployed file against.
         facts.append(("Weights SHA-256", f"{weights_hash} ({WEIGHTS})"))
-    return Section("Task & model", [Facts(facts)])
+    return Section("Model details", [Facts(facts)])
+
+
+def _factors(config: dict[str, Any], run: Path) -> Section:
+    """Which groups of people (or other factors) the evaluation was broken down by."""
+    sensitive = (config.get("data") or {}).get("sensitive") or []
+    if not sensitive:
+        return Section(
+            "Factors",
+            [
+                Paragraph(
+                    "No sensitive attributes were configured (data.sensitive), so performance was not compared across "
+                    "groups of people. Set data.sensitive and an audit: section to measure it."
+                )
+            ],
+        )
+    report = _read_optional_json(run / "trust" / "fairness.json").get("report") or {}
+    facts = [
+        (str(name), ", ".join(str(g) for g in (report.get("columns", {}).get(name, {}).get("groups") or {})) or "—")
+        for name in sensitive
+    ]
+    return Section(
+        "Factors",
+        [
+            Paragraph("Results are broken down by these attributes (groups as evaluated; numbers are binned):"),
+            Facts(facts),
+        ],
+    )
+
+
+def _metrics_used(metrics: dict[str, Any]) -> Section:
+    primary = metrics.get("primary_metric")
+    if not primary:
+        return Section("Metrics")
+    training = metrics.get("training") or {}
+    watched = training.get("watched_metric") or primary
+    return Section(
+        "Metrics",
+        [
+            Paragraph(
+                f"The primary metric is {primary} ({METRIC_MEANINGS.get(primary, primary)}); early stopping and the "
+                f"choice of checkpoint watched validation {watched}. Every metric is reported on held-out data, with "
+                "per-class results and plots below; cross-validation spread where it was run."
+            )
+        ],
+    )
+
+
+def _ethics(config: dict[str, Any], profile: dict[str, Any], run: Path) -> Section:
+    """What was done about personal data, fairness and privacy, and what was not."""
+    data = config.get("data") or {}
+    pii = data.get("pii") or {}
+    redacted = {
+        entity: count
+        for split in (profile.get("cleaning") or {}).values()
+        for entity, count in (split.get("pii_redacted") or {}).items()
+    }
+    if pii.get("redact"):
+        found = ", ".join(f"{name} {count:,}" for name, count in sorted(redacted.items())) or "none found"
+        blocks: list[Block] = [Paragraph(f"Personal data was redacted from the text before training ({found}).")]
+    elif not str(config.get("task", "")).startswith("tabular"):
+        blocks = [Paragraph("Text inputs were not screened for personal data (data.pii.redact is off).")]
+    else:
+        blocks = []
+    summary = _read_optional_json(run / "trust" / "summary.json")
+    titles = [entry["title"] for entry in summary.get("sections", [])]
+    if titles:
+        blocks.append(Paragraph(f"Audits run: {', '.join(titles)}; their findings are in the sections above."))
+    else:
+        blocks.append(
+            Paragraph(
+                "No fairness, privacy, robustness or explanation audit was run for this model (see `forgeml audit`)."
+            )
+        )
+    return Section("Ethical considerations", blocks)
 
 
 def _configured_inputs(data: dict[str, Any]) -> list[str]:
@@ -193,7 +277,7 @@ def _configured_inputs(data: dict[str, Any]) -> list[str]:
 
 def _data(profile: dict[str, Any]) -> Section:
     if not profile:
-        return Section("Data")
+        return Section("Training and evaluation data")
     blocks: list[Block] = []
     sources = profile.get("sources") or {}
     if sources:
@@ -220,7 +304,7 @@ def _data(profile: dict[str, Any]) -> Section:
             for split in _ordered(tokens)
         ]
         blocks.append(Table(["split", "tokens p50", "p95", "max", "truncated"], rows, "Tokens per input."))
-    return Section("Data", blocks)
+    return Section("Training and evaluation data", blocks)
 
 
 def _describe_source(source: Any) -> str:
@@ -334,7 +418,7 @@ def _evaluation(metrics: dict[str, Any]) -> Section:
     cross_validation = metrics.get("cross_validation") or {}
     if cross_validation.get("metrics"):
         blocks.append(_cross_validation_table(cross_validation))
-    return Section("Evaluation", blocks)
+    return Section("Quantitative analyses", blocks)
 
 
 def _evaluated_splits(metrics: dict[str, Any]) -> list[str]:
@@ -433,7 +517,7 @@ def _limitations(metrics: dict[str, Any], profile: dict[str, Any]) -> Section:
                 "the model never saw their ends."
             )
         )
-    return Section("Limitations", blocks)
+    return Section("Caveats and recommendations", blocks)
 
 
 # --- formatting -------------------------------------------------------------------------------
