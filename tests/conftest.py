@@ -90,6 +90,27 @@ def text_config(tiny_backbone: Path, sentiment_csv: Path) -> dict:
 
 
 @pytest.fixture(scope="session")
+def sentiment_model(tiny_backbone: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The tiny BERT fine-tuned on synthetic reviews whose label is given by one sentiment word
+    (shared by the explanation and robustness tests, which only read it)."""
+    import forgeml
+
+    folder = tmp_path_factory.mktemp("sentiment-model")
+    config = {
+        "name": "tiny",
+        "task": "text-classification",
+        "data": {"train": str(write_csv(folder / "reviews.csv", sentiment_rows(400))), "split": {"test": 0.15}},
+        "model": {"backbone": str(tiny_backbone), "max_length": 32},
+        "train": {"epochs": 4, "batch_size": 16, "lr": 3e-3, "warmup_ratio": 0.0, "early_stopping": None, "threads": 1},
+    }
+    result = forgeml.run(config, workspace=folder)
+    assert (
+        result.metrics["test"]["accuracy"] >= 0.9
+    )  # explanations and probes of a model that has not learned mean nothing
+    return forgeml.load(result.run_dir)
+
+
+@pytest.fixture(scope="session")
 def shared_datasets() -> Path:
     if not DATASETS.is_dir():
         pytest.skip(f"real datasets not found at {DATASETS} (they live in ../shared/datasets beside the checkout)")

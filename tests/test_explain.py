@@ -33,22 +33,6 @@ from conftest import NEGATIVE, POSITIVE, sentiment_rows, write_csv
 SENTIMENT = set(POSITIVE + NEGATIVE)
 
 
-@pytest.fixture(scope="module")
-def sentiment_model(tiny_backbone: Path, tmp_path_factory: pytest.TempPathFactory) -> forgeml.api.Predictor:
-    """The tiny BERT fine-tuned on synthetic reviews whose label is given by one sentiment word."""
-    folder = tmp_path_factory.mktemp("explain-text")
-    config = {
-        "name": "tiny",
-        "task": "text-classification",
-        "data": {"train": str(write_csv(folder / "reviews.csv", sentiment_rows(400))), "split": {"test": 0.15}},
-        "model": {"backbone": str(tiny_backbone), "max_length": 32},
-        "train": {"epochs": 4, "batch_size": 16, "lr": 3e-3, "warmup_ratio": 0.0, "early_stopping": None},
-    }
-    result = forgeml.run(config, workspace=folder)
-    assert result.metrics["test"]["accuracy"] >= 0.9  # explanations of a model that has not learned mean nothing
-    return forgeml.load(result.run_dir)
-
-
 def test_every_word_once_and_the_sentiment_word_decides(sentiment_model: forgeml.api.Predictor) -> None:
     texts = [row["text"] for row in sentiment_rows(20, seed=99)]
     explanations = explain_texts(sentiment_model.task, sentiment_model.model, texts)

@@ -27,21 +27,6 @@ SENTENCE = "The film was great, and the acting superb! A lovely story about frie
 
 
 @pytest.fixture(scope="module")
-def sentiment_model(tiny_backbone: Path, tmp_path_factory: pytest.TempPathFactory) -> forgeml.api.Predictor:
-    folder = tmp_path_factory.mktemp("robust-text")
-    config = {
-        "name": "tiny",
-        "task": "text-classification",
-        "data": {"train": str(write_csv(folder / "reviews.csv", sentiment_rows(400))), "split": {"test": 0.15}},
-        "model": {"backbone": str(tiny_backbone), "max_length": 32},
-        "train": {"epochs": 4, "batch_size": 16, "lr": 3e-3, "warmup_ratio": 0.0, "early_stopping": None, "threads": 1},
-    }
-    result = forgeml.run(config, workspace=folder)
-    assert result.metrics["test"]["accuracy"] >= 0.9
-    return forgeml.load(result.run_dir)
-
-
-@pytest.fixture(scope="module")
 def reviews() -> Dataset:
     return Dataset.from_list(sentiment_rows(120, seed=21))
 
