@@ -94,8 +94,7 @@ class Predictor:
             if group and rows and all(isinstance(row, dict) and group in row for row in rows):
                 columns.append(group)  # lets the fairness thresholds apply
             inputs = dataset_from_rows(rows, columns)
-        dataset = inputs
-        answers = self._answers(dataset, batch_size, show_progress)
+        answers = self._answers(inputs, batch_size, show_progress)
         if "probabilities" in answers:
             classes = self.task.target.classes
             return [

@@ -13,7 +13,7 @@ import math
 import random
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,6 @@ class TrainResult:
     samples_per_second: float
     mfu: float
     seconds: float
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def seed_everything(seed: int) -> None:
@@ -292,7 +291,6 @@ def _train(
         load_model(raw_model, str(best_path))
     elif best_in_memory:
         raw_model.load_state_dict(best_in_memory)
-    evaluations = [h for h in state["history"] if h["event"] == "eval"]
     return TrainResult(
         history=state["history"],
         steps=state["step"],
@@ -303,5 +301,4 @@ def _train(
         samples_per_second=totals["samples"] / max(totals["seconds"], 1e-9),
         mfu=totals["flops"] / max(totals["seconds"], 1e-9) / peak,
         seconds=time.perf_counter() - started,
-        extra={"evaluations": len(evaluations), "total_steps": total_steps},
     )
