@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
+from datasets import Dataset
 
 import forgeml
+from forgeml.models.hf import TextModel
+from forgeml.tasks.targets import ClassLabels
+from forgeml.tasks.text import TextTask
+from forgeml.trust.audit import identity_swaps
 
 from conftest import sentiment_rows, write_csv
 from test_cli import forgeml_cli
@@ -35,6 +41,13 @@ def audited(tiny_backbone: Path, tmp_path_factory: pytest.TempPathFactory) -> fo
         "audit": {"fairness": {"mitigate": "demographic_parity", "bootstrap": 50}, "explain": 4},
     }
     return forgeml.run(config, workspace=root)
+
+
+@pytest.fixture
+def audited_copy(audited: forgeml.RunResult, tmp_path: Path) -> Path:
+    """A private copy of the audited run for tests that rewrite trust/: the shared run stays as trained,
+    so the read-only tests above and below do not depend on the order the tests run in."""
+    return Path(shutil.copytree(audited.run_dir, tmp_path / "runs" / "audited" / audited.run_dir.name))
 
 
 def test_every_audit_writes_its_results(audited: forgeml.RunResult) -> None:
@@ -78,6 +91,9 @@ def test_card_has_a_section_per_audit(audited: forgeml.RunResult) -> None:
     assert "trust/explanations.html" in card
     assert "- **group:** a, b" in card  # Factors: the groups the evaluation was broken down by
     assert "Audits run: Fairness, Identity-term swaps" in card  # Ethical considerations
+    assert "No fairness, privacy" not in card and "Not run:" not in card and "audits not run" not in card
+    summary = json.loads((audited.run_dir / "trust" / "summary.json").read_text())
+    assert summary["skipped"] == [] and "skipped" not in audited.metrics["audit"]  # labelled: everything ran
 
 
 def test_thresholds_apply_when_the_group_column_is_given(audited: forgeml.RunResult) -> None:
@@ -97,20 +113,80 @@ def test_thresholds_apply_when_the_group_column_is_given(audited: forgeml.RunRes
         assert [a["label"] for a in with_group] == expected
 
 
-def test_audit_command_reruns_and_keeps_the_run_loadable(audited: forgeml.RunResult) -> None:
-    result = forgeml_cli("audit", str(audited.run_dir))
+def test_audit_command_reruns_and_keeps_the_run_loadable(audited_copy: Path) -> None:
+    result = forgeml_cli("audit", str(audited_copy))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "membership_auc" in result.stdout
-    forgeml.load(audited.run_dir)  # manifest updated for the rewritten trust/ files and thresholds
+    forgeml.load(audited_copy)  # manifest updated for the rewritten trust/ files and thresholds
 
 
-def test_audit_on_an_external_file_with_its_own_sensitive_column(audited: forgeml.RunResult, tmp_path: Path) -> None:
+def test_audit_on_an_external_file_with_its_own_sensitive_column(audited_copy: Path, tmp_path: Path) -> None:
     rows = [{**row, "segment": "new" if i % 3 else "old"} for i, row in enumerate(sentiment_rows(90, seed=8))]
     people = write_csv(tmp_path / "people.csv", rows)
-    result = forgeml_cli("audit", str(audited.run_dir), "--data", str(people), "--sensitive", "segment")
+    thresholds = (audited_copy / "model" / "fairness_thresholds.json").read_text()
+    result = forgeml_cli("audit", str(audited_copy), "--data", str(people), "--sensitive", "segment")
     assert result.returncode == 0, result.stderr[-2000:]
-    report = json.loads((audited.run_dir / "trust" / "fairness.json").read_text())["report"]
+    fairness = json.loads((audited_copy / "trust" / "fairness.json").read_text())
+    report = fairness["report"]
     assert report["rows"] == 90 and set(report["columns"]["segment"]["groups"]) == {"new", "old"}
+    assert report["labelled"] is True and fairness["data"] == "people.csv"
+    assert (audited_copy / "model" / "fairness_thresholds.json").read_text() == thresholds  # not refitted
+    summary = json.loads((audited_copy / "trust" / "summary.json").read_text())
+    assert [entry["audit"] for entry in summary["skipped"]] == ["Fairness mitigation"]
+
+
+def test_audit_on_an_unlabelled_file_reports_selection_rates(audited_copy: Path, tmp_path: Path) -> None:
+    rows = [
+        {"text": ("he said " if i % 4 == 0 else "") + row["text"], "segment": "new" if i % 3 else "old"}
+        for i, row in enumerate(sentiment_rows(90, seed=8))
+    ]
+    people = write_csv(tmp_path / "people.csv", rows)
+    result = forgeml_cli("audit", str(audited_copy), "--data", str(people), "--sensitive", "segment")
+    assert result.returncode == 0, result.stderr[-2000:]
+    trust = audited_copy / "trust"
+    report = json.loads((trust / "fairness.json").read_text())["report"]
+    assert report["rows"] == 90 and report["labelled"] is False
+    groups = report["columns"]["segment"]["groups"]
+    assert set(groups) == {"new", "old"}
+    for values in groups.values():
+        assert set(values) == {"count", "selection_rate", "mean_probability"}  # no accuracy, TPR or FPR
+        assert 0.0 <= values["selection_rate"] <= 1.0 and 0.0 <= values["mean_probability"] <= 1.0
+    disparities = report["columns"]["segment"]["disparities"]
+    assert set(disparities) == {"demographic_parity_difference", "demographic_parity_ratio"}
+    gap = disparities["demographic_parity_difference"]
+    assert gap["value"] == pytest.approx(abs(groups["new"]["selection_rate"] - groups["old"]["selection_rate"]))
+    assert gap["ci95"] is not None and "equalized_odds_difference" in report["needs_labels"]
+    robustness = json.loads((trust / "robustness.json").read_text())
+    assert robustness["attack"] is None and robustness["text"]["clean"]["accuracy"] is None
+    assert all(0.0 <= r["flip_rate"] <= 1.0 for r in robustness["text"]["results"])
+    counterfactual = json.loads((trust / "counterfactual.json").read_text())
+    assert counterfactual["texts"] == 90 and counterfactual["dimensions"]["gender"]["variants"] > 0  # the file's
+    summary = json.loads((trust / "summary.json").read_text())
+    skipped = {entry["audit"] for entry in summary["skipped"]}
+    assert {"Fairness: accuracy, TPR, FPR, equalized odds", "Robustness: word-substitution attack"} <= skipped
+    assert "Robustness: accuracy under noise" in skipped and "Fairness mitigation" in skipped
+    titles = {section["title"] for section in summary["sections"]}
+    assert {"Fairness", "Privacy: membership inference", "Explanations", "Robustness"} <= titles  # own splits
+    card = (audited_copy / "card.md").read_text()
+    assert "Labels were absent: people.csv has no label column 'label'" in card
+    assert "## Trust: audits not run" in card and "Robustness: word-substitution attack" in card
+    assert "Not run: Fairness mitigation; Fairness: accuracy, TPR, FPR, equalized odds;" in card
+    assert "No fairness, privacy" not in card
+    assert "membership_auc" in result.stdout and "skipped" in result.stdout
+
+
+def test_audit_file_errors_name_the_file_and_the_column(audited: forgeml.RunResult, tmp_path: Path) -> None:
+    rows = [{"review": row["text"], "segment": "a"} for row in sentiment_rows(10, seed=8)]
+    people = write_csv(tmp_path / "people.csv", rows)
+    trust = {path.name: path.stat().st_mtime_ns for path in (audited.run_dir / "trust").iterdir()}
+    result = forgeml_cli("audit", str(audited.run_dir), "--data", str(people), "--sensitive", "segment")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "people.csv" in result.stderr and "input column 'text'" in result.stderr
+    assert "Traceback" not in result.stderr
+    texts = write_csv(tmp_path / "texts.csv", [{"text": row["review"]} for row in rows])
+    result = forgeml_cli("audit", str(audited.run_dir), "--data", str(texts), "--sensitive", "segment")
+    assert result.returncode == 2 and "texts.csv" in result.stderr and "sensitive column 'segment'" in result.stderr
+    assert {path.name: path.stat().st_mtime_ns for path in (audited.run_dir / "trust").iterdir()} == trust
 
 
 def test_explain_command_prints_words_and_writes_html(audited: forgeml.RunResult, tmp_path: Path) -> None:
@@ -145,3 +221,68 @@ def test_audit_config_errors_name_the_key(tmp_path: Path) -> None:
     config["data"]["sensitive"] = ["colour"]
     with pytest.raises(forgeml.ConfigError, match=r"audit\.fairness\.positive_label"):
         forgeml.run(config, workspace=tmp_path)
+
+
+# --- identity swaps for pairs ---------------------------------------------------------------------
+
+PRONOUN_PAIRS = [
+    ("he said the film was great", "he liked it"),
+    ("she thought the plot was dull", "she was bored"),
+    ("the cast was good", "he was happy"),  # only the hypothesis mentions a term
+    ("the movie was long", "it was very long"),
+]
+
+
+def test_identity_swaps_on_an_untrained_three_class_pair_model(tiny_backbone: Path) -> None:
+    options = {"backbone": str(tiny_backbone), "max_length": 32, "dropout": 0.1, "pooling": "mean"}
+    target = ClassLabels("label", ["contradiction", "entailment", "neutral"])
+    task = TextTask("text-pair-classification", ["premise", "hypothesis"], target, options)
+    model = TextModel.from_pretrained(str(tiny_backbone), target.num_outputs).eval()
+    pairs = Dataset.from_dict({"premise": [p for p, _ in PRONOUN_PAIRS], "hypothesis": [h for _, h in PRONOUN_PAIRS]})
+    report = identity_swaps(task, model, pairs)
+    assert report["pairs"] is True and report["positive_label"] is None
+    assert report["texts_with_terms"] == 3  # a pair counts when either text mentions a term
+    gender = report["dimensions"]["gender"]
+    assert gender["texts"] == 3 and gender["variants"] > 0 and 0.0 <= gender["flip_rate"] <= 1.0
+    assert 0.0 <= gender["mean_abs_shift"] <= gender["max_abs_shift"] <= 1.0
+    assert set(report["dimensions"]) >= {"gender", "religion", "age"}  # one row per dimension, even if empty
+    assert gender["variants"] == 3  # he -> she, she -> he, and he -> she in the third pair's hypothesis
+    for shift in gender["largest_shifts"]:
+        (premise, hypothesis), (new_premise, new_hypothesis) = shift["text"], shift["variant"]
+        if premise.startswith("the cast"):
+            assert new_premise == premise and new_hypothesis == "she was happy"
+        else:  # the same substitute in both texts
+            assert new_premise.split()[0] == new_hypothesis.split()[0] != hypothesis.split()[0]
+    json.dumps(report, allow_nan=False)
+
+
+def test_pair_runs_get_the_identity_swap_audit(tiny_backbone: Path, tmp_path: Path) -> None:
+    rng = random.Random(3)
+    rows = []
+    for _ in range(120):
+        person = rng.choice(["he", "she", "the critic"])
+        good = rng.random() < 0.5
+        rows.append(
+            {
+                "premise": f"{person} said the film was {'great' if good else 'awful'}",
+                "hypothesis": f"{person} liked it" if rng.random() < 0.5 else f"{person} hated it",
+            }
+        )
+        rows[-1]["label"] = "yes" if good == ("liked" in rows[-1]["hypothesis"]) else "no"
+    config = {
+        "name": "pairs",
+        "task": "text-pair-classification",
+        "data": {"train": str(write_csv(tmp_path / "pairs.csv", rows)), "text": "premise", "text_pair": "hypothesis"},
+        "model": {"backbone": str(tiny_backbone), "max_length": 32},
+        "train": {"epochs": 1, "batch_size": 16, "lr": 3e-3, "warmup_ratio": 0.0, "early_stopping": None},
+        "audit": {"privacy": False, "robustness": False, "explain": 0},
+    }
+    result = forgeml.run(config, workspace=tmp_path)
+    report = json.loads((result.run_dir / "trust" / "counterfactual.json").read_text())
+    assert report["pairs"] is True and report["dimensions"]["gender"]["variants"] > 0
+    for shift in report["dimensions"]["gender"]["largest_shifts"]:
+        premise, hypothesis = shift["variant"]
+        assert premise.split()[0] == hypothesis.split()[0]  # "he ... / he ..." became "she ... / she ..."
+    assert result.metrics["audit"]["counterfactual_flip_rate"]["gender"] is not None
+    card = (result.run_dir / "card.md").read_text()
+    assert "## Trust: Identity-term swaps" in card and "both texts of a pair get the same substitution" in card

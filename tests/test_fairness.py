@@ -20,6 +20,7 @@ from forgeml.trust.fairness import (
     group_report,
     plot_counterfactual,
     plot_group_metrics,
+    swap_term,
 )
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -114,6 +115,26 @@ def test_group_report_rejects_mismatched_lengths_and_unknown_positive_label():
         group_report(["a", "b"], ["a", "b"], {"g": ["x"]}, "a")
     with pytest.raises(DataError, match="positive label 'zzz'"):
         group_report(["a", "b"], ["a", "b"], {"g": ["x", "y"]}, "zzz")
+
+
+def test_group_report_without_labels_has_selection_rates_and_demographic_parity_only():
+    y_true, y_pred, groups = crafted()
+    scores = [0.9 if label == "approved" else 0.2 for label in y_pred]
+    report = group_report(None, y_pred, {"group": groups}, "approved", bootstrap=50, scores=scores)
+    labelled = group_report(y_true, y_pred, {"group": groups}, "approved", bootstrap=50, scores=scores)
+    column = report["columns"]["group"]
+    assert report["labelled"] is False and labelled["labelled"] is True
+    assert set(report["needs_labels"]) == {"accuracy", "tpr", "fpr", "equalized_odds_difference"}
+    assert column["groups"]["A"] == pytest.approx({"count": 10, "selection_rate": 0.8, "mean_probability": 0.76})
+    assert column["groups"]["B"] == pytest.approx({"count": 10, "selection_rate": 0.2, "mean_probability": 0.34})
+    assert set(column["disparities"]) == {"demographic_parity_difference", "demographic_parity_ratio"}
+    assert report["overall"] == pytest.approx({"count": 20, "selection_rate": 0.5, "mean_probability": 0.55})
+    # What needs no labels is the same number, interval included, with or without them.
+    for name in ("demographic_parity_difference", "demographic_parity_ratio"):
+        assert column["disparities"][name] == labelled["columns"]["group"]["disparities"][name]
+    assert column["disparities"]["demographic_parity_difference"]["value"] == pytest.approx(0.6)
+    assert labelled["columns"]["group"]["groups"]["A"]["accuracy"] == 0.7  # the labelled path is unchanged
+    assert_json_clean(report)
 
 
 # --- threshold mitigation -------------------------------------------------------------------------
@@ -264,6 +285,41 @@ def test_counterfactual_variants_keep_case_and_whole_words():
     assert report["dimensions"]["gender"]["texts"] == 1 and report["dimensions"]["gender"]["variants"] == 1
 
 
+def test_swap_term_gives_both_texts_of_a_pair_the_same_substitution():
+    assert swap_term("He said he would.", "he", "she") == "She said she would."
+    assert swap_term(("He went home.", "he is tired"), "he", "she") == ("She went home.", "she is tired")
+    assert swap_term(("The doctor left.", "HE stayed"), "he", "she") == ("The doctor left.", "SHE stayed")
+
+
+def test_counterfactual_pairs_count_either_text_and_shift_the_predicted_class():
+    seen: list[tuple[str, str]] = []
+
+    def wary_of_women(pairs: list[tuple[str, str]]) -> tuple[list[str], np.ndarray]:
+        """Three classes; 'contradiction' as soon as either text says "she"."""
+        seen.extend(pairs)
+        her = np.array([any("she" in text.lower().split() for text in pair) for pair in pairs])
+        probabilities = np.where(her[:, None], [0.1, 0.2, 0.7], [0.6, 0.3, 0.1])
+        return ["contradiction" if h else "entailment" for h in her], probabilities
+
+    pairs = [("He is a doctor.", "he is tired"), ("The doctor arrived.", "He left."), ("A film.", "It was long.")]
+    terms = {"gender": [["he", "she"]], "religion": [["christian", "muslim"]]}
+    report = counterfactual_flips(pairs, wary_of_women, terms=terms)
+    assert ("She is a doctor.", "she is tired") in seen and ("The doctor arrived.", "She left.") in seen
+    assert not any(pair in seen for pair in [("She is a doctor.", "he is tired"), ("He is a doctor.", "she is tired")])
+    assert ("A film.", "It was long.") not in seen  # no identity term in either text: never scored
+    gender = report["dimensions"]["gender"]
+    assert report["pairs"] is True and gender["texts"] == 2 and gender["variants"] == 2
+    assert gender["flip_rate"] == 1.0
+    # Shift in the probability of the class first predicted ('entailment': 0.6 -> 0.1), not of one class.
+    assert gender["mean_abs_shift"] == pytest.approx(0.5) and "predicted class" in report["shift_in"]
+    assert gender["largest_shifts"][0]["text"] in (
+        ["He is a doctor.", "he is tired"],
+        ["The doctor arrived.", "He left."],
+    )
+    assert report["dimensions"]["religion"]["flip_rate"] is None
+    assert_json_clean(report)
+
+
 def test_shipped_identity_terms_cover_the_dimensions():
     terms = fairness.load_identity_terms()
     assert set(terms) >= {
@@ -300,4 +356,6 @@ def test_plots_are_written_as_png(tmp_path: Path):
         assert_png(path)
     flips = counterfactual_flips(TEXTS, suspicious_of_muslims, "positive")
     assert_png(plot_counterfactual(flips, tmp_path / "plots" / "counterfactual.png"))
+    unlabelled = group_report(None, y_pred, {"group": groups}, "approved", bootstrap=0, scores=[0.5] * len(y_pred))
+    assert_png(plot_group_metrics(unlabelled, tmp_path / "unlabelled")[0])
     assert not list((tmp_path / "plots").glob(".*.tmp"))  # atomic writes leave no temp files

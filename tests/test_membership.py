@@ -1,6 +1,6 @@
 """Membership inference on models really trained by forgeml.run: an MLP that memorises noisy labels
-is caught by the loss-threshold attack, a regularised one is not, and the report, plot and verdict
-are fit for the model card."""
+is caught by the loss-threshold attack, the same recipe under DP-SGD and a regularised one are not,
+and the report, plot and verdict are fit for the model card."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def noisy_rows(count: int, seed: int = 0, flipped: float = 0.3) -> list[dict]:
 
 
 def config(path: Path, name: str, model: dict, train: dict, task: str = "tabular-classification") -> dict:
-    """200 training rows (members) and 200 validation rows (non-members); no test split."""
+    """500 training rows (members) and 500 validation rows (non-members); no test split."""
     return {
         "name": name,
         "task": task,
@@ -79,7 +79,7 @@ def _restore_threads() -> Any:
 
 @pytest.fixture(scope="module")
 def noisy_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_csv(tmp_path_factory.mktemp("membership") / "noisy.csv", noisy_rows(400))
+    return write_csv(tmp_path_factory.mktemp("membership") / "noisy.csv", noisy_rows(1000))
 
 
 def trained(config_dict: dict, workspace: Path) -> tuple[Any, Any, Any, Any]:
@@ -95,12 +95,21 @@ def trained(config_dict: dict, workspace: Path) -> tuple[Any, Any, Any, Any]:
 
 @pytest.fixture(scope="module")
 def overfitted(noisy_csv: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple:
-    # A wide MLP, no dropout or weight decay, ~750 steps at a constant lr; evaluating only at the
+    # A wide MLP, no dropout or weight decay, ~1,900 steps at a constant lr; evaluating only at the
     # end keeps the final (memorised) weights instead of the best-on-validation ones.
     model = {"hidden_sizes": [256, 256], "dropout": 0.0}
     train = {"epochs": 60, "batch_size": 16, "lr": 3e-3, "weight_decay": 0.0, "scheduler": "constant"}
     train["eval_every"] = 100_000
     return trained(config(noisy_csv, "overfitted", model, train), tmp_path_factory.mktemp("overfitted"))
+
+
+@pytest.fixture(scope="module")
+def private(noisy_csv: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """The overfitted recipe, same model and rows, trained with DP-SGD at epsilon 3."""
+    model = {"hidden_sizes": [256, 256], "dropout": 0.0}
+    train = {"epochs": 60, "batch_size": 16, "lr": 3e-3, "weight_decay": 0.0, "scheduler": "constant"}
+    train.update(eval_every=100_000, privacy={"epsilon": 3.0, "delta": 1e-5})
+    return trained(config(noisy_csv, "private", model, train), tmp_path_factory.mktemp("private"))
 
 
 @pytest.fixture(scope="module")
@@ -113,19 +122,27 @@ def regularised(noisy_csv: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
 def test_attack_catches_a_model_that_memorises_noisy_labels(overfitted: tuple) -> None:
     report = membership_inference(*overfitted)
     low, high = report["auc_ci95"]
-    assert report["auc"] >= 0.65, report["auc"]  # measured 0.83 [0.78, 0.87]
+    assert report["auc"] >= 0.65, report["auc"]  # measured 0.78 [0.75, 0.82]
     assert low > 0.6 and low <= report["auc"] <= high
-    assert report["members"]["count"] == report["non_members"]["count"] == 200
+    assert report["members"]["count"] == report["non_members"]["count"] == 500
     assert report["members"]["mean_loss"] < 0.05 < report["non_members"]["mean_loss"]
     assert report["advantage"] >= 0.3
     assert 0.0 <= report["tpr_at_1pct_fpr"] <= report["tpr_at_10pct_fpr"] <= 1.0
     assert "memorises its training rows" in verdict(report)
 
 
+def test_dp_sgd_removes_what_the_overfitted_recipe_leaks(private: tuple) -> None:
+    report = membership_inference(*private)
+    low, high = report["auc_ci95"]
+    assert abs(report["auc"] - 0.5) <= 0.05, report["auc"]  # measured 0.52 [0.48, 0.55] at epsilon 3
+    assert low <= 0.5 <= high
+    assert report["advantage"] < 0.15
+
+
 def test_regularised_model_leaks_nothing_measurable(regularised: tuple) -> None:
     report = membership_inference(*regularised)
     low, high = report["auc_ci95"]
-    assert abs(report["auc"] - 0.5) <= 0.1, report["auc"]  # measured 0.54 [0.47, 0.60]
+    assert abs(report["auc"] - 0.5) <= 0.1, report["auc"]  # measured 0.51 [0.47, 0.55]
     assert low <= 0.52 and high >= 0.48
     assert report["advantage"] < 0.2
     assert "no measurable leakage" in verdict(report)

@@ -21,6 +21,7 @@ from forgeml.config import ForgeConfig, load_config
 from forgeml.data.clean import clean, normalize_text
 from forgeml.data.io import column, read_table, replace_column
 from forgeml.data.prepare import read_split, redact_pii
+from forgeml.encryption import MODEL_FILES, on_plaintext, plaintext_view, refuse_encrypted, wants_encryption
 from forgeml.errors import ForgeError
 from forgeml.evaluate.outputs import model_outputs
 from forgeml.pipeline import RunResult, dataset_from_rows, evaluate_split, execute, rerun_config
@@ -49,31 +50,43 @@ def run(
     overrides: list[str] | tuple[str, ...] = (),
     workspace: str | Path | None = None,
     quiet: bool = True,
+    encrypt: bool | None = None,
 ) -> RunResult:
-    """Train and evaluate from a config file (or dict); everything lands in `runs/<name>/<run-id>/`."""
+    """Train and evaluate from a config file (or dict); everything lands in `runs/<name>/<run-id>/`.
+
+    `encrypt` (default: $FORGEML_ENCRYPT) encrypts the finished run with the key in $FORGEML_KEY.
+    """
     resolved = config if isinstance(config, ForgeConfig) else load_config(config, overrides)
-    return execute(resolved, workspace_root(workspace), show_progress=not quiet)
+    encrypt = wants_encryption(encrypt)  # a missing key fails now, not after training
+    return execute(resolved, workspace_root(workspace), show_progress=not quiet, encrypt=encrypt)
 
 
-def resume(run_dir: str | Path, workspace: str | Path | None = None, quiet: bool = True) -> RunResult:
+def resume(
+    run_dir: str | Path, workspace: str | Path | None = None, quiet: bool = True, encrypt: bool | None = None
+) -> RunResult:
     """Continue an interrupted run from its last checkpoint, with the config it started with."""
+    refuse_encrypted(run_dir, "resume")
     run_path = RunDir.open(run_dir).path
     root = workspace_root(workspace) if workspace else run_path.parent.parent.parent
-    return execute(rerun_config(RunDir(run_path)), root, show_progress=not quiet, resume_dir=run_path)
+    encrypt = wants_encryption(encrypt)
+    return execute(rerun_config(RunDir(run_path)), root, show_progress=not quiet, resume_dir=run_path, encrypt=encrypt)
 
 
 class Predictor:
     """A trained model loaded from a run directory (every artefact checked against the manifest)."""
 
     def __init__(self, run_dir: str | Path):
-        self.run = RunDir.open(run_dir)
-        self.run.verify("model/")
-        self.task, self.model = load_task(self.run.model)
-        self.model.eval()
-        self.config = rerun_config(self.run)
-        # Per-group decision thresholds fitted by the fairness audit, applied when inputs carry the column.
-        thresholds = self.run.model / "fairness_thresholds.json"
-        self.thresholds: dict[str, Any] | None = read_json(thresholds) if thresholds.is_file() else None
+        # An encrypted run is decrypted into a private temporary folder, deleted once the model is in memory.
+        with plaintext_view(run_dir, only=MODEL_FILES) as plain:
+            self.run = RunDir.open(plain)
+            self.run.verify("model/")
+            self.task, self.model = load_task(self.run.model)
+            self.model.eval()
+            self.config = rerun_config(self.run)
+            # Per-group decision thresholds fitted by the fairness audit, applied when inputs carry the column.
+            thresholds = self.run.model / "fairness_thresholds.json"
+            self.thresholds: dict[str, Any] | None = read_json(thresholds) if thresholds.is_file() else None
+        self.run = RunDir(run_dir)
 
     @property
     def input_columns(self) -> list[str]:
@@ -111,7 +124,7 @@ class Predictor:
                 dataset = replace_column(dataset, name, [normalize_text(v) for v in column(dataset, name)])
         pii = self.config.data.pii
         if text_columns and pii.redact:  # the model never saw personal data; it should not see it now either
-            dataset, _ = redact_pii(dataset, text_columns, pii.types, pii.style)
+            dataset, _ = redact_pii(dataset, text_columns, pii)
         return dataset
 
     def _answers(self, dataset: Dataset, batch_size: int, show_progress: bool) -> dict[str, Any]:
@@ -138,6 +151,7 @@ def load(run_dir: str | Path) -> Predictor:
     return Predictor(run_dir)
 
 
+@on_plaintext(writes=True)
 def evaluate(run_dir: str | Path, data: str | Path, batch_size: int = 64) -> dict[str, Any]:
     """Re-evaluate a saved run on any labelled file with the training columns.
 
@@ -193,16 +207,25 @@ def predict(
     return output
 
 
-def audit(run_dir: str | Path, data: str | Path | None = None, sensitive: list[str] | None = None) -> dict[str, Any]:
+@on_plaintext(writes=True)
+def audit(
+    run_dir: str | Path,
+    data: str | Path | None = None,
+    sensitive: list[str] | None = None,
+    baseline: str | Path | None = None,
+) -> dict[str, Any]:
     """(Re)run the trust audits of a finished run; results go to trust/ and the model card.
 
-    With `data`, the audits run on that labelled file (the training columns plus any sensitive
-    ones) instead of the run's own test split, and fitted fairness thresholds are left as they
-    are; `sensitive` overrides `data.sensitive`. Uses the config's `audit:`
-    section, or every audit's defaults when the run had none.
+    With `data`, fairness, identity swaps and robustness run on that file (the input columns plus the
+    sensitive ones; the label column is optional) instead of the run's own test split. Without labels
+    they report what needs none (selection rates, flip rates) and list what was skipped. Membership
+    inference and explanations keep the run's own splits, and fitted fairness thresholds are left as
+    they are. `sensitive` overrides `data.sensitive`; `baseline` (another run of the same task, e.g.
+    without adversarial training) gets the same robustness probes for a before/after table. Uses the
+    config's `audit:` section, or every audit's defaults when the run had none.
     """
     from forgeml.config import AuditConfig
-    from forgeml.data.prepare import prepare
+    from forgeml.data.prepare import prepare, read_audited_file
     from forgeml.trust.audit import run_audits
 
     predictor = Predictor(run_dir)
@@ -211,13 +234,30 @@ def audit(run_dir: str | Path, data: str | Path | None = None, sensitive: list[s
         config.audit = AuditConfig()
     if sensitive is not None:
         config.data.sensitive = list(sensitive)
+    if baseline is not None:
+        config.audit.robustness.baseline = str(Path(baseline).resolve())
+    external = None
     if data is not None:
-        config.data.test = Path(data).resolve()
-        config.audit.fairness.mitigate = None  # auditing another file must not refit the run's thresholds
-    splits = prepare(config).splits
+        classes = getattr(predictor.task.target, "classes", None)
+        external = read_audited_file(Path(data), config, predictor.input_columns, classes)  # its errors come first
+        # The run's own splits, as it was trained on them, for membership inference and explanations; the
+        # sensitive columns need only be in the audited file.
+        own = config.model_copy(deep=True)
+        own.data.sensitive = []
+        splits = prepare(own).splits
+    else:
+        splits = prepare(config).splits
     encoded = {name: predictor.task.encode(split, name) for name, split in splits.items() if split is not None}
     headline = run_audits(
-        config, predictor.task, predictor.model, splits, encoded, predictor.run.trust, predictor.run.model
+        config,
+        predictor.task,
+        predictor.model,
+        splits,
+        encoded,
+        predictor.run.trust,
+        predictor.run.model,
+        external=external,
+        external_name=Path(data).name if data is not None else "the external file",
     )
     written = [*predictor.run.trust.rglob("*"), *predictor.run.model.glob("fairness_thresholds.json")]
     predictor.run.record([path for path in written if path.is_file()])
@@ -239,6 +279,7 @@ def explain(run_dir: str | Path, inputs: list[Any], steps: int = 20) -> list[Any
     return explain_texts(predictor.task, predictor.model, items, steps=steps)
 
 
+@on_plaintext(writes=True)
 def report(run_dir: str | Path) -> tuple[Path, Path]:
     """(Re)write card.md and card.html for a run."""
     run = RunDir.open(run_dir)

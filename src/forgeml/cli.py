@@ -78,6 +78,9 @@ def run(
     config: Annotated[Path | None, typer.Argument(help="config YAML")] = None,
     overrides: Annotated[list[str] | None, typer.Argument(help="key.path=value overrides, e.g. train.lr=3e-5")] = None,
     resume: Annotated[Path | None, typer.Option("--resume", help="continue this interrupted run directory")] = None,
+    encrypt: Annotated[
+        bool, typer.Option("--encrypt", help="encrypt the finished run with $FORGEML_KEY (default: $FORGEML_ENCRYPT)")
+    ] = False,
     workspace: Workspace = None,
     quiet: Quiet = False,
 ) -> None:
@@ -95,10 +98,11 @@ def run(
     from forgeml import api
 
     show = progress_enabled(quiet)
+    encrypted = True if encrypt else None  # None: $FORGEML_ENCRYPT decides
     if resolved is None:
-        result = api.resume(resume, workspace, quiet=not show)
+        result = api.resume(resume, workspace, quiet=not show, encrypt=encrypted)
     else:
-        result = api.run(resolved, workspace=workspace, quiet=not show)
+        result = api.run(resolved, workspace=workspace, quiet=not show, encrypt=encrypted)
     _print_metrics(result.metrics)
     console.print(f"run directory: {result.run_dir}")
 
@@ -135,15 +139,25 @@ def predict(
 @app.command()
 def audit(
     run_dir: Annotated[Path, typer.Argument(help="a run directory")],
-    data: Annotated[Path | None, typer.Option("--data", "-d", help="audit on this labelled file instead")] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", "-d", help="audit on this file instead (the label column is optional)"),
+    ] = None,
     sensitive: Annotated[
         list[str] | None, typer.Option("--sensitive", "-s", help="sensitive column (repeat for several)")
     ] = None,
+    baseline: Annotated[
+        Path | None,
+        typer.Option("--baseline", "-b", help="another run of the same task: robustness before/after"),
+    ] = None,
 ) -> None:
-    """(Re)run the trust audits: fairness, membership inference, explanations. Results in trust/ and the card."""
+    """(Re)run the trust audits: fairness, identity swaps, membership inference, robustness, explanations.
+
+    Results in trust/ and the card; audits skipped for want of labels are listed there.
+    """
     from forgeml import api
 
-    headline = api.audit(run_dir, data, sensitive)
+    headline = api.audit(run_dir, data, sensitive, baseline=baseline)
     console.print_json(json.dumps(headline, default=str))
     console.print(f"audit written to {Path(run_dir) / 'trust'} and the model card")
 
@@ -176,6 +190,37 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> 
 
     for path in api.report(run_dir):
         console.print(f"wrote {path}")
+
+
+@app.command()
+def encrypt(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
+    """Encrypt every file of a run with the key in $FORGEML_KEY (AES-256-GCM); no plaintext file is left."""
+    from forgeml.encryption import encrypt_run
+
+    done = encrypt_run(run_dir)
+    console.print(f"encrypted {len(done)} files in {run_dir}" if done else f"{run_dir} is already encrypted")
+
+
+@app.command()
+def decrypt(run_dir: Annotated[Path, typer.Argument(help="an encrypted run directory")]) -> None:
+    """Decrypt a run encrypted by `forgeml encrypt` (needs the same $FORGEML_KEY)."""
+    from forgeml.encryption import decrypt_run
+
+    done = decrypt_run(run_dir)
+    console.print(f"decrypted {len(done)} files in {run_dir}" if done else f"{run_dir} is not encrypted")
+
+
+@app.command()
+def keygen() -> None:
+    """Print a new random key for FORGEML_KEY (shown once: keep it in a secret store)."""
+    from forgeml.encryption import generate_key
+
+    sys.stdout.write(generate_key() + "\n")
+    errors.print(
+        "keep this key in a secret store (a password manager, vault or CI secret) and pass it as FORGEML_KEY; "
+        "runs encrypted with it cannot be read without it",
+        highlight=False,
+    )
 
 
 @runs_app.callback()

@@ -79,16 +79,25 @@ class PiiConfig(Section):
     redact: bool = Field(False, description="replace emails, phones, cards, IBANs, IPs, URLs, SSNs, NI numbers")
     types: list[str] | None = Field(None, description="entity types to redact; default: all")
     style: Literal["tag", "mask"] = Field("tag", description="tag: '[EMAIL]'; mask: '*' of the same length")
+    ner_model: str | None = Field(
+        None, description="local token-classification checkpoint that finds PERSON names (none is bundled)"
+    )
 
     @field_validator("types")
     @classmethod
     def _known_types(cls, value: list[str] | None) -> list[str] | None:
         from forgeml.data.pii import ENTITY_TYPES
 
-        unknown = [t for t in value or [] if t.upper() not in ENTITY_TYPES]
+        unknown = [t for t in value or [] if t.upper() not in (*ENTITY_TYPES, "PERSON")]
         if unknown:
-            raise ValueError(f"unknown PII type(s) {', '.join(unknown)}; allowed: {', '.join(ENTITY_TYPES)}")
+            raise ValueError(f"unknown PII type(s) {', '.join(unknown)}; allowed: {', '.join(ENTITY_TYPES)}, PERSON")
         return value
+
+    @model_validator(mode="after")
+    def _names_need_a_model(self) -> PiiConfig:
+        if self.types and "PERSON" in [t.upper() for t in self.types] and not self.ner_model:
+            raise ValueError("types: PERSON needs a NER model; set data.pii.ner_model to a token-classification model")
+        return self
 
 
 class DataConfig(Section):
@@ -149,6 +158,34 @@ class EarlyStoppingConfig(Section):
     metric: str | None = Field(None, description="validation metric to watch; default: the task's primary metric")
 
 
+class DifferentialPrivacyConfig(Section):
+    """DP-SGD (Abadi et al. 2016, with Opacus): clip each example's gradient, add Gaussian noise.
+
+    The noise is set so that the whole planned training spends at most `epsilon`; the epsilon
+    actually spent (less when early stopping ends training sooner) is reported in the card.
+    """
+
+    epsilon: float = Field(..., gt=0.0, le=100.0, description="privacy budget of the whole training")
+    delta: float = Field(1.0e-5, gt=0.0, lt=1.0, description="failure probability; keep it below 1 / training rows")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="per-example gradient clipping bound")
+    accountant: Literal["prv", "rdp"] = Field("prv", description="privacy accountant (Opacus): prv is tighter")
+    freeze_embeddings: bool = Field(
+        True, description="freeze embedding tables (their per-example gradients cost memory and noise)"
+    )
+
+
+class AdversarialConfig(Section):
+    """Adversarial training: each step also trains on inputs pushed against the model (text models)."""
+
+    method: Literal["fgm"] = Field("fgm", description="fast gradient method on the word embeddings (Miyato et al.)")
+    epsilon: float = Field(
+        0.2,
+        gt=0.0,
+        le=100.0,
+        description="L2 norm of each input's word-embedding perturbation (MiniLM's token vectors have norm ~1.1)",
+    )
+
+
 class TrainConfig(Section):
     """Optimisation. One readable loop (train/loop.py) uses every field here."""
 
@@ -172,6 +209,8 @@ class TrainConfig(Section):
     keep_checkpoints: int = Field(2, ge=1)
     seed: int = 42
     threads: int | None = Field(None, ge=1, description="CPU threads; default: torch's choice")
+    privacy: DifferentialPrivacyConfig | None = Field(None, description="differentially private training (DP-SGD)")
+    adversarial: AdversarialConfig | None = Field(None, description="adversarial training on word embeddings")
 
 
 class EvaluateConfig(Section):
@@ -212,6 +251,11 @@ class RobustnessAuditConfig(Section):
     sigmas: list[float] = Field([0.1, 0.3, 0.5], description="tabular: Gaussian noise in training standard deviations")
     max_examples: int = Field(500, ge=10, description="rows scored under each perturbation")
     attack_examples: int = Field(50, ge=0, description="text: rows given the word-substitution attack (0 skips it)")
+    baseline: str | None = Field(
+        None,
+        description="a run directory whose model gets the same probes, for a before/after table "
+        "(e.g. the same recipe without train.adversarial)",
+    )
 
     @field_validator("rates", "sigmas")
     @classmethod
@@ -270,9 +314,24 @@ class ForgeConfig(Section):
                 f"audit.fairness.mitigate_on: {fairness.mitigate_on!r} is not one of data.sensitive "
                 f"({', '.join(self.data.sensitive) or 'empty'})"
             )
+        self._check_training_modes()
         if self.task == "text-pair-classification" and not self.data.text_pair:
             raise ValueError("data.text_pair: task 'text-pair-classification' needs a second text column")
         return self
+
+    def _check_training_modes(self) -> None:
+        """DP-SGD and adversarial training each change how a step is taken; some settings cannot go with them."""
+        train = self.train
+        if train.adversarial and self.task.startswith("tabular"):
+            raise ValueError("train.adversarial: perturbs word embeddings, so it needs a text task, not " + self.task)
+        if not train.privacy:
+            return
+        if train.adversarial:
+            raise ValueError("train.adversarial: cannot be combined with train.privacy (DP-SGD)")
+        if train.grad_accum_steps != 1:
+            raise ValueError("train.grad_accum_steps: must be 1 with train.privacy (DP-SGD samples its own batches)")
+        if train.l1:
+            raise ValueError("train.l1: must be 0 with train.privacy (the penalty is not clipped per example)")
 
     @property
     def is_classification(self) -> bool:
@@ -388,3 +447,6 @@ def _resolve_paths(config: ForgeConfig, base_dir: Path) -> None:
         path = getattr(config.data, split)
         if path is not None and not path.is_absolute():
             setattr(config.data, split, (base_dir / path).resolve())
+    robustness = config.audit.robustness if config.audit else None
+    if robustness and robustness.baseline and not Path(robustness.baseline).is_absolute():
+        robustness.baseline = str((base_dir / robustness.baseline).resolve())

@@ -61,8 +61,13 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def execute(config: ForgeConfig, workspace: Path, show_progress: bool, resume_dir: Path | None = None) -> RunResult:
-    """Run (or resume) the whole pipeline, recording status in the store whatever happens."""
+def execute(
+    config: ForgeConfig, workspace: Path, show_progress: bool, resume_dir: Path | None = None, encrypt: bool = False
+) -> RunResult:
+    """Run (or resume) the whole pipeline, recording status in the store whatever happens.
+
+    With `encrypt`, the finished run is encrypted in place ($FORGEML_KEY); its plaintext exists only while it runs.
+    """
     workspace.mkdir(parents=True, exist_ok=True)
     store = Store(database_url(workspace))
     config_text = dump_config(config)
@@ -144,6 +149,10 @@ def execute(config: ForgeConfig, workspace: Path, show_progress: bool, resume_di
             split_hashes=data.hashes,
             durations=durations,
         )
+        if encrypt:
+            from forgeml.encryption import encrypt_run
+
+            encrypt_run(run.path)
         return RunResult(run.path, run.id, metrics)
     except BaseException as error:
         store.update_run(run.id, status="failed", error=f"{type(error).__name__}: {error}", durations=durations)
@@ -184,6 +193,7 @@ def _training_summary(result: TrainResult) -> dict[str, Any]:
         "samples_per_second": result.samples_per_second,
         "mfu": result.mfu,
         "seconds": result.seconds,
+        **({"privacy": result.privacy} if result.privacy else {}),
     }
 
 

@@ -25,12 +25,13 @@ def normalize_text(text: str | None) -> str:
 
 
 def clean(
-    dataset: Dataset, text_columns: list[str], input_columns: list[str], label: str, options: CleanConfig
+    dataset: Dataset, text_columns: list[str], input_columns: list[str], label: str | None, options: CleanConfig
 ) -> tuple[Dataset, dict[str, int]]:
     """Return the cleaned dataset and counts of what each step changed.
 
     `text_columns` are normalised and checked for emptiness/length; `input_columns` (text or tabular
-    features) decide what a duplicate is.
+    features) decide what a duplicate is. `label=None` (a file without labels, e.g. one to audit) skips the
+    conflicting-label check.
     """
     report = {"rows_in": len(dataset)}
     if options.normalize and text_columns:
@@ -42,7 +43,8 @@ def clean(
             dataset = replace_column(dataset, name, cleaned)
         report["normalized"] = changed
 
-    columns = {name: column(dataset, name) for name in {*input_columns, label}}
+    label_columns = [] if label is None else [label]
+    columns = {name: column(dataset, name) for name in {*input_columns, *label_columns}}
     keep = [True] * len(dataset)
 
     if options.drop_empty and text_columns:
@@ -66,27 +68,28 @@ def clean(
         for row in range(len(dataset)):
             if not keep[row]:
                 continue
-            key = tuple(str(columns[c][row]) for c in (*input_columns, label))
+            key = tuple(str(columns[c][row]) for c in (*input_columns, *label_columns))
             if key in seen:
                 keep[row], duplicates = False, duplicates + 1
             seen.add(key)
         report["dropped_duplicates"] = duplicates
 
-    labels_by_input: dict[tuple, set] = defaultdict(set)
-    for row in range(len(dataset)):
-        if keep[row]:
-            labels_by_input[tuple(str(columns[c][row]) for c in input_columns)].add(str(columns[label][row]))
-    conflicting = {key for key, labels in labels_by_input.items() if len(labels) > 1}
-    conflicting_rows = 0
-    for row in range(len(dataset)):
-        if keep[row] and tuple(str(columns[c][row]) for c in input_columns) in conflicting:
-            conflicting_rows += 1
-            if options.conflicting_labels == "drop":
-                keep[row] = False
-    report["conflicting_label_inputs"] = len(conflicting)
-    report["conflicting_label_rows"] = conflicting_rows
-    if options.conflicting_labels == "drop":
-        report["dropped_conflicting"] = conflicting_rows
+    if label is not None:
+        labels_by_input: dict[tuple, set] = defaultdict(set)
+        for row in range(len(dataset)):
+            if keep[row]:
+                labels_by_input[tuple(str(columns[c][row]) for c in input_columns)].add(str(columns[label][row]))
+        conflicting = {key for key, labels in labels_by_input.items() if len(labels) > 1}
+        conflicting_rows = 0
+        for row in range(len(dataset)):
+            if keep[row] and tuple(str(columns[c][row]) for c in input_columns) in conflicting:
+                conflicting_rows += 1
+                if options.conflicting_labels == "drop":
+                    keep[row] = False
+        report["conflicting_label_inputs"] = len(conflicting)
+        report["conflicting_label_rows"] = conflicting_rows
+        if options.conflicting_labels == "drop":
+            report["dropped_conflicting"] = conflicting_rows
 
     dataset = dataset.select([row for row, kept in enumerate(keep) if kept])
     if options.max_chars and options.overlong == "truncate" and overlong:

@@ -14,9 +14,11 @@ Brazilian numbers. Other national groupings and unbroken digit runs count only r
 word such as "tel", "call" or "Handy" (as Presidio's context words do), so order numbers, dates,
 prices and versions are left alone. Known misses and false alarms are listed by the benchmark.
 
-PERSON (names) needs a NER model and none is available offline, so it is not an entity type here;
-asking for it raises a ValueError that says so. `benchmarks/pii_accuracy.py` measures precision,
-recall and throughput on a hand-labelled set.
+PERSON (names) needs a NER model; none is bundled (none is installable from PyPI), so it is not one
+of the pattern types here. With a local Hugging Face token-classification checkpoint
+(`data.pii.ner_model`, e.g. a CoNLL-03 BERT), `find_names` runs it and `redact_texts` takes its spans
+as PERSON entities. `benchmarks/pii_accuracy.py` measures precision, recall and throughput of the
+pattern types on a hand-labelled set.
 
 Overlaps are resolved once per call, among the requested types: a checksum/structure-validated
 entity beats a PHONE (the loosest recognizer, so digits inside an IBAN or card stay part of it), then
@@ -27,6 +29,7 @@ the longer span wins (an e-mail or IP inside a URL stays part of the URL), then 
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections import Counter
@@ -437,7 +440,7 @@ def _resolve_types(types: Iterable[str] | None) -> tuple[str, ...]:
     for name in types:
         upper = str(name).upper()
         if upper not in _RECOGNIZERS:
-            hint = " (names need a NER model, which is not available offline)" if upper == "PERSON" else ""
+            hint = " (names need a NER model: set data.pii.ner_model)" if upper == "PERSON" else ""
             raise ValueError(f"unknown PII type {name!r}{hint}; allowed types: {', '.join(ENTITY_TYPES)}")
         wanted.add(upper)
     if not wanted:
@@ -445,9 +448,10 @@ def _resolve_types(types: Iterable[str] | None) -> tuple[str, ...]:
     return tuple(name for name in ENTITY_TYPES if name in wanted)
 
 
-def _detect(text: str, types: tuple[str, ...]) -> list[Entity]:
+def _detect(text: str, types: tuple[str, ...], names: Iterable[tuple[int, int]] = ()) -> list[Entity]:
     has_digit = _DIGIT.search(text) is not None
-    candidates = []
+    # Names found by a NER model rank after every pattern type: a validated number inside a "name" wins.
+    candidates = [(False, start - end, len(_ORDER), start, end, "PERSON") for start, end in names]
     for name in types:
         if not has_digit and name in _NEEDS_DIGIT:
             continue
@@ -480,8 +484,10 @@ def _check_style(style: str) -> None:
         raise ValueError(f"unknown redaction style {style!r}; allowed styles: {', '.join(REDACTION_STYLES)}")
 
 
-def _redact(text: str, types: tuple[str, ...], style: str, counts: Counter) -> str:
-    entities = _detect(text, types)
+def _redact(
+    text: str, types: tuple[str, ...], style: str, counts: Counter, names: Iterable[tuple[int, int]] = ()
+) -> str:
+    entities = _detect(text, types, names)
     if not entities:
         return text
     pieces = []
@@ -507,11 +513,59 @@ def redact(text: str, types: Iterable[str] | None = None, style: str = "tag") ->
 
 
 def redact_texts(
-    texts: Iterable[str | None], types: Iterable[str] | None = None, style: str = "tag"
+    texts: Iterable[str | None],
+    types: Iterable[str] | None = None,
+    style: str = "tag",
+    names: list[list[tuple[int, int]]] | None = None,
 ) -> tuple[list[str], Counter]:
-    """`redact` over many texts (None becomes ""), with the counts summed over all of them."""
+    """`redact` over many texts (None becomes ""), with the counts summed over all of them.
+
+    `names` (from `find_names`, one list of character spans per text) adds PERSON entities; with
+    them, "PERSON" may be one of `types` (alone, it redacts names only).
+    """
     _check_style(style)
-    resolved = _resolve_types(types)
+    if names is not None and types is not None:
+        types = [t for t in ([types] if isinstance(types, str) else types) if str(t).upper() != "PERSON"]
+    resolved = _resolve_types(types) if types != [] else ()
     counts: Counter = Counter()
-    redacted = ["" if text is None else _redact(str(text), resolved, style, counts) for text in texts]
+    texts = ["" if text is None else str(text) for text in texts]
+    spans = names if names is not None else [()] * len(texts)
+    if len(spans) != len(texts):
+        raise ValueError(f"names: one list of spans per text expected, got {len(spans)} for {len(texts)} texts")
+    redacted = [_redact(text, resolved, style, counts, found) for text, found in zip(texts, spans, strict=True)]
     return redacted, counts
+
+
+# ---------------------------------------------------------------- person names (optional NER model)
+PERSON_LABELS = frozenset({"PER", "PERSON"})
+
+
+@functools.lru_cache(maxsize=2)
+def _ner_pipeline(model: str):
+    from transformers import pipeline
+
+    from forgeml.models.hf import quiet_loading
+
+    try:
+        with quiet_loading():
+            return pipeline("token-classification", model=model, aggregation_strategy="simple", device="cpu")
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot load the NER model {model!r}: {error}") from None
+
+
+def find_names(texts: list[str], model: str, batch_size: int = 32) -> list[list[tuple[int, int]]]:
+    """Character spans of person names per text, found by a token-classification `model` (a local path).
+
+    Any checkpoint whose labels tag persons as PER or PERSON (B-/I- prefixed or not) works.
+    """
+    finder = _ner_pipeline(model)
+    spans: list[list[tuple[int, int]]] = [[] for _ in texts]
+    todo = [i for i, text in enumerate(texts) if text.strip()]
+    found = finder([texts[i] for i in todo], batch_size=batch_size) if todo else []
+    for index, entities in zip(todo, found, strict=True):
+        spans[index] = [
+            (int(e["start"]), int(e["end"]))
+            for e in entities
+            if str(e.get("entity_group", "")).upper() in PERSON_LABELS and e.get("start") is not None
+        ]
+    return spans

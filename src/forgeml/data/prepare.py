@@ -8,11 +8,11 @@ from typing import Any
 
 from datasets import Dataset
 
-from forgeml.config import DataConfig, ForgeConfig
+from forgeml.config import DataConfig, ForgeConfig, PiiConfig
 from forgeml.data import validate
 from forgeml.data.clean import clean
 from forgeml.data.io import column, read_table, replace_column
-from forgeml.data.pii import redact_texts
+from forgeml.data.pii import find_names, redact_texts
 from forgeml.data.profile import profile_split
 from forgeml.data.split import content_hash, holdout, sample
 
@@ -63,6 +63,30 @@ def read_split(path: Path, config: ForgeConfig, inputs: list[str] | None = None)
     return dataset
 
 
+def read_audited_file(path: Path, config: ForgeConfig, inputs: list[str], classes: list[str] | None = None) -> Dataset:
+    """Read a file to audit a finished run on, prepared as the run's own evaluation splits were.
+
+    The input columns and the `data.sensitive` columns must be there; the label column may be missing
+    (the audits then measure what needs no labels). Labels that are there are checked, against the
+    model's `classes` too. Text gets the run's cleaning (no deduplication: the file is audited as given)
+    and PII redaction.
+    """
+    data = config.data
+    dataset = read_table(path, data.format)
+    validate.require_columns(dataset, inputs, path, "input column")
+    validate.require_columns(dataset, data.sensitive, path, "sensitive column")
+    label = data.label if data.label in dataset.column_names else None
+    if label is not None:
+        check_labels(column(dataset, label), path, config)
+        if classes is not None:
+            validate.check_known_labels([str(v) for v in column(dataset, label)], set(classes), path, label, "audited")
+    texts = input_columns_for(config, dataset.column_names)[1]
+    dataset, _ = clean(dataset, texts, inputs, label, data.clean.model_copy(update={"dedupe": False}))
+    if data.pii.redact and texts:
+        dataset, _ = redact_pii(dataset, texts, data.pii)
+    return dataset
+
+
 def check_labels(values: list, source: Path | str, config: ForgeConfig) -> None:
     if config.is_classification:
         validate.class_labels(values, source, config.data.label)
@@ -70,13 +94,17 @@ def check_labels(values: list, source: Path | str, config: ForgeConfig) -> None:
         validate.numeric_targets(values, source, config.data.label)
 
 
-def redact_pii(
-    dataset: Dataset, text_columns: list[str], types: list[str] | None, style: str
-) -> tuple[Dataset, dict[str, int]]:
-    """Replace personal data in the text columns; return counts per entity type."""
+def redact_pii(dataset: Dataset, text_columns: list[str], pii: PiiConfig) -> tuple[Dataset, dict[str, int]]:
+    """Replace personal data in the text columns; return counts per entity type.
+
+    Person names are found only with `pii.ner_model` (a local token-classification checkpoint).
+    """
+    wants_names = pii.ner_model is not None and (pii.types is None or "PERSON" in [t.upper() for t in pii.types])
     total: dict[str, int] = {}
     for name in text_columns:
-        redacted, counts = redact_texts(column(dataset, name), types, style)
+        texts = ["" if value is None else str(value) for value in column(dataset, name)]
+        names = find_names(texts, pii.ner_model) if wants_names else None
+        redacted, counts = redact_texts(texts, pii.types, pii.style, names)
         dataset = replace_column(dataset, name, redacted)
         for entity, count in counts.items():
             total[entity] = total.get(entity, 0) + count
@@ -111,7 +139,7 @@ def prepare(config: ForgeConfig) -> PreparedData:
         redactions = {}
         for name, dataset in splits.items():
             if dataset is not None:
-                splits[name], redactions[name] = redact_pii(dataset, texts, data.pii.types, data.pii.style)
+                splits[name], redactions[name] = redact_pii(dataset, texts, data.pii)
         for name, counts in redactions.items():
             cleaning[name]["pii_redacted"] = counts
 

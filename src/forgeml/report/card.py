@@ -266,6 +266,9 @@ def _ethics(config: dict[str, Any], profile: dict[str, Any], run: Path) -> Secti
                 "No fairness, privacy, robustness or explanation audit was run for this model (see `forgeml audit`)."
             )
         )
+    if summary.get("skipped"):
+        missed = "; ".join(entry["audit"] for entry in summary["skipped"])
+        blocks.append(Paragraph(f"Not run: {missed} (reasons under Trust: audits not run)."))
     return Section("Ethical considerations", blocks)
 
 
@@ -366,16 +369,58 @@ def _cleaning_table(cleaning: dict[str, Any]) -> Table:
 def _training(config: dict[str, Any], metrics: dict[str, Any]) -> Section:
     train = config.get("train") or {}
     blocks: list[Block] = []
-    settings = [(_humanize(key), _format_value(train[key])) for key in HYPERPARAMETERS if train.get(key) is not None]
+    # DP-SGD samples its own batches and clips per example: those two settings did nothing.
+    unused = {"max_grad_norm", "group_by_length"} if train.get("privacy") else set()
+    settings = [
+        (_humanize(key), _format_value(train[key]))
+        for key in HYPERPARAMETERS
+        if train.get(key) is not None and key not in unused
+    ]
     stopping = train.get("early_stopping")
     if stopping:
         settings.append(("Early stopping", f"patience {stopping.get('patience')} on {stopping.get('metric')}"))
+    adversarial = train.get("adversarial")
+    if adversarial:
+        method = str(adversarial.get("method", "fgm")).upper()
+        settings.append(("Adversarial training", f"{method} on word embeddings, ε = {adversarial.get('epsilon'):g}"))
     if settings:
         blocks.append(Table(["setting", "value"], [list(item) for item in settings], "Hyperparameters."))
     outcome = metrics.get("training") or {}
     if outcome:
         blocks.append(Facts(_training_outcome(outcome)))
+    if outcome.get("privacy"):
+        blocks += _differential_privacy(outcome["privacy"], str(config.get("task", "")).startswith("tabular"))
     return Section("Training set-up", blocks)
+
+
+def _differential_privacy(privacy: dict[str, Any], tabular: bool) -> list[Block]:
+    """What DP-SGD guaranteed, and, as plainly, what it did not cover."""
+    facts = [
+        (
+            "Privacy spent",
+            f"ε = {privacy['epsilon']:.2f} (budget {privacy['target_epsilon']:g}), δ = {privacy['delta']:g}",
+        ),
+        ("Accountant", str(privacy["accountant"]).upper()),
+        ("Noise multiplier", f"{privacy['noise_multiplier']:.3f}"),
+        ("Per-example clipping", f"L2 norm ≤ {privacy['max_grad_norm']:g}"),
+        ("Sampling", f"Poisson, rate {privacy['sample_rate']:.4f}, {privacy['steps']:,} steps"),
+    ]
+    if privacy.get("frozen_parameters"):
+        facts.append(("Frozen (not trained)", f"{privacy['frozen_parameters']:,} embedding parameters"))
+    fitted = (
+        "the numeric columns' means and standard deviations and the category vocabularies"
+        if tabular
+        else "the label set"
+    )
+    scope = (
+        f"Trained with DP-SGD: the weights are ({privacy['epsilon']:.2f}, {privacy['delta']:g})-differentially "
+        "private with respect to any one training row. Not covered by the guarantee: "
+        f"{fitted}, computed from the training data without noise, and the validation split, used to pick the "
+        "checkpoint."
+    )
+    if privacy.get("frozen_parameters"):
+        scope += " Embedding tables were frozen at their pre-trained values, which costs some accuracy."
+    return [Facts(facts), Paragraph(scope)]
 
 
 def _training_outcome(outcome: dict[str, Any]) -> list[tuple[str, str]]:
@@ -491,6 +536,17 @@ def _trust(run: Path) -> list[Section]:
         if fragment and (run / fragment).is_file():
             blocks.append(Fragment((run / fragment).read_text(encoding="utf-8"), run / fragment))
         sections.append(Section(f"Trust: {entry['title']}", blocks))
+    skipped = summary.get("skipped") or []
+    if skipped:  # an audit that could not run is a finding too: never leave it out silently
+        sections.append(
+            Section(
+                "Trust: audits not run",
+                [
+                    Paragraph("These audits, or parts of them, were skipped:"),
+                    Facts([(str(entry["audit"]), str(entry["reason"])) for entry in skipped]),
+                ],
+            )
+        )
     return sections
 
 

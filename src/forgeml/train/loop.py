@@ -47,6 +47,7 @@ class TrainResult:
     samples_per_second: float
     mfu: float
     seconds: float
+    privacy: dict[str, Any] | None = None  # DP-SGD: the plan and the epsilon spent
 
 
 def seed_everything(seed: int) -> None:
@@ -153,13 +154,25 @@ def _train(
 ) -> TrainResult:
     seed_everything(config.seed)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    optimizer = make_optimizer(model, config)
     batches_per_epoch = math.ceil(len(train_split) / config.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum_steps)
     total_steps = min(config.epochs * steps_per_epoch, config.max_steps or math.inf)
+    plan = None
+    if config.privacy:  # before the optimizer: the plan may freeze embedding tables
+        from forgeml.train import privacy
+
+        plan = privacy.plan_privacy(config.privacy, model, len(train_split), config.batch_size, total_steps)
+    optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
+    if plan:
+        model, optimizer = privacy.make_private(model, optimizer, plan, config.batch_size)
+    adversary = None
+    if config.adversarial:
+        from forgeml.train.adversarial import EmbeddingAdversary
+
+        adversary = EmbeddingAdversary(raw_model, config.adversarial.epsilon)
     watched = (config.early_stopping.metric if config.early_stopping else None) or task.primary_metric
     lower_is_better = watched in LOWER_IS_BETTER
     peak = matmul_peak_flops(accelerator.device)
@@ -195,6 +208,8 @@ def _train(
         outputs, targets = model_outputs(model, validation_split, config.eval_batch_size, accelerator.device)
         metrics = scalar_metrics(task.metrics(outputs, targets))
         metrics["loss"] = float(task.loss(torch.from_numpy(outputs), torch.from_numpy(targets)))
+        if plan:
+            metrics["epsilon"] = plan.spent_epsilon(state["step"])
         record({"event": "eval", "step": state["step"], "epoch": state["epoch"], **metrics})
         value = metrics.get(watched)
         if value is None:
@@ -221,19 +236,30 @@ def _train(
     with ProgressBar("training", total_steps, show_progress, completed=state["step"]) as bar:
         while not stop and state["epoch"] < config.epochs:
             seed = config.seed + state["epoch"]
-            batches = epoch_batches(train_split.lengths, config.batch_size, seed, config.group_by_length)
+            if plan:
+                batches = privacy.poisson_batches(len(train_split), plan.sample_rate, batches_per_epoch, seed)
+            else:
+                batches = epoch_batches(train_split.lengths, config.batch_size, seed, config.group_by_length)
             for index in range(state["batch"], len(batches)):
                 tick = time.perf_counter()
                 rows = batches[index]
+                if len(rows) == 0:  # Poisson sampling can draw nobody (vanishingly rare at real batch sizes)
+                    state["batch"] = index + 1
+                    continue
                 inputs, targets = train_split.batch(rows.tolist())
                 inputs = {name: tensor.to(accelerator.device) for name, tensor in inputs.items()}
-                loss = task.loss(model(**inputs), targets.to(accelerator.device))
+                targets = targets.to(accelerator.device)
+                loss = task.loss(model(**inputs), targets)
                 if config.l1:
                     loss = loss + config.l1 * sum(p.abs().sum() for p in raw_model.parameters() if p.ndim >= 2)
                 accelerator.backward(loss / config.grad_accum_steps)
+                if adversary:  # the same batch again at its worst-case embeddings; gradients add up
+                    with adversary.perturbed():
+                        adversarial_loss = task.loss(model(**inputs), targets)
+                    accelerator.backward(adversarial_loss / config.grad_accum_steps)
                 boundary = (index + 1) % config.grad_accum_steps == 0 or index == len(batches) - 1
                 if boundary:
-                    if config.max_grad_norm:
+                    if config.max_grad_norm and not plan:  # DP-SGD clips each example instead
                         accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
                     optimizer.step()
                     scheduler.step()
@@ -241,7 +267,7 @@ def _train(
                     state["step"] += 1
                     state["batch"] = index + 1
                 elapsed = time.perf_counter() - tick
-                flops = raw_model.training_flops(rows, int(train_split.lengths[rows].max()))
+                flops = raw_model.training_flops(rows, int(train_split.lengths[rows].max())) * (2 if adversary else 1)
                 for tally in (window, totals):
                     tally["samples"] += len(rows)
                     tally["seconds"] += elapsed
@@ -286,6 +312,10 @@ def _train(
             state["finished"] = True
             checkpoint_now()
 
+    if plan:
+        privacy.release(model)
+    if adversary:
+        adversary.remove()
     best_path = checkpoints / BEST_WEIGHTS if checkpoints else None
     if best_path is not None and best_path.is_file():
         load_model(raw_model, str(best_path))
@@ -301,4 +331,5 @@ def _train(
         samples_per_second=totals["samples"] / max(totals["seconds"], 1e-9),
         mfu=totals["flops"] / max(totals["seconds"], 1e-9) / peak,
         seconds=time.perf_counter() - started,
+        privacy=plan.summary(state["step"]) if plan else None,
     )

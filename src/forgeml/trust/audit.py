@@ -33,36 +33,98 @@ def run_audits(
     encoded: dict[str, EncodedSplit],
     folder: Path,
     model_dir: Path | None = None,
+    external: Dataset | None = None,
+    external_name: str = "the external file",
 ) -> dict[str, Any]:
-    """Run every enabled audit on the run's splits; return the headline numbers."""
+    """Run every enabled audit on the run's splits; return the headline numbers.
+
+    With `external` (rows of another file, e.g. `forgeml audit --data people.csv`), fairness, identity swaps
+    and robustness score those rows instead of the test split; membership inference and explanations
+    keep using the run's own splits, and fitted fairness thresholds are left alone. That file may lack
+    the label column: whatever needs labels is then skipped, and every skipped audit is listed in
+    `summary.json` (and the card) with the reason.
+    """
     audit = config.audit or AuditConfig()
     folder.mkdir(parents=True, exist_ok=True)
-    scored = "test" if splits.get("test") is not None else "validation"
-    if splits.get(scored) is None:
-        raise ConfigError("audit: needs a validation or test split to audit on (data.split or data.test)")
+    if external is not None:
+        scored, audited, where = "external", external, external_name
+    else:
+        scored = "test" if splits.get("test") is not None else "validation"
+        if splits.get(scored) is None:
+            raise ConfigError("audit: needs a validation or test split to audit on (data.split or data.test)")
+        audited, where = splits[scored], f"the {scored} split"
+    labelled = config.data.label in audited.column_names
+    unlabelled = f"{where} has no label column {config.data.label!r}"
     sections: list[dict[str, Any]] = []
+    skipped: list[dict[str, str]] = []
     headline: dict[str, Any] = {"split": scored}
+    if external is not None:
+        headline["data"] = external_name
     text = bool(getattr(task, "text_columns", None))
     if audit.fairness.enabled and config.is_classification:
         if config.data.sensitive:
-            sections.append(_fairness(config, task, model, splits, scored, folder, model_dir, headline))
-        if text and len(task.text_columns) == 1 and audit.fairness.counterfactual:
-            sections.append(_counterfactual(config, task, model, splits[scored], folder, headline))
+            mitigate = audit.fairness.mitigate if external is None else None
+            if audit.fairness.mitigate and mitigate is None:
+                skipped.append(
+                    _skip(
+                        "Fairness mitigation",
+                        "thresholds are fitted on the run's own validation split; auditing another file leaves "
+                        "them as they are",
+                    )
+                )
+            sections.append(
+                _fairness(config, task, model, splits, audited, scored, where, folder, model_dir, headline, mitigate)
+            )
+            if not labelled:
+                skipped.append(_skip("Fairness: accuracy, TPR, FPR, equalized odds", unlabelled))
+        if text and audit.fairness.counterfactual:
+            sections.append(_counterfactual(config, task, model, audited, folder, headline))
     if audit.privacy.enabled and "train" in encoded:
         # Non-members should come from the training rows' own distribution, or the attack measures the shift
         # between two files rather than memorisation: the validation split is usually carved from train.
-        unseen = "validation" if "validation" in encoded else scored
-        sections.append(_membership(config, task, model, encoded["train"], encoded[unseen], unseen, folder, headline))
-    if audit.robustness.enabled:
-        sections.append(_robustness(config, task, model, splits[scored], folder, headline))
-    if audit.explain:
-        explained = splits.get("validation") if splits.get("validation") is not None else splits[scored]
-        if text:
-            sections.append(_text_explanations(config, task, model, explained, folder, headline))
+        unseen = next((name for name in ("validation", "test") if name in encoded), None)
+        if unseen is None:
+            skipped.append(
+                _skip(
+                    "Privacy: membership inference",
+                    "the run has no validation or test split of held-out rows to compare the training rows with",
+                )
+            )
         else:
+            sections.append(
+                _membership(config, task, model, encoded["train"], encoded[unseen], unseen, folder, headline)
+            )
+    if audit.robustness.enabled:
+        sections.append(_robustness(config, task, model, audited, labelled, unlabelled, folder, headline, skipped))
+    if audit.explain:
+        own = splits.get("validation") if splits.get("validation") is not None else splits.get("test")
+        explained = own if own is not None else audited
+        if text:
+            if config.data.label not in explained.column_names:
+                skipped.append(
+                    _skip(
+                        "Explanations: most confidently right and wrong examples",
+                        f"{unlabelled}; the most confident predictions are explained instead",
+                    )
+                )
+            sections.append(_text_explanations(config, task, model, explained, folder, headline))
+        elif config.data.label in explained.column_names:
             sections.append(_tabular_explanations(config, task, model, explained, folder, headline))
-    atomic_write_json(folder / "summary.json", {"sections": sections, "headline": headline})
+        else:
+            skipped.append(
+                _skip(
+                    "Explanations",
+                    f"permutation importance needs labels (it is the drop in {task.primary_metric}); {unlabelled}",
+                )
+            )
+    if skipped:
+        headline["skipped"] = {entry["audit"]: entry["reason"] for entry in skipped}
+    atomic_write_json(folder / "summary.json", {"sections": sections, "skipped": skipped, "headline": headline})
     return headline
+
+
+def _skip(audit: str, reason: str) -> dict[str, str]:
+    return {"audit": audit, "reason": reason}
 
 
 # --- predictions the audits share ------------------------------------------------------------------
@@ -99,51 +161,63 @@ def _fairness(
     task: Task,
     model: nn.Module,
     splits: dict[str, Dataset | None],
+    dataset: Dataset,
     scored: str,
+    where: str,
     folder: Path,
     model_dir: Path | None,
     headline: dict[str, Any],
+    mitigate: str | None,
 ) -> dict[str, Any]:
+    """Group metrics on `dataset` (the `scored` split, described as `where` in the card)."""
     options = config.audit.fairness
-    dataset = splits[scored]
     positive = positive_label(config, task)
-    truth = [str(v) for v in column(dataset, config.data.label)]
+    labelled = config.data.label in dataset.column_names
+    truth = [str(v) for v in column(dataset, config.data.label)] if labelled else None
     answers = predict(task, model, dataset)
+    scores = answers["probabilities"][:, task.target.classes.index(positive)]
     sensitive = {name: column(dataset, name) for name in config.data.sensitive}
-    report = fairness.group_report(truth, answers["label"], sensitive, positive, options.bins, options.bootstrap)
+    report = fairness.group_report(
+        truth, answers["label"], sensitive, positive, options.bins, options.bootstrap, scores=scores
+    )
     plots = fairness.plot_group_metrics(report, folder)
-    result: dict[str, Any] = {"split": scored, "report": report}
+    result: dict[str, Any] = {"split": scored, "data": where, "report": report}
+    measures = ("accuracy", "selection_rate", "tpr", "fpr") if labelled else ("selection_rate",)
     rows, facts = [], []
     for name, column_report in report["columns"].items():
         for group, values in column_report["groups"].items():
-            rows.append(
-                [name, group, values["count"], *(_fmt(values[k]) for k in ("accuracy", "selection_rate", "tpr", "fpr"))]
-            )
+            rows.append([name, group, values["count"], *(_fmt(values[k]) for k in (*measures, "mean_probability"))])
         for measure, values in column_report["disparities"].items():
             facts.append((f"{name}: {measure.replace('_', ' ')}", _fmt(values["value"], values["ci95"])))
         headline[f"fairness.{name}.demographic_parity_difference"] = column_report["disparities"][
             "demographic_parity_difference"
         ]["value"]
+    paragraphs = [
+        f"Predictions on {where} ({report['rows']:,} rows) compared across the groups of each sensitive column. "
+        + (
+            f"Selection rate, TPR and FPR are for the class {positive!r}"
+            if labelled
+            else f"Selection rate is the share predicted {positive!r}"
+        )
+        + f"; mean P({positive!r}) is the model's average probability for it. Brackets are 95 % bootstrap intervals."
+    ]
+    if not labelled:
+        paragraphs.append(
+            f"Labels were absent: {where} has no label column {config.data.label!r}, so accuracy, TPR, FPR and "
+            "equalized odds, which need the true labels, were not computed. Selection rates and demographic parity "
+            "compare what the model decides for each group, not whether it decides rightly."
+        )
+    header = ["column", "group", "rows", *(_MEASURE_NAMES[k] for k in measures), f"mean P({positive})"]
     section = {
         "title": "Fairness",
-        "paragraphs": [
-            f"Predictions on the {scored} split ({report['rows']:,} rows) compared across the groups of each "
-            f"sensitive column. Selection rate, TPR and FPR are for the class {positive!r}; brackets are 95 % "
-            "bootstrap intervals."
-        ],
+        "paragraphs": paragraphs,
         "facts": facts,
-        "tables": [
-            {
-                "header": ["column", "group", "rows", "accuracy", "selection rate", "TPR", "FPR"],
-                "rows": rows,
-                "caption": "Metrics by group.",
-            }
-        ],
+        "tables": [{"header": header, "rows": rows, "caption": "Metrics by group."}],
         "plots": [
             {"path": f"trust/{p.name}", "caption": f"Metrics by group of {p.stem.split('_', 1)[-1]}."} for p in plots
         ],
     }
-    if options.mitigate:
+    if mitigate:
         mitigation = _mitigate(config, task, model, splits, dataset, truth, answers, positive, folder, model_dir)
         result["mitigation"] = mitigation
         before, after = mitigation["before"], mitigation["after"]
@@ -159,13 +233,16 @@ def _fairness(
                     ]
                     for stage, values in (("before", before), ("after", after))
                 ],
-                "caption": f"Mitigation ({options.mitigate} thresholds per {mitigation['column']!r} group, fitted on "
-                f"validation, scored on {scored}).",
+                "caption": f"Mitigation ({mitigate} thresholds per {mitigation['column']!r} group, fitted on "
+                f"validation, scored on {where}).",
             }
         )
         headline["fairness.mitigation"] = {"before": before, "after": after, "column": mitigation["column"]}
     atomic_write_json(folder / "fairness.json", result)
     return section
+
+
+_MEASURE_NAMES = {"accuracy": "accuracy", "selection_rate": "selection rate", "tpr": "TPR", "fpr": "FPR"}
 
 
 def _mitigate(
@@ -225,20 +302,37 @@ def _mitigate(
     }
 
 
+def identity_swaps(
+    task: Task, model: nn.Module, dataset: Dataset, positive: str | None = None, max_examples: int | None = None
+) -> dict[str, Any]:
+    """`fairness.counterfactual_flips` on a text model's inputs: single texts, or pairs swapped in both texts.
+
+    Shifts are in P(`positive`) when it is given, else in the probability of each original's predicted class.
+    """
+    columns, classes = task.text_columns, task.target.classes
+
+    def predict_inputs(inputs: list) -> tuple[list[str], np.ndarray]:
+        rows = (
+            {columns[0]: inputs}
+            if len(columns) == 1
+            else {c: [pair[i] for pair in inputs] for i, c in enumerate(columns)}
+        )
+        answers = predict(task, model, Dataset.from_dict(rows))
+        probabilities = answers["probabilities"]
+        return answers["label"], probabilities if positive is None else probabilities[:, classes.index(positive)]
+
+    return fairness.counterfactual_flips(_inputs(task, dataset), predict_inputs, positive, max_examples=max_examples)
+
+
 def _counterfactual(
     config: ForgeConfig, task: Task, model: nn.Module, dataset: Dataset, folder: Path, headline: dict[str, Any]
 ) -> dict[str, Any]:
-    options = config.audit.fairness
-    positive = positive_label(config, task)
-    index = task.target.classes.index(positive)
-    text_column = task.text_columns[0]
-
-    def predict_texts(texts: list[str]) -> tuple[list[str], np.ndarray]:
-        answers = predict(task, model, Dataset.from_dict({text_column: texts}))
-        return answers["label"], answers["probabilities"][:, index]
-
-    texts = [t or "" for t in column(dataset, text_column)]
-    report = fairness.counterfactual_flips(texts, predict_texts, positive, max_examples=options.max_examples)
+    columns = task.text_columns
+    # A binary single-text model keeps its shifts in P(positive class). Pairs (entailment / neutral /
+    # contradiction) and multi-class tasks have no one favourable class: the shift is in the probability of
+    # the class the original was given.
+    positive = positive_label(config, task) if len(columns) == 1 and len(task.target.classes) == 2 else None
+    report = identity_swaps(task, model, dataset, positive, config.audit.fairness.max_examples)
     plot = fairness.plot_counterfactual(report, folder / "counterfactual.png")
     atomic_write_json(folder / "counterfactual.json", report)
     rows = [
@@ -253,16 +347,30 @@ def _counterfactual(
         for dimension, values in report["dimensions"].items()
     ]
     headline["counterfactual_flip_rate"] = {d: v["flip_rate"] for d, v in report["dimensions"].items()}
+    if len(columns) == 1:
+        rewritten = "Texts mentioning an identity term"
+    else:
+        rewritten = f"Pairs where either text ({columns[0]!r} or {columns[1]!r}) mentions an identity term"
+    shifted = f"P({positive!r})" if positive else "the probability of the class predicted for the original"
+    paragraph = (
+        f"{rewritten} (gender, religion, nationality, ethnicity, disability, sexual orientation, age) were rewritten "
+        "with every other term of the same group"
+        + ("; both texts of a pair get the same substitution" if len(columns) > 1 else "")
+        + f"; a fair model's prediction should not change. Shifts are in {shifted}."
+    )
     return {
         "title": "Identity-term swaps",
-        "paragraphs": [
-            "Texts mentioning an identity term (gender, religion, nationality, ethnicity, disability, sexual "
-            "orientation, age) were rewritten with every other term of the same group; a fair model's "
-            f"prediction should not change. Shifts are in P({positive!r})."
-        ],
+        "paragraphs": [paragraph],
         "tables": [
             {
-                "header": ["dimension", "texts", "variants", "flip rate", "mean |shift|", "max |shift|"],
+                "header": [
+                    "dimension",
+                    "texts" if len(columns) == 1 else "pairs",
+                    "variants",
+                    "flip rate",
+                    "mean |shift|",
+                    "max |shift|",
+                ],
                 "rows": rows,
                 "caption": "Counterfactual identity swaps.",
             }
@@ -322,16 +430,31 @@ def _membership(
 
 
 def _robustness(
-    config: ForgeConfig, task: Task, model: nn.Module, dataset: Dataset, folder: Path, headline: dict[str, Any]
+    config: ForgeConfig,
+    task: Task,
+    model: nn.Module,
+    dataset: Dataset,
+    labelled: bool,
+    unlabelled: str,
+    folder: Path,
+    headline: dict[str, Any],
+    skipped: list[dict[str, str]],
 ) -> dict[str, Any]:
+    """Noise probes on `dataset`; without labels only how often the answers change (no accuracy, no attack)."""
     options = config.audit.robustness
     text_report = attack = tabular_report = None
+    if not labelled:
+        metric = "accuracy" if config.is_classification else "RMSE"
+        skipped.append(_skip(f"Robustness: {metric} under noise", unlabelled))
     if getattr(task, "text_columns", None):
         text_report = robustness.text_robustness(
             task, model, dataset, rates=options.rates, max_examples=options.max_examples
         )
         if config.is_classification and options.attack_examples:
-            attack = robustness.word_substitution_attack(task, model, dataset, max_examples=options.attack_examples)
+            if labelled:
+                attack = robustness.word_substitution_attack(task, model, dataset, max_examples=options.attack_examples)
+            else:  # the attack starts from the rows the model gets right
+                skipped.append(_skip("Robustness: word-substitution attack", unlabelled))
         report = text_report
     else:
         tabular_report = robustness.tabular_robustness(
@@ -339,12 +462,56 @@ def _robustness(
         )
         report = tabular_report
     robustness.plot_robustness(report, folder / "robustness.png")
-    atomic_write_json(folder / "robustness.json", {"text": text_report, "attack": attack, "tabular": tabular_report})
+    baseline = _robustness_baseline(config, task, dataset, attack is not None) if options.baseline else None
+    saved = {"text": text_report, "attack": attack, "tabular": tabular_report, "baseline": baseline}
+    atomic_write_json(folder / "robustness.json", saved)
     change = "flip_rate" if report["kind"] == "classification" else "mean_abs_change"
     headline["robustness_worst_" + change] = max(r[change] for r in report["results"])
     if attack is not None:
         headline["attack_success_rate"] = attack["success_rate"]
-    return robustness.robustness_section(text_report, attack, tabular_report, "trust/robustness.png")
+    section = robustness.robustness_section(text_report, attack, tabular_report, "trust/robustness.png")
+    if baseline is not None:
+        headline["baseline_worst_" + change] = max(r[change] for r in baseline["report"]["results"])
+        section["paragraphs"].append(
+            f"Before and after: the baseline run {baseline['run']} got the same perturbations of the same rows"
+            + (" and the same attack." if baseline["attack"] else ".")
+        )
+        section["tables"].append(robustness.comparison_table(baseline["report"], report))
+        if baseline["attack"] is not None:
+            before, after = baseline["attack"]["success_rate"], attack["success_rate"]
+            headline["baseline_attack_success_rate"] = before
+            section["facts"].append(["attack: success rate before → after", f"{_fmt(before)} → {_fmt(after)}"])
+    return section
+
+
+def _robustness_baseline(config: ForgeConfig, task: Task, dataset: Dataset, attack: bool) -> dict[str, Any]:
+    """The robustness probes of `audit.robustness.baseline`'s model on the same rows, for before/after."""
+    from forgeml.api import load  # the baseline is another finished run, loaded (and verified) as any other
+
+    options = config.audit.robustness
+    baseline = load(options.baseline)
+    same_inputs = getattr(baseline.task, "text_columns", None) == getattr(task, "text_columns", None)
+    if not same_inputs or getattr(baseline.task.target, "classes", None) != getattr(task.target, "classes", None):
+        raise ConfigError(
+            f"audit.robustness.baseline: {options.baseline} is a model of other inputs or classes; "
+            "it must solve the same task to be compared"
+        )
+    if getattr(task, "text_columns", None):
+        report = robustness.text_robustness(
+            baseline.task, baseline.model, dataset, rates=options.rates, max_examples=options.max_examples
+        )
+    else:
+        report = robustness.tabular_robustness(
+            baseline.task, baseline.model, dataset, sigmas=options.sigmas, max_examples=options.max_examples
+        )
+    attacked = (
+        robustness.word_substitution_attack(
+            baseline.task, baseline.model, dataset, max_examples=options.attack_examples
+        )
+        if attack
+        else None
+    )
+    return {"run": str(options.baseline), "report": report, "attack": attacked}
 
 
 # --- explanations ---------------------------------------------------------------------------------
@@ -365,13 +532,17 @@ def _text_explanations(
         folder / "explanations.json", {"explanations": [e.to_dict() for e in explanations], "faithfulness": faithful}
     )
     headline["faithfulness"] = faithful
+    picked = (
+        "the most confidently right and the most confidently wrong"
+        if config.data.label in dataset.column_names
+        else "the most confident predictions (there are no labels to tell right from wrong)"
+    )
     return {
         "title": "Explanations",
         "paragraphs": [
-            f"Integrated-gradients word attributions (Captum) for {len(items)} validation examples: the most "
-            "confidently right and the most confidently wrong. Green words push toward the predicted class, red "
-            "ones away from it. Faithfulness: deleting the top-attributed words should lower the predicted "
-            "class's probability more than deleting random words."
+            f"Integrated-gradients word attributions (Captum) for {len(items)} validation examples: {picked}. "
+            "Green words push toward the predicted class, red ones away from it. Faithfulness: deleting the "
+            "top-attributed words should lower the predicted class's probability more than deleting random words."
         ],
         "facts": [
             (key.replace("_", " "), _fmt(value) if isinstance(value, float) else str(value))
@@ -414,12 +585,15 @@ def _inputs(task: Task, dataset: Dataset) -> list[Any]:
 
 
 def _confident_examples(config: ForgeConfig, task: Task, model: nn.Module, dataset: Dataset, count: int) -> list[int]:
-    """Rows to explain: the most confident correct predictions and the most confident mistakes."""
+    """Rows to explain: the most confident correct predictions and the most confident mistakes (without
+    labels: the most confident predictions)."""
     count = min(count, len(dataset))
     if not config.is_classification:
         return list(range(count))
     answers = predict(task, model, dataset)
     confidence = answers["probabilities"].max(axis=1)
+    if config.data.label not in dataset.column_names:
+        return [int(i) for i in np.argsort(-confidence, kind="stable")[:count]]
     correct = np.asarray(answers["label"]) == np.asarray([str(v) for v in column(dataset, config.data.label)])
     order = np.argsort(-confidence, kind="stable")
     wrong = [int(i) for i in order if not correct[i]][: count // 2]

@@ -3,11 +3,12 @@
 Three independent tools, all returning plain JSON-ready dicts:
 
 - `group_report` compares accuracy, selection rate, TPR and FPR across the groups of each sensitive
-  column and measures the gaps (Fairlearn's demographic parity and equalized odds).
+  column and measures the gaps (Fairlearn's demographic parity and equalized odds). Without true labels
+  it reports what needs none: selection rates, mean predicted probabilities and demographic parity.
 - `fit_thresholds` / `apply_thresholds` post-process scores with per-group thresholds found by
   Fairlearn's `ThresholdOptimizer`; the fitted rule is stored as JSON, never pickled.
-- `counterfactual_flips` swaps identity terms in texts ("he" -> "she", "christian" -> "muslim") and
-  counts how often the prediction changes.
+- `counterfactual_flips` swaps identity terms in texts, or consistently in both texts of a pair
+  ("he" -> "she", "christian" -> "muslim"), and counts how often the prediction changes.
 
 Labels are class names (strings). For a multi-class task, selection rate, TPR and FPR are computed for
 `positive_label` against all other classes (one-vs-rest); accuracy uses every class.
@@ -15,6 +16,7 @@ Labels are class names (strings). For a multi-class task, selection rate, TPR an
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -43,6 +45,7 @@ from forgeml.evaluate.plots import plt, save_figure  # plots sets the file-only 
 UNKNOWN = "unknown"  # the group of rows whose sensitive value is missing
 GROUP_METRICS = ("accuracy", "selection_rate", "tpr", "fpr")
 DISPARITIES = ("demographic_parity_difference", "demographic_parity_ratio", "equalized_odds_difference")
+NEEDS_LABELS = ("accuracy", "tpr", "fpr", "equalized_odds_difference")  # left out when there are no true labels
 CONSTRAINTS = ("demographic_parity", "equalized_odds")
 RULE_FORMAT = "forgeml.fairness.thresholds/1"
 IDENTITY_TERMS = Path(__file__).with_name("identity_terms.json")
@@ -54,13 +57,14 @@ IDENTITY_TERMS = Path(__file__).with_name("identity_terms.json")
 
 
 def group_report(
-    y_true: Sequence[str],
+    y_true: Sequence[str] | None,
     y_pred: Sequence[str],
     sensitive: dict[str, Sequence],
     positive_label: str,
     bins: int = 4,
     bootstrap: int = 200,
     seed: int = 0,
+    scores: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """Per-group metrics and disparity measures for every sensitive column.
 
@@ -70,35 +74,54 @@ def group_report(
     `positive_label` one-vs-rest. Disparities get 95 % percentile bootstrap intervals from `bootstrap`
     seeded resamples of the rows (0 skips them). Undefined values (a TPR for a group without positives,
     a ratio of zeros) are None, so the result is valid JSON.
+
+    `scores` (P(positive_label) per row) add each group's mean as `mean_probability`. With `y_true=None`
+    (a file without labels) only what needs no labels is reported: count, selection rate, mean probability
+    and the demographic-parity gaps; the measures in `NEEDS_LABELS` are left out and listed under
+    `needs_labels`. The caller then vouches that `positive_label` is one of the model's classes.
     """
-    y_true, y_pred = _labels(y_true), _labels(y_pred)
-    if len(y_true) != len(y_pred):
+    labelled = y_true is not None
+    y_pred = _labels(y_pred)
+    y_true = _labels(y_true) if labelled else None
+    if labelled and len(y_true) != len(y_pred):
         raise ValueError(f"y_true has {len(y_true)} labels but y_pred has {len(y_pred)}")
+    if scores is not None:
+        scores = np.asarray(scores, dtype=float).reshape(-1)
+        if len(scores) != len(y_pred):
+            raise ValueError(f"scores has {len(scores)} values but y_pred has {len(y_pred)}")
     if bins < 1:
         raise ValueError(f"bins must be at least 1, got {bins}")
     if bootstrap < 0:
         raise ValueError(f"bootstrap must be 0 (off) or a number of resamples, got {bootstrap}")
     positive_label = str(positive_label)
-    if positive_label not in set(y_true) | set(y_pred):
+    if labelled and positive_label not in set(y_true) | set(y_pred):
         raise DataError(
             f"positive label {positive_label!r} occurs in neither the true nor the predicted labels "
             f"(seen: {', '.join(sorted(set(y_true) | set(y_pred))[:10])})"
         )
-    truth, decision = y_true == positive_label, y_pred == positive_label
+    truth = y_true == positive_label if labelled else None
+    decision = y_pred == positive_label
     columns = {}
     for name, values in sensitive.items():
-        if len(values) != len(y_true):
-            raise DataError(f"sensitive column {name!r} has {len(values)} values but there are {len(y_true)} labels")
+        if len(values) != len(y_pred):
+            raise DataError(f"sensitive column {name!r} has {len(values)} values but there are {len(y_pred)} rows")
         groups, order, kind = sensitive_groups(values, bins)
-        columns[name] = _column_report(y_true, y_pred, truth, decision, groups, order, kind, bootstrap, seed)
-    return {
+        columns[name] = _column_report(y_true, y_pred, truth, decision, scores, groups, order, kind, bootstrap, seed)
+    report: dict[str, Any] = {
         "positive_label": positive_label,
-        "rows": len(y_true),
-        "note": "selection_rate, tpr and fpr are for positive_label against all other classes",
-        "overall": _overall(y_true, y_pred, truth, decision),
+        "rows": len(y_pred),
+        "labelled": labelled,
+        "note": "selection_rate, tpr and fpr are for positive_label against all other classes"
+        if labelled
+        else "no true labels: selection_rate (share predicted positive_label), mean_probability and demographic "
+        "parity only; accuracy, tpr, fpr and equalized_odds_difference need the true labels and were not computed",
+        "overall": _overall(y_true, y_pred, truth, decision, scores),
         "columns": columns,
         "bootstrap": {"resamples": bootstrap, "seed": seed, "confidence": 0.95},
     }
+    if not labelled:
+        report["needs_labels"] = list(NEEDS_LABELS)
+    return report
 
 
 def sensitive_groups(values: Sequence, bins: int | None = 4) -> tuple[np.ndarray, list[str], str]:
@@ -152,84 +175,111 @@ def group_labels(values: Sequence, binning: dict[str, list] | None = None) -> np
 
 
 def _column_report(
-    y_true: np.ndarray,
+    y_true: np.ndarray | None,
     y_pred: np.ndarray,
-    truth: np.ndarray,
+    truth: np.ndarray | None,
     decision: np.ndarray,
+    scores: np.ndarray | None,
     groups: np.ndarray,
     order: list[str],
     kind: str,
     bootstrap: int,
     seed: int,
 ) -> dict[str, Any]:
-    frame = _metric_frame(y_true, y_pred, truth, decision, groups)
+    frame = _metric_frame(y_true, y_pred, truth, decision, scores, groups)
     by_group = {}
     for group in order:
         row = frame.by_group.loc[group]
-        positives, negatives = int(truth[groups == group].sum()), int((~truth[groups == group]).sum())
-        by_group[group] = {
-            "count": int(row["count"]),
-            "accuracy": _number(row["accuracy"]),
-            "selection_rate": _number(row["selection_rate"]),
+        values: dict[str, Any] = {"count": int(row["count"])}
+        if truth is not None:
+            positives, negatives = int(truth[groups == group].sum()), int((~truth[groups == group]).sum())
+            values["accuracy"] = _number(row["accuracy"])
+            values["selection_rate"] = _number(row["selection_rate"])
             # Fairlearn reports 0 for a rate with an empty denominator; "undefined" is the honest answer.
-            "tpr": _number(row["tpr"]) if positives else None,
-            "fpr": _number(row["fpr"]) if negatives else None,
-        }
-    values = _point_disparities(truth.astype(int), decision.astype(int), groups, by_group)
+            values["tpr"] = _number(row["tpr"]) if positives else None
+            values["fpr"] = _number(row["fpr"]) if negatives else None
+        else:
+            values["selection_rate"] = _number(row["selection_rate"])
+        if scores is not None:
+            values["mean_probability"] = _number(row["mean_probability"])
+        by_group[group] = values
+    values = _point_disparities(truth, decision, groups, by_group)
     intervals = _bootstrap_intervals(truth, decision, groups, bootstrap, seed)
     return {
         "kind": kind,
         "groups": by_group,
-        "disparities": {name: {"value": values[name], "ci95": intervals[name]} for name in DISPARITIES},
+        "disparities": {name: {"value": values[name], "ci95": intervals[name]} for name in values},
     }
 
 
 def _metric_frame(
-    y_true: np.ndarray, y_pred: np.ndarray, truth: np.ndarray, decision: np.ndarray, groups: np.ndarray
+    y_true: np.ndarray | None,
+    y_pred: np.ndarray,
+    truth: np.ndarray | None,
+    decision: np.ndarray,
+    scores: np.ndarray | None,
+    groups: np.ndarray,
 ) -> MetricFrame:
     # MetricFrame passes one y_true/y_pred pair to every metric; accuracy needs the class names and the
     # rates need the one-vs-rest booleans, so both travel as row indices and each metric picks its own.
+    # Selection rate ignores y_true, so without labels the decisions stand in for it.
+    reference = decision if truth is None else truth
+
     def on_labels(metric: Callable) -> Callable:
         return lambda rows, _: metric(y_true[rows], y_pred[rows])
 
     def on_positive(metric: Callable) -> Callable:
-        return lambda rows, _: metric(truth[rows].astype(int), decision[rows].astype(int))
+        return lambda rows, _: metric(reference[rows].astype(int), decision[rows].astype(int))
 
-    rows = np.arange(len(y_true))
-    metrics = {
-        "count": lambda rows, _: count(rows, rows),
-        "accuracy": on_labels(lambda t, p: float(np.mean(t == p))),
-        "selection_rate": on_positive(selection_rate),
-        "tpr": on_positive(true_positive_rate),
-        "fpr": on_positive(false_positive_rate),
-    }
+    rows = np.arange(len(y_pred))
+    metrics: dict[str, Callable] = {"count": lambda rows, _: count(rows, rows)}
+    if truth is not None:
+        metrics["accuracy"] = on_labels(lambda t, p: float(np.mean(t == p)))
+    metrics["selection_rate"] = on_positive(selection_rate)
+    if truth is not None:
+        metrics["tpr"] = on_positive(true_positive_rate)
+        metrics["fpr"] = on_positive(false_positive_rate)
+    if scores is not None:
+        metrics["mean_probability"] = lambda rows, _: float(np.mean(scores[rows]))
     return MetricFrame(metrics=metrics, y_true=rows, y_pred=rows, sensitive_features=list(groups))
 
 
-def _overall(y_true: np.ndarray, y_pred: np.ndarray, truth: np.ndarray, decision: np.ndarray) -> dict[str, Any]:
-    return {
-        "count": len(y_true),
-        "accuracy": _number(np.mean(y_true == y_pred)) if len(y_true) else None,
-        "selection_rate": _number(np.mean(decision)) if len(decision) else None,
-        "tpr": _number(decision[truth].mean()) if truth.any() else None,
-        "fpr": _number(decision[~truth].mean()) if (~truth).any() else None,
-    }
+def _overall(
+    y_true: np.ndarray | None,
+    y_pred: np.ndarray,
+    truth: np.ndarray | None,
+    decision: np.ndarray,
+    scores: np.ndarray | None,
+) -> dict[str, Any]:
+    overall: dict[str, Any] = {"count": len(y_pred)}
+    if truth is not None:
+        overall["accuracy"] = _number(np.mean(y_true == y_pred)) if len(y_true) else None
+    overall["selection_rate"] = _number(np.mean(decision)) if len(decision) else None
+    if truth is not None:
+        overall["tpr"] = _number(decision[truth].mean()) if truth.any() else None
+        overall["fpr"] = _number(decision[~truth].mean()) if (~truth).any() else None
+    if scores is not None:
+        overall["mean_probability"] = _number(np.mean(scores)) if len(scores) else None
+    return overall
 
 
 def _point_disparities(
-    truth: np.ndarray, decision: np.ndarray, groups: np.ndarray, by_group: dict[str, dict]
+    truth: np.ndarray | None, decision: np.ndarray, groups: np.ndarray, by_group: dict[str, dict]
 ) -> dict[str, float | None]:
     features = list(groups)
+    decided = decision.astype(int)
+    reference = decided if truth is None else truth.astype(int)  # demographic parity ignores y_true
     values = {
-        "demographic_parity_difference": demographic_parity_difference(truth, decision, sensitive_features=features),
-        "demographic_parity_ratio": demographic_parity_ratio(truth, decision, sensitive_features=features),
-        "equalized_odds_difference": equalized_odds_difference(truth, decision, sensitive_features=features),
+        "demographic_parity_difference": demographic_parity_difference(reference, decided, sensitive_features=features),
+        "demographic_parity_ratio": demographic_parity_ratio(reference, decided, sensitive_features=features),
     }
-    if any(g["tpr"] is None or g["fpr"] is None for g in by_group.values()):
-        # Fairlearn would count a group's undefined TPR/FPR as 0 and invent a gap; use the defined ones.
-        values["equalized_odds_difference"] = _largest_gap(
-            [g["tpr"] for g in by_group.values()], [g["fpr"] for g in by_group.values()]
-        )
+    if truth is not None:
+        values["equalized_odds_difference"] = equalized_odds_difference(reference, decided, sensitive_features=features)
+        if any(g["tpr"] is None or g["fpr"] is None for g in by_group.values()):
+            # Fairlearn would count a group's undefined TPR/FPR as 0 and invent a gap; use the defined ones.
+            values["equalized_odds_difference"] = _largest_gap(
+                [g["tpr"] for g in by_group.values()], [g["fpr"] for g in by_group.values()]
+            )
     return {name: _number(value) for name, value in values.items()}
 
 
@@ -239,23 +289,29 @@ def _largest_gap(*rates: list[float | None]) -> float | None:
 
 
 def _bootstrap_intervals(
-    truth: np.ndarray, decision: np.ndarray, groups: np.ndarray, resamples: int, seed: int
+    truth: np.ndarray | None, decision: np.ndarray, groups: np.ndarray, resamples: int, seed: int
 ) -> dict[str, list[float] | None]:
-    """95 % percentile intervals of the three disparities over `resamples` row resamples."""
+    """95 % percentile intervals of the disparities over `resamples` row resamples (no equalized odds
+    without labels)."""
+    names = DISPARITIES if truth is not None else tuple(d for d in DISPARITIES if d not in NEEDS_LABELS)
     if resamples == 0:
-        return dict.fromkeys(DISPARITIES)
+        return dict.fromkeys(names)
+    if truth is None:  # demographic parity needs no labels; the equalized-odds column is computed and dropped
+        truth = np.zeros(len(decision), dtype=bool)
     # One MetricFrame costs ~150 ms, so 200 of them per column would take half a minute: the resamples
     # use bincount arithmetic with the same definitions (checked against Fairlearn in the tests).
-    names, group_ids = np.unique(groups.astype(str), return_inverse=True)
+    group_names, group_ids = np.unique(groups.astype(str), return_inverse=True)
     rng = np.random.default_rng(seed)
     samples = np.array(
         [
-            _fast_disparities(truth[rows], decision[rows], group_ids[rows], len(names))
+            _fast_disparities(truth[rows], decision[rows], group_ids[rows], len(group_names))
             for rows in rng.integers(0, len(truth), size=(resamples, len(truth)))
         ]
     )
     intervals = {}
     for column, name in enumerate(DISPARITIES):
+        if name not in names:
+            continue
         finite = samples[:, column][np.isfinite(samples[:, column])]
         intervals[name] = (
             [float(np.percentile(finite, 2.5)), float(np.percentile(finite, 97.5))] if finite.size else None
@@ -284,19 +340,23 @@ def _fast_disparities(truth: np.ndarray, decision: np.ndarray, group_ids: np.nda
 
 
 def plot_group_metrics(report: dict[str, Any], folder: Path) -> list[Path]:
-    """One PNG per sensitive column: accuracy, selection rate, TPR and FPR side by side for each group."""
+    """One PNG per sensitive column: accuracy, selection rate, TPR, FPR and mean probability (those the
+    report has: no labels, no accuracy) side by side for each group."""
     paths = []
     for column, result in report["columns"].items():
         groups = list(result["groups"])
+        present = next(iter(result["groups"].values()), {})
+        metrics = [m for m in (*GROUP_METRICS, "mean_probability") if m in present]
         figure, axis = plt.subplots(figsize=(max(6.0, 1.3 * len(groups) + 2), 4))
-        width = 0.8 / len(GROUP_METRICS)
+        width = 0.8 / len(metrics)
         positions = np.arange(len(groups))
-        for offset, metric in enumerate(GROUP_METRICS):
+        for offset, metric in enumerate(metrics):
             heights = [_nan_if_none(result["groups"][g][metric]) for g in groups]
-            axis.bar(positions + offset * width, heights, width, label=metric.replace("_", " "))
+            label = f"mean P({report['positive_label']})" if metric == "mean_probability" else metric.replace("_", " ")
+            axis.bar(positions + offset * width, heights, width, label=label)
         labels = [f"{textwrap.fill(g, 14)}\n(n={result['groups'][g]['count']})" for g in groups]
         crowded = len(groups) > 5 or max(len(g) for g in groups) > 14
-        axis.set_xticks(positions + width * (len(GROUP_METRICS) - 1) / 2, labels)
+        axis.set_xticks(positions + width * (len(metrics) - 1) / 2, labels)
         if crowded:
             axis.tick_params(axis="x", labelrotation=30)
             plt.setp(axis.get_xticklabels(), ha="right", rotation_mode="anchor")
@@ -507,34 +567,51 @@ def load_identity_terms(path: Path = IDENTITY_TERMS) -> dict[str, list[list[str]
 
 
 def counterfactual_flips(
-    texts: list[str],
-    predict: Callable[[list[str]], tuple[list[str], np.ndarray]],
-    positive_label: str,
+    texts: Sequence[str] | Sequence[Sequence[str]],
+    predict: Callable[[list], tuple[list[str], np.ndarray]],
+    positive_label: str | None = None,
     terms: dict[str, list[list[str]]] | None = None,
     max_examples: int | None = None,
 ) -> dict[str, Any]:
     """Swap identity terms and measure how predictions move.
 
-    For each dimension, every text containing one of its terms (whole word, case-insensitive) yields one
-    variant per other term of the same set, keeping the capitalisation ("He" -> "She"). `predict(texts)`
-    returns (labels, P(positive_label) per text). Per dimension and per substituted-in term: variants,
-    flip rate (label differs from the original text's), mean and max |change in P(positive_label)|.
-    `max_examples` caps the original texts used per dimension (the first ones found).
+    `texts` are single texts, or tuples of texts (premise, hypothesis) for pair models: a tuple gets the
+    same substitution in each of its texts (`swap_term`) and counts as mentioning a term when any of them
+    does. For each dimension, every input containing one of its terms (whole word, case-insensitive)
+    yields one variant per other term of the same set, keeping the capitalisation ("He" -> "She").
+
+    `predict(inputs)` returns (labels, probabilities). With one probability per input, P(positive_label),
+    shifts are measured in it. With a row of class probabilities per input (the label being the most
+    probable class), shifts are measured in the probability of the class predicted for the original
+    input: pair and multi-class tasks have no single favourable class. Per dimension and per
+    substituted-in term: variants, flip rate (label differs from the original input's), mean and max
+    |shift|. `max_examples` caps the original inputs used per dimension (the first ones found).
     """
     terms = load_identity_terms() if terms is None else terms
-    swaps = {dimension: _variants(texts, term_sets, max_examples) for dimension, term_sets in terms.items()}
-    # Score only the texts that have variants, and every variant in one call: batched models are faster.
+    pairs = bool(texts) and not isinstance(texts[0], str)
+    items = [tuple(t) if pairs else (t,) for t in texts]
+    swaps = {dimension: _variants(items, term_sets, max_examples) for dimension, term_sets in terms.items()}
+
+    def as_input(item: tuple[str, ...]) -> str | tuple[str, ...]:
+        return item if pairs else item[0]
+
+    # Score only the inputs that have variants, and every variant in one call: batched models are faster.
     used = sorted({source for sources, _, _ in swaps.values() for source in sources})
-    original_labels, original_probability = _predict(predict, [texts[i] for i in used])
+    original_labels, original_probability = _predict(predict, [as_input(items[i]) for i in used])
     position = {source: i for i, source in enumerate(used)}
-    all_variants = [variant for _, variants, _ in swaps.values() for variant in variants]
+    all_variants = [as_input(variant) for _, variants, _ in swaps.values() for variant in variants]
     variant_labels, variant_probability = _predict(predict, all_variants)
+    by_class = original_probability.ndim == 2
     dimensions, start = {}, 0
     for dimension, (sources, variants, replacements) in swaps.items():
         where = [position[source] for source in sources]
         labels = variant_labels[start : start + len(variants)]
         flipped = np.array([label != original_labels[w] for label, w in zip(labels, where, strict=True)], dtype=bool)
-        shift = np.abs(variant_probability[start : start + len(variants)] - original_probability[where])
+        before, after = original_probability[where], variant_probability[start : start + len(variants)]
+        if by_class:  # the probability of the class the original input was given, before and after the swap
+            rows, predicted = np.arange(len(where)), before.argmax(axis=1)
+            before, after = before[rows, predicted], after[rows, predicted]
+        shift = np.abs(after - before)
         start += len(variants)
         summary = {"texts": len(set(sources)), **_flip_summary(flipped, shift)}
         summary["terms"] = {
@@ -544,8 +621,8 @@ def counterfactual_flips(
         }
         summary["largest_shifts"] = [
             {
-                "text": texts[sources[i]],
-                "variant": variants[i],
+                "text": _plain(items[sources[i]]),
+                "variant": _plain(variants[i]),
                 "label": original_labels[where[i]],
                 "variant_label": labels[i],
                 "shift": float(shift[i]),
@@ -553,16 +630,33 @@ def counterfactual_flips(
             for i in np.argsort(-shift, kind="stable")[:3]
         ]
         dimensions[dimension] = summary
+    measured = "the originally predicted class" if by_class or positive_label is None else repr(str(positive_label))
     return {
-        "positive_label": str(positive_label),
+        "positive_label": None if positive_label is None else str(positive_label),
+        "shift_in": f"P({measured})",
+        "pairs": pairs,
         "texts": len(texts),
         "texts_with_terms": len(used),
         "dimensions": dimensions,
     }
 
 
+def swap_term(texts: str | Sequence[str], term: str, replacement: str) -> str | tuple[str, ...]:
+    """`term` (whole words, any case) replaced by `replacement` in a text, or in every text of a pair.
+
+    The capitalisation of each occurrence is kept ("He" -> "She"). A pair gets the same substitution in
+    both texts, so premise and hypothesis still speak of the same person.
+    """
+    pattern = _term_pattern(term)
+
+    def swap(text: str) -> str:
+        return pattern.sub(lambda match: _same_case(match.group(0), replacement), text)
+
+    return swap(texts) if isinstance(texts, str) else tuple(swap(text) for text in texts)
+
+
 def plot_counterfactual(report: dict[str, Any], path: Path) -> Path:
-    """Bars per dimension: prediction flip rate and mean |change in P(positive)| after identity swaps."""
+    """Bars per dimension: prediction flip rate and mean |change in probability| after identity swaps."""
     dimensions = list(report["dimensions"])
     results = [report["dimensions"][d] for d in dimensions]
     # Horizontal bars keep long dimension names readable; "no examples" is written out so it is not
@@ -570,9 +664,10 @@ def plot_counterfactual(report: dict[str, Any], path: Path) -> Path:
     names = [f"{d.replace('_', ' ')}\n({r['variants']} swaps)" for d, r in zip(dimensions, results, strict=True)]
     positions = np.arange(len(dimensions))
     figure, axes = plt.subplots(1, 2, figsize=(10, 0.55 * len(dimensions) + 1.8), sharey=True)
+    shift_in = report.get("shift_in") or f"P({report['positive_label']})"
     panels = [
         ("flip_rate", "share of swaps that flip the label", "Prediction flips", "C3"),
-        ("mean_abs_shift", f"mean |Δ P({report['positive_label']})|", "Probability shift", "C0"),
+        ("mean_abs_shift", f"mean |Δ {shift_in}|", "Probability shift", "C0"),
     ]
     for axis, (key, xlabel, title, color) in zip(axes, panels, strict=True):
         values = [_nan_if_none(r[key]) for r in results]
@@ -595,23 +690,22 @@ def plot_counterfactual(report: dict[str, Any], path: Path) -> Path:
 
 
 def _variants(
-    texts: list[str], term_sets: list[list[str]], max_examples: int | None
-) -> tuple[list[int], list[str], list[str]]:
-    """(index of the original text, variant text, term substituted in) for every swap of a dimension."""
+    items: list[tuple[str, ...]], term_sets: list[list[str]], max_examples: int | None
+) -> tuple[list[int], list[tuple[str, ...]], list[str]]:
+    """(index of the original input, variant input, term substituted in) for every swap of a dimension."""
     sources, variants, replacements = [], [], []
     used = 0
-    for index, text in enumerate(texts):
+    for index, item in enumerate(items):
         if max_examples is not None and used >= max_examples:
             break
-        seen = {text}
+        seen = {item}
         for term_set in term_sets:
             for term in term_set:
-                pattern = _term_pattern(term)
-                if not pattern.search(text):
+                if not any(_term_pattern(term).search(text) for text in item):
                     continue
                 for other in term_set:
-                    variant = pattern.sub(lambda match, other=other: _same_case(match.group(0), other), text)
-                    if variant not in seen:  # "her" sits in two sets; one variant text is scored once
+                    variant = swap_term(item, term, other)
+                    if variant not in seen:  # "her" sits in two sets; one variant input is scored once
                         seen.add(variant)
                         sources.append(index)
                         variants.append(variant)
@@ -620,6 +714,7 @@ def _variants(
     return sources, variants, replacements
 
 
+@functools.lru_cache(maxsize=1024)  # the same few hundred terms are searched in every text
 def _term_pattern(term: str) -> re.Pattern:
     words = [re.escape(word) for word in term.split()]
     return re.compile(r"(?<!\w)" + r"\s+".join(words) + r"(?!\w)", re.IGNORECASE)
@@ -636,14 +731,22 @@ def _same_case(found: str, replacement: str) -> str:
     return replacement
 
 
-def _predict(predict: Callable, texts: list[str]) -> tuple[list[str], np.ndarray]:
-    if not texts:
+def _plain(item: tuple[str, ...]) -> str | list[str]:
+    """An input as it goes into the JSON report: the text, or the pair's texts as a list."""
+    return item[0] if len(item) == 1 else list(item)
+
+
+def _predict(predict: Callable, inputs: list) -> tuple[list[str], np.ndarray]:
+    """(labels, probabilities): one probability per input, or one row of class probabilities per input."""
+    if not inputs:
         return [], np.zeros(0)
-    labels, probability = predict(texts)
-    labels, probability = [str(label) for label in labels], np.asarray(probability, dtype=float).reshape(-1)
-    if len(labels) != len(texts) or len(probability) != len(texts):
+    labels, probability = predict(inputs)
+    labels, probability = [str(label) for label in labels], np.asarray(probability, dtype=float)
+    if probability.ndim != 2:
+        probability = probability.reshape(-1)
+    if len(labels) != len(inputs) or len(probability) != len(inputs):
         raise ValueError(
-            f"predict returned {len(labels)} labels and {len(probability)} probabilities for {len(texts)} texts"
+            f"predict returned {len(labels)} labels and {len(probability)} probabilities for {len(inputs)} inputs"
         )
     return labels, probability
 

@@ -213,6 +213,14 @@ def _worsening(kind: str, clean: float, perturbed: float) -> float:
     return clean - perturbed if kind == "classification" else perturbed - clean
 
 
+def _scorer(kind: str, truth: list | None) -> Callable[[np.ndarray], float | None]:
+    """answers -> accuracy (or RMSE) against `truth`; None for every answer set when there is no truth."""
+    if truth is None:
+        return lambda answers: None
+    truth_array = np.asarray(truth, dtype=object if kind == "classification" else np.float64)
+    return lambda answers: _score(kind, answers, truth_array)
+
+
 def _sample(count: int, max_examples: int, seed: int) -> list[int]:
     """A seeded subset of row positions, kept in their original order."""
     if max_examples < 1:
@@ -223,12 +231,31 @@ def _sample(count: int, max_examples: int, seed: int) -> list[int]:
 
 
 def _labelled_rows(task: Any, dataset: Dataset, max_examples: int, seed: int) -> tuple[Dataset, list]:
+    if task.target.column not in dataset.column_names:
+        raise ValueError(f"robustness: the rows have no label column {task.target.column!r}")
     labels = column(dataset, task.target.column)
     labelled = [i for i, value in enumerate(labels) if value is not None and str(value).strip() != ""]
     if not labelled:
         raise ValueError(f"robustness: no labelled rows (column {task.target.column!r} is empty)")
     chosen = [labelled[i] for i in _sample(len(labelled), max_examples, seed)]
     return dataset.select(chosen), _truth(task, [labels[i] for i in chosen])
+
+
+def _rows(task: Any, dataset: Dataset, max_examples: int, seed: int) -> tuple[Dataset, list | None]:
+    """(sampled rows, their true answers); the answers are None for a dataset without a label column,
+    where only how much the predictions move can be measured."""
+    if task.target.column in dataset.column_names:
+        return _labelled_rows(task, dataset, max_examples, seed)
+    if not len(dataset):
+        raise ValueError("robustness: no rows to perturb")
+    return dataset.select(_sample(len(dataset), max_examples, seed)), None
+
+
+def _unlabelled_note(task: Any, metric: str) -> str:
+    return (
+        f"no label column {task.target.column!r}: {metric} needs the true labels, so only the changes of the answers "
+        "were measured"
+    )
 
 
 # --- text robustness ------------------------------------------------------------------------------
@@ -272,7 +299,8 @@ def text_robustness(
 
     Classification reports accuracy, its drop and the flip rate (share of predictions that differ
     from the clean prediction); regression reports RMSE, its increase and the mean absolute change
-    of the predicted value. For text pairs only the second text is perturbed.
+    of the predicted value. For text pairs only the second text is perturbed. Rows without a label column
+    get the changes only (flip rate or mean absolute change); the metric and its worsening are None.
     """
     text_columns = _check_text_task(task)
     kind = _kind(task)
@@ -283,39 +311,43 @@ def text_robustness(
     bad_rates = [rate for rate in rates if not 0.0 <= rate <= 1.0]
     if bad_rates or not rates:
         raise ValueError(f"rates: each must be between 0 and 1, got {list(rates)}")
-    rows, truth = _labelled_rows(task, dataset, max_examples, seed)
+    rows, truth = _rows(task, dataset, max_examples, seed)
     predict = _text_predictor(task, model, rows, batch_size)
     texts = [t or "" for t in column(rows, text_columns[-1])]
     metric, worse, moved = _names(kind)
-    truth_array = np.asarray(truth, dtype=object if kind == "classification" else np.float64)
+    score_of = _scorer(kind, truth)
     clean = _answers(task, predict(texts))
-    clean_score = _score(kind, clean, truth_array)
+    clean_score = score_of(clean)
     results = []
     for name in names:
         for rate in rates:
             rng = random.Random(f"{seed}:{name}:{rate}")  # str seeds are stable across processes
             perturbed = [TEXT_PERTURBATIONS[name](text, rate, rng) for text in texts]
             answers = _answers(task, predict(perturbed))
-            score = _score(kind, answers, truth_array)
+            score = score_of(answers)
             changed = [i for i, (a, b) in enumerate(zip(texts, perturbed, strict=True)) if a != b]
             results.append(
                 {
                     "perturbation": name,
                     "rate": float(rate),
                     metric: score,
-                    worse: _worsening(kind, clean_score, score),
+                    worse: None if score is None else _worsening(kind, clean_score, score),
                     moved: _change(kind, answers, clean),
                     "texts_changed": len(changed) / len(texts),
                     "example": {"original": texts[changed[0]], "perturbed": perturbed[changed[0]]} if changed else None,
                 }
             )
+    notes = [f"text pairs: only {text_columns[-1]!r} was perturbed"] if len(text_columns) == 2 else []
+    if truth is None:
+        notes.append(_unlabelled_note(task, metric))
     return {
         "kind": kind,
         "metric": metric,
+        "labelled": truth is not None,
         "examples": len(texts),
         "seed": seed,
         "perturbed_column": text_columns[-1],
-        "note": f"text pairs: only {text_columns[-1]!r} was perturbed" if len(text_columns) == 2 else None,
+        "note": "; ".join(notes) or None,
         "clean": {metric: clean_score},
         "results": results,
     }
@@ -485,7 +517,8 @@ def tabular_robustness(
     """Accuracy (or RMSE) when every numeric feature gets Gaussian noise of `sigma` training stds.
 
     The model sees standardised numbers, so noise of `sigma` training standard deviations is
-    `sigma` standard-normal noise added to the standardised inputs. Categorical columns are kept.
+    `sigma` standard-normal noise added to the standardised inputs. Categorical columns are kept. Rows
+    without a label column get the changes of the answers only, as in `text_robustness`.
     """
     kind = _kind(task)
     numeric = list(task.preprocessor.numeric)
@@ -493,9 +526,9 @@ def tabular_robustness(
         raise ValueError("tabular_robustness: the model has no numeric features to add noise to")
     if not sigmas or any(s < 0 for s in sigmas):
         raise ValueError(f"sigmas: non-negative noise scales expected, got {list(sigmas)}")
-    rows, truth = _labelled_rows(task, dataset, max_examples, seed)
+    rows, truth = _rows(task, dataset, max_examples, seed)
     inputs = task.preprocessor.transform(rows, "robustness")
-    truth_array = np.asarray(truth, dtype=object if kind == "classification" else np.float64)
+    score_of = _scorer(kind, truth)
 
     def predict(numbers: torch.Tensor) -> np.ndarray:
         split = TensorSplit({**inputs, "numeric": numbers}, None)
@@ -506,24 +539,26 @@ def tabular_robustness(
     noise = torch.randn(inputs["numeric"].shape, generator=torch.Generator().manual_seed(seed))
     metric, worse, moved = _names(kind)
     clean = predict(inputs["numeric"])
-    clean_score = _score(kind, clean, truth_array)
+    clean_score = score_of(clean)
     results = []
     for sigma in sigmas:
         answers = predict(inputs["numeric"] + float(sigma) * noise)
-        score = _score(kind, answers, truth_array)
+        score = score_of(answers)
         results.append(
             {
                 "sigma": float(sigma),
                 metric: score,
-                worse: _worsening(kind, clean_score, score),
+                worse: None if score is None else _worsening(kind, clean_score, score),
                 moved: _change(kind, answers, clean),
             }
         )
     return {
         "kind": kind,
         "metric": metric,
+        "labelled": truth is not None,
         "examples": len(rows),
         "seed": seed,
+        "note": None if truth is not None else _unlabelled_note(task, metric),
         "noisy_features": numeric,
         "clean": {metric: clean_score},
         "results": results,
@@ -534,9 +569,14 @@ def tabular_robustness(
 
 
 def plot_robustness(report: dict[str, Any], path: Path) -> Path:
-    """Bars per perturbation and rate (text) or a line over sigma (tabular); clean value dashed."""
+    """Bars per perturbation and rate (text) or a line over sigma (tabular); clean value dashed.
+
+    Without labels there is no metric to plot: the share of changed answers is plotted instead.
+    """
     metric = report["metric"]
     clean = report["clean"][metric]
+    if clean is None:
+        metric = _names(report["kind"])[2]
     results = report["results"]
     if results and "sigma" in results[0]:
         figure, axis = plt.subplots(figsize=(6, 3.5))
@@ -553,9 +593,10 @@ def plot_robustness(report: dict[str, Any], path: Path) -> Path:
             heights = [values.get(name, np.nan) for name in perturbations]
             axis.bar(positions + offset * width, heights, width, label=f"{rate:g} of words")
         axis.set_xticks(positions + width * (len(rates) - 1) / 2, perturbations, rotation=20)
-    axis.axhline(clean, color="black", linestyle="--", linewidth=1, label=f"clean ({clean:.3f})")
-    axis.set_ylabel(metric)
-    if metric == "accuracy":
+    if clean is not None:
+        axis.axhline(clean, color="black", linestyle="--", linewidth=1, label=f"clean ({clean:.3f})")
+    axis.set_ylabel(metric.replace("_", " "))
+    if metric in ("accuracy", "flip_rate"):
         axis.set_ylim(0, 1.05)
     axis.set_title("Robustness to input noise")
     axis.legend(fontsize=8)
@@ -579,26 +620,29 @@ def robustness_section(
             continue
         metric = report["metric"]
         _, worse, moved = _names(report["kind"])
-        facts.append([f"clean {metric} ({what}, {report['examples']:,} rows)", _fmt(report["clean"][metric])])
+        labelled = report["clean"][metric] is not None
+        # Without labels only the answers' changes were measured: the metric columns would be all "undefined".
+        measured = [metric, worse, moved] if labelled else [moved]
+        note = f" {report['note'][:1].upper()}{report['note'][1:]}." if report.get("note") else ""
+        if labelled:
+            facts.append([f"clean {metric} ({what}, {report['examples']:,} rows)", _fmt(report["clean"][metric])])
+        else:
+            facts.append([f"rows perturbed ({what})", f"{report['examples']:,}"])
         if what == "text":
             paragraphs.append(
                 "Natural noise was applied to a share of the words of each text (typos, dropped or inserted "
-                f"letters, case, punctuation); a robust model keeps its {metric} and its answers."
-                + (f" {report['note'].capitalize()}." if report.get("note") else "")
+                f"letters, case, punctuation); a robust model keeps its {metric} and its answers." + note
             )
-            header = ["perturbation", "share of words", metric, worse.replace("_", " "), moved.replace("_", " ")]
-            rows = [
-                [r["perturbation"], r["rate"], _fmt(r[metric]), _fmt(r[worse]), _fmt(r[moved])]
-                for r in report["results"]
-            ]
+            header = ["perturbation", "share of words", *(name.replace("_", " ") for name in measured)]
+            rows = [[r["perturbation"], r["rate"], *(_fmt(r[name]) for name in measured)] for r in report["results"]]
             caption = "Text perturbations."
         else:
             paragraphs.append(
                 "Gaussian noise of the given number of training standard deviations was added to every numeric "
-                f"feature ({', '.join(report['noisy_features'])})."
+                f"feature ({', '.join(report['noisy_features'])})." + note
             )
-            header = ["noise (stds)", metric, worse.replace("_", " "), moved.replace("_", " ")]
-            rows = [[r["sigma"], _fmt(r[metric]), _fmt(r[worse]), _fmt(r[moved])] for r in report["results"]]
+            header = ["noise (stds)", *(name.replace("_", " ") for name in measured)]
+            rows = [[r["sigma"], *(_fmt(r[name]) for name in measured)] for r in report["results"]]
             caption = "Gaussian noise on numeric features."
         tables.append({"header": header, "rows": rows, "caption": caption})
     if attack is not None:
@@ -625,9 +669,31 @@ def robustness_section(
                 }
             )
     section: dict[str, Any] = {"title": "Robustness", "paragraphs": paragraphs, "facts": facts, "tables": tables}
-    section["plots"] = (
-        [{"path": plot_path_relative, "caption": "Metric under each perturbation; the dashed line is the clean value."}]
-        if plot_path_relative
-        else []
+    unlabelled = any(r is not None and r["clean"][r["metric"]] is None for r in (report_text, report_tabular))
+    caption = (
+        "Share of changed answers under each perturbation (no labels, so no metric)."
+        if unlabelled
+        else "Metric under each perturbation; the dashed line is the clean value."
     )
+    section["plots"] = [{"path": plot_path_relative, "caption": caption}] if plot_path_relative else []
     return section
+
+
+def comparison_table(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """A before/after table: the baseline model and this one under the same perturbations of the same rows."""
+    metric = before["metric"]
+    _, _, moved = _names(before["kind"])
+    shown = [metric, moved] if before["clean"][metric] is not None else [moved]
+    header = ["probe", *(f"{name.replace('_', ' ')} {when}" for name in shown for when in ("before", "after"))]
+
+    def row(label: str, old: dict[str, Any], new: dict[str, Any]) -> list[Any]:
+        return [label, *(_fmt(values.get(name)) for name in shown for values in (old, new))]
+
+    rows = [row("clean", before["clean"], after["clean"])]
+    key = ("perturbation", "rate") if "rate" in before["results"][0] else ("sigma",)
+    matched = {tuple(r[k] for k in key): r for r in after["results"]}
+    for result in before["results"]:
+        probe = tuple(result[k] for k in key)
+        if probe in matched:
+            rows.append(row(" at ".join(str(part) for part in probe), result, matched[probe]))
+    return {"header": header, "rows": rows, "caption": "Before (the baseline run) and after (this run), same rows."}
