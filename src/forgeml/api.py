@@ -280,6 +280,36 @@ def explain(run_dir: str | Path, inputs: list[Any], steps: int = 20) -> list[Any
 
 
 @on_plaintext(writes=True)
+def export(
+    run_dir: str | Path, formats: list[str] | tuple[str, ...] = ("onnx",), data: str | Path | None = None
+) -> dict[str, Any]:
+    """Export a run's model to `export/` (ONNX fp32 + int8, optionally TorchScript) and check parity.
+
+    The check runs on up to 256 rows of `data` (a file with the input columns), else of the run's
+    test split (or validation); the report is `export/parity.json`. Raises ForgeError when an export
+    disagrees with PyTorch beyond the tolerance.
+    """
+    from forgeml.data.prepare import prepare, read_audited_file
+    from forgeml.export import PARITY_ROWS, export_model
+
+    predictor = Predictor(run_dir)
+    if data is not None:  # prepared as the run's own rows were: cleaning and PII redaction, labels optional
+        rows = read_audited_file(Path(data), predictor.config, predictor.input_columns)
+    else:
+        splits = prepare(predictor.config).splits
+        rows = next(splits[name] for name in ("test", "validation", "train") if splits.get(name) is not None)
+    if len(rows) > PARITY_ROWS:
+        rows = rows.shuffle(seed=0).select(range(PARITY_ROWS))
+    encoded = predictor.task.encode(rows, "export", with_targets=False)
+    folder = predictor.run.path / "export"
+    try:
+        return export_model(predictor.task, predictor.model, encoded, folder, tuple(formats))
+    finally:  # a failed check is recorded too: the card says which export is off, and by how much
+        predictor.run.record([path for path in folder.glob("*") if path.is_file() and not path.name.startswith(".")])
+        report(predictor.run.path)
+
+
+@on_plaintext(writes=True)
 def report(run_dir: str | Path) -> tuple[Path, Path]:
     """(Re)write card.md and card.html for a run."""
     run = RunDir.open(run_dir)

@@ -193,6 +193,35 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> 
 
 
 @app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
+    formats: Annotated[
+        list[str] | None, typer.Option("--format", "-f", help="onnx (fp32 + int8) or torchscript; repeat for both")
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option("--data", "-d", help="rows for the parity check (default: test split)")
+    ] = None,
+) -> None:
+    """Export the model (ONNX with dynamic axes, int8 too; TorchScript) and check it against PyTorch."""
+    from forgeml import api
+
+    report = api.export(run_dir, formats or ["onnx"], data)
+    table = Table("export", "file", "MB", "max |diff|", "label agreement", "passed")
+    for name, check in report["checks"].items():
+        agreement = check.get("label_agreement")
+        table.add_row(
+            name,
+            check["file"],
+            f"{check['bytes'] / 1e6:.1f}",
+            f"{check['max_abs_diff']:.2e}",
+            "—" if agreement is None else f"{agreement:.2%}",
+            "yes" if check["passed"] else "NO",
+        )
+    console.print(table)
+    console.print(f"parity on {report['rows']} rows written to {Path(run_dir) / 'export' / 'parity.json'}")
+
+
+@app.command()
 def encrypt(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
     """Encrypt every file of a run with the key in $FORGEML_KEY (AES-256-GCM); no plaintext file is left."""
     from forgeml.encryption import encrypt_run

@@ -147,6 +147,7 @@ def write_card(run_dir: str | Path) -> tuple[Path, Path]:
         _evaluation(metrics),
         _plots(run / "plots"),
         *_trust(run),
+        _exports(run),
         _ethics(config, profile, run),
         _limitations(metrics, profile),
     ]
@@ -548,6 +549,29 @@ def _trust(run: Path) -> list[Section]:
             )
         )
     return sections
+
+
+def _exports(run: Path) -> Section:
+    """The exported files and how closely each matches the PyTorch model (export/parity.json)."""
+    parity = _read_optional_json(run / "export" / "parity.json")
+    if not parity.get("checks"):
+        return Section("Exports", [])
+    rows = [
+        [
+            name,
+            f"export/{check['file']}",
+            f"{check['bytes'] / 1e6:.1f}",
+            f"{check['max_abs_diff']:.1e}",
+            "—" if check.get("label_agreement") is None else f"{100 * check['label_agreement']:.1f} %",
+            "yes" if check["passed"] else "no",
+        ]
+        for name, check in parity["checks"].items()
+    ]
+    header = ["export", "file", "MB", "max |output diff|", "same label", "within tolerance"]
+    caption = (
+        f"Each export against the PyTorch model on {parity['rows']:,} rows (fp32: diff ≤ 1e-4; int8: ≥ 99 % labels)."
+    )
+    return Section("Exports", [Table(header, rows, caption)])
 
 
 def _limitations(metrics: dict[str, Any], profile: dict[str, Any]) -> Section:

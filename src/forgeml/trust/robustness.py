@@ -687,7 +687,8 @@ def comparison_table(before: dict[str, Any], after: dict[str, Any]) -> dict[str,
     header = ["probe", *(f"{name.replace('_', ' ')} {when}" for name in shown for when in ("before", "after"))]
 
     def row(label: str, old: dict[str, Any], new: dict[str, Any]) -> list[Any]:
-        return [label, *(_fmt(values.get(name)) for name in shown for values in (old, new))]
+        # The clean row has no flips (nothing to compare with): a dash, not "undefined".
+        return [label, *(_fmt(values[name]) if name in values else "—" for name in shown for values in (old, new))]
 
     rows = [row("clean", before["clean"], after["clean"])]
     key = ("perturbation", "rate") if "rate" in before["results"][0] else ("sigma",)
