@@ -65,7 +65,7 @@ def test_tabular_model_exports_and_int8_agrees(tmp_path: Path) -> None:
     run = forgeml.run(config, workspace=tmp_path).run_dir
     unseen = write_csv(tmp_path / "unseen.csv", tabular_rows(300, seed=9))
     report = forgeml.api.export(run, ["onnx"], data=unseen)
-    assert report["rows"] == 256 and report["passed"]
+    assert report["rows"] == 300 and report["passed"]
     assert report["checks"]["onnx_int8"]["label_agreement"] >= INT8_AGREEMENT
 
     predictor = forgeml.load(run)

@@ -285,7 +285,7 @@ def export(
 ) -> dict[str, Any]:
     """Export a run's model to `export/` (ONNX fp32 + int8, optionally TorchScript) and check parity.
 
-    The check runs on up to 256 rows of `data` (a file with the input columns), else of the run's
+    The check runs on up to 2,000 rows of `data` (a file with the input columns), else of the run's
     test split (or validation); the report is `export/parity.json`. Raises ForgeError when an export
     disagrees with PyTorch beyond the tolerance.
     """

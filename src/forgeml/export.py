@@ -30,7 +30,7 @@ FORMATS = ("onnx", "torchscript")
 OPSET = 17
 FP32_TOLERANCE = 1e-4  # largest allowed |output difference| between ONNX fp32 and PyTorch
 INT8_AGREEMENT = 0.99  # smallest allowed share of rows where int8 and PyTorch give the same label
-PARITY_ROWS = 256
+PARITY_ROWS = 2000  # int8 label agreement moves by a point between 256-row samples: measure on more
 
 
 def _onnxruntime():
@@ -110,7 +110,8 @@ def quantize_int8(source: Path, target: Path) -> Path:
     root.setLevel(logging.ERROR)  # onnxruntime logs a generic "consider pre-processing" hint on every call
     try:
         # Per-channel scales on the matrix multiplies only: on the SST-2 demo model the defaults (per-tensor,
-        # embedding tables too) agree with fp32 on 97.8 % of labels, these settings on 99.2 %.
+        # embedding tables too) agree with fp32 on 97.8 % of labels, these settings on 99.2 % (quantizing the
+        # embedding table as well would shrink the file from 59 to 23 MB but agree on 98.9 %).
         quantize_dynamic(
             str(source),
             str(staging),
