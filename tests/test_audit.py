@@ -96,6 +96,30 @@ def test_card_has_a_section_per_audit(audited: forgeml.RunResult) -> None:
     assert summary["skipped"] == [] and "skipped" not in audited.metrics["audit"]  # labelled: everything ran
 
 
+def test_chromium_renders_the_card_with_its_trust_sections(audited: forgeml.RunResult, tmp_path: Path) -> None:
+    import re
+
+    import chromium
+
+    if chromium.find_chromium() is None:
+        pytest.skip("chromium not installed; `make test` installs it")
+    html_path = audited.run_dir / "card.html"
+    dom = chromium.dump_dom(html_path)
+    for title in ("Trust: Fairness", "Trust: Identity-term swaps", "Trust: Robustness", "Trust: Explanations"):
+        assert f">{title}</h2>" in dom, title
+    # A copy with a counter script: every image (the run's plots and the audits') must decode.
+    probe = tmp_path / "probe.html"
+    counter = (
+        "<script>window.addEventListener('load', () => { document.title += ' | images=' + "
+        "[...document.images].filter(i => i.complete && i.naturalWidth > 0).length + '/' + "
+        "document.images.length; });</script>"
+    )
+    probe.write_text(html_path.read_text(encoding="utf-8").replace("</body>", counter + "</body>"), encoding="utf-8")
+    decoded = re.search(r"\| images=(\d+)/(\d+)</title>", chromium.dump_dom(probe))
+    assert decoded, "the probe script did not run"
+    assert int(decoded.group(1)) == int(decoded.group(2)) >= 8
+
+
 def test_thresholds_apply_when_the_group_column_is_given(audited: forgeml.RunResult) -> None:
     model = forgeml.load(audited.run_dir)
     rule = model.thresholds
