@@ -289,15 +289,14 @@ def export(
     test split (or validation); the report is `export/parity.json`. Raises ForgeError when an export
     disagrees with PyTorch beyond the tolerance.
     """
-    from forgeml.data.prepare import prepare, read_audited_file
+    from forgeml.data.prepare import read_audited_file
     from forgeml.export import PARITY_ROWS, export_model
 
     predictor = Predictor(run_dir)
     if data is not None:  # prepared as the run's own rows were: cleaning and PII redaction, labels optional
         rows = read_audited_file(Path(data), predictor.config, predictor.input_columns)
     else:
-        splits = prepare(predictor.config).splits
-        rows = next(splits[name] for name in ("test", "validation", "train") if splits.get(name) is not None)
+        rows = _held_out_rows(predictor.config)[1]
     if len(rows) > PARITY_ROWS:
         rows = rows.shuffle(seed=0).select(range(PARITY_ROWS))
     encoded = predictor.task.encode(rows, "export", with_targets=False)
@@ -307,6 +306,44 @@ def export(
     finally:  # a failed check is recorded too: the card says which export is off, and by how much
         predictor.run.record([path for path in folder.glob("*") if path.is_file() and not path.name.startswith(".")])
         report(predictor.run.path)
+
+
+def _held_out_rows(config: ForgeConfig) -> tuple[str, Dataset]:
+    """The run's test split (else validation, else train), re-made as the run made it."""
+    from forgeml.data.prepare import prepare
+
+    splits = prepare(config).splits
+    name = next(name for name in ("test", "validation", "train") if splits.get(name) is not None)
+    return name, splits[name]
+
+
+@on_plaintext(writes=True)
+def compress(run_dir: str | Path) -> dict[str, Any]:
+    """Compare the model with its int8 and ONNX Runtime variants on the test split (config `compress:`).
+
+    Writes `compress/compression.json` (metrics, size, batch-1 latency, batch-32 throughput per
+    variant, and the one selected for serving), `compress/frontier.png` and the ONNX files in `export/`.
+    """
+    from forgeml.compress import compress_model
+    from forgeml.config import CompressConfig
+    from forgeml.export import PARITY_ROWS
+
+    predictor = Predictor(run_dir)
+    name, rows = _held_out_rows(predictor.config)
+    test = predictor.task.encode(rows, name)
+    if len(rows) > PARITY_ROWS:
+        rows = rows.shuffle(seed=0).select(range(PARITY_ROWS))
+    parity_rows = predictor.task.encode(rows, name, with_targets=False)
+    run = predictor.run
+    options = predictor.config.compress or CompressConfig()
+    try:
+        return compress_model(
+            predictor.task, predictor.model, test, parity_rows, run.path / "compress", run.path / "export", options
+        )
+    finally:
+        written = [*run.path.glob("compress/*"), *run.path.glob("export/*")]
+        run.record([path for path in written if path.is_file() and not path.name.startswith(".")])
+        report(run.path)
 
 
 @on_plaintext(writes=True)

@@ -222,6 +222,29 @@ def export(
 
 
 @app.command()
+def compress(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
+    """int8 and ONNX Runtime variants side by side: quality, size, latency, throughput; picks one to serve."""
+    from forgeml import api
+
+    report = api.compress(run_dir)
+    metric = report["metric"]
+    table = Table("variant", "MB", metric, "drop", "p50 ms (batch 1)", "rows/s (batch 32)", "speed-up 1 / 32")
+    for result in report["variants"]:
+        name = result["name"] + (" (selected)" if result["name"] == report["selected"] else "")
+        table.add_row(
+            name,
+            f"{result['bytes'] / 1e6:.1f}",
+            f"{result['metrics'][metric]:.4f}",
+            f"{result['drop']:+.4f}",
+            f"{result['latency_ms']['p50']:.2f}",
+            f"{result['throughput_rows_per_s']:.0f}",
+            f"{result['speedup_batch1']:.2f}x / {result['speedup_batch32']:.2f}x",
+        )
+    console.print(table)
+    console.print(f"written to {Path(run_dir) / 'compress'}; frontier in compress/frontier.png and the card")
+
+
+@app.command()
 def encrypt(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
     """Encrypt every file of a run with the key in $FORGEML_KEY (AES-256-GCM); no plaintext file is left."""
     from forgeml.encryption import encrypt_run

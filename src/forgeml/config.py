@@ -280,6 +280,21 @@ class AuditConfig(Section):
         return {"enabled": value} if isinstance(value, bool) else value
 
 
+class CompressSelectConfig(Section):
+    max_accuracy_drop: float = Field(
+        0.01, ge=0.0, le=1.0, description="serve the fastest variant at most this far below the original"
+    )
+
+
+class CompressConfig(Section):
+    """Smaller, faster variants of the model, compared on the test split (`forgeml compress`)."""
+
+    quantize: bool = Field(True, description="int8 variants: PyTorch dynamic and ONNX Runtime dynamic")
+    select: CompressSelectConfig = Field(default_factory=CompressSelectConfig)
+    latency_rows: int = Field(100, ge=1, description="single-row calls timed for the batch-1 latency")
+    throughput_rows: int = Field(512, ge=1, description="rows timed in batches of 32 for throughput")
+
+
 class ForgeConfig(Section):
     """A whole run: one YAML file."""
 
@@ -291,6 +306,7 @@ class ForgeConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     audit: AuditConfig | None = Field(None, description="trust audits after evaluation; null skips them")
+    compress: CompressConfig | None = Field(None, description="compressed variants after the audits; null skips")
 
     @model_validator(mode="after")
     def _backbone_fits_task(self) -> ForgeConfig:

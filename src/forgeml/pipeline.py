@@ -138,6 +138,13 @@ def execute(
             clock = time.perf_counter()
             metrics["audit"] = run_audits(config, task, model, data.splits, encoded, run.trust, run.model)
             durations["audit_s"] = time.perf_counter() - clock
+        if config.compress:
+            from forgeml.compress import compress_model
+
+            clock = time.perf_counter()
+            held_out = encoded.get("test") or encoded.get("validation") or encoded["train"]
+            compress_model(task, model, held_out, held_out, run.path / "compress", run.path / "export", config.compress)
+            durations["compress_s"] = time.perf_counter() - clock
         atomic_write_json(run.metrics, metrics)
 
         write_card(run.path)

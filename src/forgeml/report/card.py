@@ -147,6 +147,7 @@ def write_card(run_dir: str | Path) -> tuple[Path, Path]:
         _evaluation(metrics),
         _plots(run / "plots"),
         *_trust(run),
+        _compression(run),
         _exports(run),
         _ethics(config, profile, run),
         _limitations(metrics, profile),
@@ -549,6 +550,41 @@ def _trust(run: Path) -> list[Section]:
             )
         )
     return sections
+
+
+def _compression(run: Path) -> Section:
+    """The variants side by side (compress/compression.json) and the frontier plot."""
+    report = _read_optional_json(run / "compress" / "compression.json")
+    if not report.get("variants"):
+        return Section("Compression", [])
+    metric = report["metric"]
+    rows = [
+        [
+            result["name"] + (" (selected)" if result["name"] == report["selected"] else ""),
+            f"{result['bytes'] / 1e6:.1f}",
+            f"{result['metrics'][metric]:.4f}",
+            f"{result['drop']:+.4f}",
+            f"{result['latency_ms']['p50']:.2f}",
+            f"{result['latency_ms']['p95']:.2f}",
+            f"{result['throughput_rows_per_s']:,.0f}",
+            f"{result['speedup_batch1']:.2f}x",
+            f"{result['speedup_batch32']:.2f}x",
+        ]
+        for result in report["variants"]
+    ]
+    header = ["variant", "MB", metric, "drop", "p50 ms", "p95 ms", "rows/s at 32", "speed-up at 1", "speed-up at 32"]
+    blocks: list[Block] = [
+        Paragraph(
+            f"Each variant scored on the same {report['rows']:,} test rows; latency is single-row calls, throughput "
+            f"batches of 32, on this machine. Selected for serving: {report['selected']}, the fastest at batch 1 "
+            f"whose {metric} is within {report['tolerance']:g} of the original."
+        ),
+        Table(header, rows, "Compressed variants."),
+    ]
+    plot = run / "compress" / "frontier.png"
+    if plot.is_file():
+        blocks.append(Figure(plot, "Quality against latency; marker area is the size on disk; ringed: selected."))
+    return Section("Compression", blocks)
 
 
 def _exports(run: Path) -> Section:
