@@ -75,3 +75,41 @@ def test_compress_config_errors_name_the_key() -> None:
         forgeml.load_config({**base, "compress": {"select": {"max_accuracy_drop": 2}}})
     with pytest.raises(ConfigError, match=r"compress\.latency_rowz"):
         forgeml.load_config({**base, "compress": {"latency_rowz": 5}})
+
+
+def test_evenly_spaced_layers_keep_the_first_and_the_last() -> None:
+    from forgeml.compress.distill import evenly_spaced
+
+    assert evenly_spaced(6, 3) == [0, 2, 5]  # round(2.5) is 2
+    assert evenly_spaced(6, 6) == list(range(6)) and evenly_spaced(6, 1) == [0]
+    with pytest.raises(ConfigError, match=r"compress\.distill\.layers"):
+        evenly_spaced(6, 7)
+
+
+def test_a_student_with_every_layer_is_the_teacher(sentiment_model) -> None:
+    import torch
+
+    from forgeml.compress.distill import student_from_teacher
+
+    teacher = sentiment_model.model
+    student = student_from_teacher(teacher, teacher.encoder.config.num_hidden_layers)
+    inputs = {"input_ids": torch.tensor([[2, 7, 9, 3]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    assert torch.equal(student(**inputs), teacher(**inputs))
+    shallow = student_from_teacher(teacher, 1)
+    assert len(shallow.encoder.encoder.layer) == 1 and shallow.encoder.config.num_hidden_layers == 1
+    assert len(teacher.encoder.encoder.layer) == 2  # the teacher is left whole
+
+
+def test_distilled_student_learns_is_saved_and_measured(text_run: Path) -> None:
+    from forgeml.tasks import load_task
+
+    config = (text_run / "config.yaml").read_text().replace("compress: null\n", "")
+    config += "compress: {distill: {layers: 1, epochs: 3, lr: 3.0e-3}, latency_rows: 20, throughput_rows: 64}\n"
+    (text_run / "config.yaml").write_text(config)
+    report = forgeml.api.compress(text_run)
+    student = next(r for r in report["variants"] if r["name"] == "distilled_1_layers")
+    assert student["metrics"]["accuracy"] >= 0.85  # one sentiment word decides the label: learnable with 1 layer
+    assert student["bytes"] < report["variants"][0]["bytes"]
+    assert report["distillation"]["teacher_layers_kept"] == [0] and report["distillation"]["steps"] > 0
+    task, model = load_task(text_run / "compress" / "student")  # saved like a run's model/
+    assert model.encoder.config.num_hidden_layers == 1 and task.target.classes == ["negative", "positive"]

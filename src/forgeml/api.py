@@ -326,19 +326,30 @@ def compress(run_dir: str | Path) -> dict[str, Any]:
     """
     from forgeml.compress import compress_model
     from forgeml.config import CompressConfig
+    from forgeml.data.prepare import prepare
     from forgeml.export import PARITY_ROWS
 
     predictor = Predictor(run_dir)
-    name, rows = _held_out_rows(predictor.config)
-    test = predictor.task.encode(rows, name)
+    splits = prepare(predictor.config).splits
+    name = next(name for name in ("test", "validation", "train") if splits.get(name) is not None)
+    task, rows = predictor.task, splits[name]
+    test = task.encode(rows, name)
     if len(rows) > PARITY_ROWS:
         rows = rows.shuffle(seed=0).select(range(PARITY_ROWS))
-    parity_rows = predictor.task.encode(rows, name, with_targets=False)
+    parity_rows = task.encode(rows, name, with_targets=False)
     run = predictor.run
     options = predictor.config.compress or CompressConfig()
+    training = None
+    if options.distill:  # the student learns on the run's own training rows
+        validation = splits.get("validation")
+        training = (
+            task.encode(splits["train"], "train"),
+            None if validation is None else task.encode(validation, "validation"),
+            predictor.config.train,
+        )
     try:
         return compress_model(
-            predictor.task, predictor.model, test, parity_rows, run.path / "compress", run.path / "export", options
+            task, predictor.model, test, parity_rows, run.path / "compress", run.path / "export", options, training
         )
     finally:
         written = [*run.path.glob("compress/*"), *run.path.glob("export/*")]

@@ -286,10 +286,21 @@ class CompressSelectConfig(Section):
     )
 
 
+class DistillConfig(Section):
+    """A student with fewer of the teacher's transformer layers, trained on the teacher's softened logits."""
+
+    layers: int = Field(3, ge=1, description="transformer layers the student keeps (evenly spaced)")
+    epochs: int = Field(1, ge=1, le=100)
+    lr: float = Field(1.0e-4, gt=0.0, le=1.0)
+    temperature: float = Field(2.0, gt=0.0, le=100.0, description="softens both models' logits")
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the teacher's answers (the rest: labels)")
+
+
 class CompressConfig(Section):
     """Smaller, faster variants of the model, compared on the test split (`forgeml compress`)."""
 
     quantize: bool = Field(True, description="int8 variants: PyTorch dynamic and ONNX Runtime dynamic")
+    distill: DistillConfig | None = Field(None, description="text classifiers: a distilled shallower student")
     select: CompressSelectConfig = Field(default_factory=CompressSelectConfig)
     latency_rows: int = Field(100, ge=1, description="single-row calls timed for the batch-1 latency")
     throughput_rows: int = Field(512, ge=1, description="rows timed in batches of 32 for throughput")

@@ -143,7 +143,9 @@ def execute(
 
             clock = time.perf_counter()
             held_out = encoded.get("test") or encoded.get("validation") or encoded["train"]
-            compress_model(task, model, held_out, held_out, run.path / "compress", run.path / "export", config.compress)
+            training = (encoded["train"], encoded.get("validation"), config.train)  # for distillation
+            folders = (run.path / "compress", run.path / "export")
+            compress_model(task, model, held_out, held_out, *folders, config.compress, training)
             durations["compress_s"] = time.perf_counter() - clock
         atomic_write_json(run.metrics, metrics)
 

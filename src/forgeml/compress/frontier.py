@@ -12,9 +12,10 @@ from typing import Any
 
 from torch import nn
 
+from forgeml.compress.distill import distill
 from forgeml.compress.measure import measure
-from forgeml.compress.variants import build_variants
-from forgeml.config import LOWER_IS_BETTER, CompressConfig
+from forgeml.compress.variants import Variant, build_variants
+from forgeml.config import LOWER_IS_BETTER, CompressConfig, TrainConfig
 from forgeml.evaluate.plots import plt, save_figure
 from forgeml.tasks.base import EncodedSplit, Task
 from forgeml.workspace import atomic_write_json
@@ -28,9 +29,23 @@ def compress_model(
     folder: Path,
     export_folder: Path,
     options: CompressConfig,
+    training: tuple[EncodedSplit, EncodedSplit | None, TrainConfig] | None = None,
 ) -> dict[str, Any]:
-    """Build, measure and compare the variants; write `compression.json` and `frontier.png` into `folder`."""
+    """Build, measure and compare the variants; write `compression.json` and `frontier.png` into `folder`.
+
+    `training` (train split, validation split, the run's train settings) is needed for distillation;
+    the distilled student is saved in `folder/student/` like a run's `model/`.
+    """
     variants, parity = build_variants(task, model, parity_rows, export_folder, options.quantize)
+    distilled = None
+    if options.distill:
+        if training is None:
+            raise ValueError("compress_model: distillation needs the training splits")
+        student, distilled = distill(task, model, training[0], training[1], training[2], options.distill)
+        task.save(folder / "student", student)
+        size = (folder / "student" / "model.safetensors").stat().st_size
+        layers = options.distill.layers
+        variants.append(Variant(f"distilled_{layers}_layers", student, size, f"student with {layers} layers"))
     metric = "accuracy" if hasattr(task.target, "classes") else task.primary_metric
     lower_is_better = metric in LOWER_IS_BETTER
     results = []
@@ -54,6 +69,7 @@ def compress_model(
         "selected": selected["name"],
         "variants": results,
         "onnx_parity": parity,
+        "distillation": distilled,
     }
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(folder / "compression.json", report)

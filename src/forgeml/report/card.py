@@ -581,6 +581,17 @@ def _compression(run: Path) -> Section:
         ),
         Table(header, rows, "Compressed variants."),
     ]
+    distilled = report.get("distillation")
+    if distilled:
+        kept = ", ".join(str(i) for i in distilled["teacher_layers_kept"])
+        blocks.insert(
+            1,
+            Paragraph(
+                f"The distilled student keeps the teacher's embeddings, head and transformer layers {kept}; it was "
+                f"trained for {distilled['steps']:,} steps on the teacher's softened answers and the labels "
+                "(saved in compress/student/)."
+            ),
+        )
     plot = run / "compress" / "frontier.png"
     if plot.is_file():
         blocks.append(Figure(plot, "Quality against latency; marker area is the size on disk; ringed: selected."))
