@@ -113,3 +113,51 @@ def test_distilled_student_learns_is_saved_and_measured(text_run: Path) -> None:
     assert report["distillation"]["teacher_layers_kept"] == [0] and report["distillation"]["steps"] > 0
     task, model = load_task(text_run / "compress" / "student")  # saved like a run's model/
     assert model.encoder.config.num_hidden_layers == 1 and task.target.classes == ["negative", "positive"]
+
+
+def test_magnitude_pruning_keeps_its_zeros_through_recovery(sentiment_model) -> None:
+    import torch
+
+    from forgeml.compress.prune import magnitude_prune, make_permanent
+
+    pruned = magnitude_prune(sentiment_model.model, 0.5)
+    with torch.no_grad():  # what a recovery step would do to every weight, pruned ones included
+        for name, parameter in pruned.named_parameters():
+            if name.endswith("weight_orig"):
+                parameter.add_(1.0)
+    assert make_permanent(pruned) >= 0.5
+    assert not any(name.endswith(("weight_orig", "weight_mask")) for name, _ in pruned.state_dict().items())
+    assert (pruned.head.weight != 0).all()  # the head is left whole
+
+
+def test_feed_forward_pruning_keeping_every_neuron_changes_nothing(sentiment_model) -> None:
+    import torch
+
+    from forgeml.compress.prune import prune_feed_forward
+
+    teacher = sentiment_model.model
+    width = teacher.encoder.config.intermediate_size
+    same, kept = prune_feed_forward(teacher, 1.0)
+    inputs = {"input_ids": torch.tensor([[2, 7, 9, 3]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    assert kept == width and torch.allclose(same(**inputs), teacher(**inputs), atol=1e-6)
+    half, kept = prune_feed_forward(teacher, 0.5)
+    assert kept == width // 2 and half.encoder.encoder.layer[0].intermediate.dense.out_features == width // 2
+    assert teacher.encoder.config.intermediate_size == width  # the original is left as it was
+
+
+def test_pruned_variants_recover_and_reload(text_run: Path) -> None:
+    from forgeml.tasks import load_task
+
+    config = (text_run / "config.yaml").read_text().replace("compress: null\n", "")
+    prune = "{sparsity: 0.5, ffn_keep: 0.5, epochs: 2, lr: 1.0e-3}"
+    config += f"compress: {{prune: {prune}, latency_rows: 10, throughput_rows: 32}}\n"
+    (text_run / "config.yaml").write_text(config)
+    report = forgeml.api.compress(text_run)
+    by_name = {r["name"]: r for r in report["variants"]}
+    assert report["magnitude_pruning"]["sparsity"] >= 0.5 and report["ffn_pruning"]["intermediate_size"] == 32
+    for name in ("pruned_50pct", "ffn_pruned_50pct"):
+        assert by_name[name]["metrics"]["accuracy"] >= 0.85, name
+    _, narrow = load_task(text_run / "compress" / "ffn_pruned_50pct")
+    assert narrow.encoder.encoder.layer[1].output.dense.in_features == 32
+    card = (text_run / "card.md").read_text()
+    assert "most important neurons" in card and "of its Linear weights at zero" in card

@@ -340,7 +340,7 @@ def compress(run_dir: str | Path) -> dict[str, Any]:
     run = predictor.run
     options = predictor.config.compress or CompressConfig()
     training = None
-    if options.distill:  # the student learns on the run's own training rows
+    if options.distill or options.prune:  # the student and the pruned models learn on the training rows
         validation = splits.get("validation")
         training = (
             task.encode(splits["train"], "train"),

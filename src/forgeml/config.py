@@ -296,11 +296,23 @@ class DistillConfig(Section):
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the teacher's answers (the rest: labels)")
 
 
+class PruneConfig(Section):
+    """Pruned variants, each followed by a short recovery fine-tune on the original model's answers."""
+
+    sparsity: float | None = Field(0.5, gt=0.0, lt=1.0, description="unstructured: share of Linear weights zeroed")
+    ffn_keep: float | None = Field(
+        0.5, gt=0.0, lt=1.0, description="structured (text): share of feed-forward neurons kept in each layer"
+    )
+    epochs: int = Field(1, ge=1, le=100, description="recovery fine-tune epochs")
+    lr: float = Field(1.0e-4, gt=0.0, le=1.0)
+
+
 class CompressConfig(Section):
     """Smaller, faster variants of the model, compared on the test split (`forgeml compress`)."""
 
     quantize: bool = Field(True, description="int8 variants: PyTorch dynamic and ONNX Runtime dynamic")
     distill: DistillConfig | None = Field(None, description="text classifiers: a distilled shallower student")
+    prune: PruneConfig | None = Field(None, description="classifiers: magnitude- and neuron-pruned variants")
     select: CompressSelectConfig = Field(default_factory=CompressSelectConfig)
     latency_rows: int = Field(100, ge=1, description="single-row calls timed for the batch-1 latency")
     throughput_rows: int = Field(512, ge=1, description="rows timed in batches of 32 for throughput")

@@ -88,26 +88,30 @@ class DistillationTask:
         return self.alpha * t * t * soft + (1 - self.alpha) * self.task.loss(outputs, labels)
 
 
-def distill(
+def teach(
     task: Task,
-    teacher: TextModel,
-    train_split: EncodedSplit,
-    validation_split: EncodedSplit | None,
-    base: TrainConfig,
-    options: DistillConfig,
-    show_progress: bool = False,
-) -> tuple[TextModel, dict[str, Any]]:
-    """Train a `options.layers`-layer student of `teacher`; return it and what training reported."""
+    teacher: nn.Module,
+    student: nn.Module,
+    training: tuple[EncodedSplit, EncodedSplit | None, TrainConfig],
+    epochs: int,
+    lr: float,
+    temperature: float = 2.0,
+    alpha: float = 0.5,
+    teacher_logits: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Train `student` in place on `teacher`'s softened logits and the labels (distillation, or the
+    recovery fine-tune after pruning); returns the steps and seconds it took."""
     from forgeml.train.loop import train
 
     if not hasattr(task.target, "classes"):
-        raise ConfigError("compress.distill: distillation on softened class probabilities needs a classifier")
-    logits, _ = model_outputs(teacher, train_split, base.eval_batch_size)
-    student = student_from_teacher(teacher, options.layers)
+        raise ConfigError("compress: learning from softened class probabilities needs a classifier")
+    train_split, validation_split, base = training
+    if teacher_logits is None:
+        teacher_logits, _ = model_outputs(teacher, train_split, base.eval_batch_size)
     config = base.model_copy(
         update={
-            "epochs": options.epochs,
-            "lr": options.lr,
+            "epochs": epochs,
+            "lr": lr,
             "max_steps": None,
             "privacy": None,
             "adversarial": None,
@@ -115,13 +119,35 @@ def distill(
         }
     )
     result = train(
-        DistillationTask(task, options.temperature, options.alpha),
+        DistillationTask(task, temperature, alpha),
         student,
-        WithTeacher(train_split, logits),
+        WithTeacher(train_split, teacher_logits),
         validation_split,
         config,
-        show_progress=show_progress,
     )
     student.eval()
+    return {"steps": result.steps, "seconds": result.seconds}
+
+
+def distill(
+    task: Task,
+    teacher: TextModel,
+    training: tuple[EncodedSplit, EncodedSplit | None, TrainConfig],
+    options: DistillConfig,
+    teacher_logits: np.ndarray | None = None,
+) -> tuple[TextModel, dict[str, Any]]:
+    """Train a `options.layers`-layer student of `teacher`; return it and what training reported."""
+    student = student_from_teacher(teacher, options.layers)
+    trained = teach(
+        task,
+        teacher,
+        student,
+        training,
+        options.epochs,
+        options.lr,
+        options.temperature,
+        options.alpha,
+        teacher_logits,
+    )
     kept = evenly_spaced(teacher.encoder.config.num_hidden_layers, options.layers)
-    return student, {"teacher_layers_kept": kept, "steps": result.steps, "seconds": result.seconds}
+    return student, {"teacher_layers_kept": kept, **trained}

@@ -12,10 +12,12 @@ from typing import Any
 
 from torch import nn
 
-from forgeml.compress.distill import distill
+from forgeml.compress.distill import distill, teach
 from forgeml.compress.measure import measure
+from forgeml.compress.prune import magnitude_prune, make_permanent, prune_feed_forward
 from forgeml.compress.variants import Variant, build_variants
 from forgeml.config import LOWER_IS_BETTER, CompressConfig, TrainConfig
+from forgeml.evaluate.outputs import model_outputs
 from forgeml.evaluate.plots import plt, save_figure
 from forgeml.tasks.base import EncodedSplit, Task
 from forgeml.workspace import atomic_write_json
@@ -33,19 +35,17 @@ def compress_model(
 ) -> dict[str, Any]:
     """Build, measure and compare the variants; write `compression.json` and `frontier.png` into `folder`.
 
-    `training` (train split, validation split, the run's train settings) is needed for distillation;
-    the distilled student is saved in `folder/student/` like a run's `model/`.
+    `training` (train split, validation split, the run's train settings) is needed for distillation and
+    pruning; those variants are saved in `folder/<name>/` like a run's `model/`, so they can be served.
     """
     variants, parity = build_variants(task, model, parity_rows, export_folder, options.quantize)
-    distilled = None
-    if options.distill:
+    if options.distill or options.prune:
         if training is None:
-            raise ValueError("compress_model: distillation needs the training splits")
-        student, distilled = distill(task, model, training[0], training[1], training[2], options.distill)
-        task.save(folder / "student", student)
-        size = (folder / "student" / "model.safetensors").stat().st_size
-        layers = options.distill.layers
-        variants.append(Variant(f"distilled_{layers}_layers", student, size, f"student with {layers} layers"))
+            raise ValueError("compress_model: distillation and pruning need the training splits")
+        trained, learned = _trained_variants(task, model, folder, options, training)
+        variants += trained
+    else:
+        learned = {}
     metric = "accuracy" if hasattr(task.target, "classes") else task.primary_metric
     lower_is_better = metric in LOWER_IS_BETTER
     results = []
@@ -69,12 +69,57 @@ def compress_model(
         "selected": selected["name"],
         "variants": results,
         "onnx_parity": parity,
-        "distillation": distilled,
+        **learned,
     }
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(folder / "compression.json", report)
     plot_frontier(report, folder / "frontier.png")
     return report
+
+
+def _trained_variants(
+    task: Task,
+    model: nn.Module,
+    folder: Path,
+    options: CompressConfig,
+    training: tuple[EncodedSplit, EncodedSplit | None, TrainConfig],
+) -> tuple[list[Variant], dict[str, Any]]:
+    """The variants that learn from the original: the distilled student and the pruned models."""
+    variants: list[Variant] = []
+    learned: dict[str, Any] = {}
+    teacher_logits, _ = model_outputs(model, training[0], training[2].eval_batch_size)  # once, for all of them
+    if options.distill:
+        student, learned["distillation"] = distill(task, model, training, options.distill, teacher_logits)
+        layers = options.distill.layers
+        variants.append(_saved(task, student, folder / "student", f"distilled_{layers}_layers", f"{layers} layers"))
+    prune_options = options.prune
+    if prune_options and prune_options.sparsity:
+        pruned = magnitude_prune(model, prune_options.sparsity)
+        recovery = teach(
+            task, model, pruned, training, prune_options.epochs, prune_options.lr, teacher_logits=teacher_logits
+        )
+        learned["magnitude_pruning"] = {"sparsity": make_permanent(pruned), **recovery}
+        name = f"pruned_{round(100 * prune_options.sparsity)}pct"
+        description = f"{learned['magnitude_pruning']['sparsity']:.0%} of weights zero"
+        variants.append(_saved(task, pruned, folder / name, name, description))
+    if prune_options and prune_options.ffn_keep:
+        if not hasattr(model, "encoder"):
+            learned["ffn_pruning"] = {"skipped": "feed-forward neuron pruning is for transformer text models"}
+            return variants, learned
+        narrow, width = prune_feed_forward(model, prune_options.ffn_keep)
+        recovery = teach(
+            task, model, narrow, training, prune_options.epochs, prune_options.lr, teacher_logits=teacher_logits
+        )
+        learned["ffn_pruning"] = {"intermediate_size": width, **recovery}
+        name = f"ffn_pruned_{round(100 * prune_options.ffn_keep)}pct"
+        variants.append(_saved(task, narrow, folder / name, name, f"feed-forward width {width}"))
+    return variants, learned
+
+
+def _saved(task: Task, model: nn.Module, folder: Path, name: str, description: str) -> Variant:
+    """A trained variant saved like a run's `model/` (servable later), measured by its weights' size."""
+    task.save(folder, model)
+    return Variant(name, model, (folder / "model.safetensors").stat().st_size, description)
 
 
 def plot_frontier(report: dict[str, Any], path: Path) -> Path:

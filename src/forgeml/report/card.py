@@ -581,6 +581,21 @@ def _compression(run: Path) -> Section:
         ),
         Table(header, rows, "Compressed variants."),
     ]
+    notes = []
+    if report.get("magnitude_pruning"):
+        notes.append(
+            f"The pruned model has {report['magnitude_pruning']['sparsity']:.0%} of its Linear weights at zero "
+            "(global magnitude pruning, kept through a recovery fine-tune on the original's answers); dense "
+            "kernels run it no faster, but it compresses."
+        )
+    if (report.get("ffn_pruning") or {}).get("intermediate_size"):
+        notes.append(
+            f"The feed-forward-pruned model keeps the {report['ffn_pruning']['intermediate_size']:,} most important "
+            "neurons of each layer's feed-forward block (|input weights| x |output weights|), then recovers on the "
+            "original's answers."
+        )
+    for note in reversed(notes):
+        blocks.insert(1, Paragraph(note))
     distilled = report.get("distillation")
     if distilled:
         kept = ", ".join(str(i) for i in distilled["teacher_layers_kept"])
