@@ -40,6 +40,7 @@ def throughput(runtime: Any, split: EncodedSplit, rows: int, batch_size: int = 3
 
 
 def measure(task: Task, runtime: Any, test: EncodedSplit, latency_rows: int, throughput_rows: int) -> dict[str, Any]:
+    """Test-split metrics, batch-1 latency and batch-32 throughput of one variant."""
     outputs, targets = model_outputs(runtime, test)
     return {
         "metrics": scalar_metrics(task.metrics(outputs, targets)),
@@ -58,5 +59,5 @@ class _Head:
     def __len__(self) -> int:
         return self.count
 
-    def batch(self, rows):
+    def batch(self, rows: list[int]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         return self.split.batch(rows)
