@@ -28,8 +28,10 @@ app = typer.Typer(
 )
 runs_app = typer.Typer(help="List recorded runs, or `runs show ID` for one.", invoke_without_command=True)
 config_app = typer.Typer(help="Config helpers.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys for `forgeml serve`: create, list, revoke.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
 app.add_typer(config_app, name="config")
+app.add_typer(keys_app, name="keys")
 
 # Piped output is not cut to 80 columns: tables and paths stay whole for scripts and logs.
 console = Console() if sys.stdout.isatty() else Console(width=200, soft_wrap=True)
@@ -242,6 +244,80 @@ def compress(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -
         )
     console.print(table)
     console.print(f"written to {Path(run_dir) / 'compress'}; frontier in compress/frontier.png and the card")
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _key_store(workspace: Path | None):
+    from forgeml.serve.keys import KeyStore
+    from forgeml.store import database_url
+    from forgeml.workspace import workspace_root
+
+    return KeyStore(database_url(workspace_root(workspace)))
+
+
+@app.command()
+def serve(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
+    host: Annotated[str, typer.Option(help="address to bind; anything but loopback needs API keys")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    no_auth: Annotated[bool, typer.Option("--no-auth", help="no API keys (only on 127.0.0.1)")] = False,
+    engine: Annotated[str, typer.Option(help="auto (the variant compress selected), onnx or pytorch")] = "auto",
+    workspace: Workspace = None,
+) -> None:
+    """Serve a run's model over HTTP: /v1/predict, /v1/models, /healthz, /readyz, /metrics, /docs."""
+    import uvicorn
+
+    from forgeml.serve.app import create_app
+    from forgeml.serve.runtime import ModelRuntime
+
+    if no_auth and host not in LOOPBACK:
+        raise ForgeError(f"serve: --no-auth is allowed only on 127.0.0.1, not on {host}; create a key instead")
+    if engine not in ("auto", "onnx", "pytorch"):
+        raise ForgeError(f"serve: --engine {engine!r}; choose auto, onnx or pytorch")
+    keys = None if no_auth else _key_store(workspace)
+    runtime = ModelRuntime(run_dir, engine)
+    if keys is None:
+        errors.print(f"authentication is OFF: anyone who can reach {host}:{port} may call the API")
+    elif not keys.list():
+        errors.print("no API keys yet: create one with `forgeml keys create --scope predict`")
+    errors.print(f"serving {runtime.name} {runtime.version} with {runtime.engine} on http://{host}:{port}")
+    uvicorn.run(create_app(runtime, keys), host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
+
+
+@keys_app.command("create")
+def keys_create(
+    scope: Annotated[list[str], typer.Option("--scope", "-s", help="predict, feedback or admin; repeat for several")],
+    name: Annotated[str, typer.Option(help="what the key is for")] = "",
+    expires_days: Annotated[float | None, typer.Option("--expires-days", help="valid for this many days")] = None,
+    workspace: Workspace = None,
+) -> None:
+    """Make an API key; it is printed once and stored only salted and hashed."""
+    key = _key_store(workspace).create(scope, name, expires_days)
+    sys.stdout.write(key + "\n")
+    errors.print("this key is shown once; keep it in a secret store", highlight=False)
+
+
+@keys_app.command("list")
+def keys_list(workspace: Workspace = None) -> None:
+    """Keys with their scopes and dates (never the secrets)."""
+    table = Table("id", "name", "scopes", "created", "expires", "revoked")
+    for key in _key_store(workspace).list():
+        dates = [
+            key[k].strftime("%Y-%m-%d %H:%M") if key[k] else "" for k in ("created_at", "expires_at", "revoked_at")
+        ]
+        table.add_row(key["id"], key["name"], ", ".join(key["scopes"]), *dates)
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(help="the key's id (from `forgeml keys list`)")], workspace: Workspace = None
+) -> None:
+    """Revoke a key at once: later requests with it get 401."""
+    _key_store(workspace).revoke(key_id)
+    console.print(f"revoked {key_id}")
 
 
 @app.command()

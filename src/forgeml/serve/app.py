@@ -1,0 +1,157 @@
+"""The FastAPI app: typed requests and responses, API keys with scopes, JSON errors, Prometheus metrics.
+
+Every error is a 4xx with a JSON body naming the problem: a bad request must never become a 500 or
+hang. Predictions run in the server's thread pool, so health checks answer while a batch is scored.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict
+
+from forgeml.errors import ForgeError
+from forgeml.serve.keys import KeyStore
+from forgeml.serve.runtime import ModelRuntime
+
+
+class Limits(BaseModel):
+    max_inputs: int = 64
+    max_chars: int = 10_000
+    max_body_bytes: int = 1 << 20
+
+
+class PredictRequest(BaseModel):
+    """`inputs`: one record or a list of them; a record is a text, a [premise, hypothesis] pair, or a
+    mapping of input columns."""
+
+    model_config = ConfigDict(extra="forbid")
+    inputs: str | list[str] | dict[str, Any] | list[dict[str, Any]] | list[list[str]]
+
+
+class Prediction(BaseModel):
+    label: str | None = None
+    probabilities: dict[str, float] | None = None
+    value: float | None = None
+
+
+class PredictResponse(BaseModel):
+    model: str
+    version: str
+    request_id: str
+    predictions: list[Prediction]
+
+
+def _records(request: PredictRequest, limits: Limits) -> list[Any]:
+    inputs = request.inputs
+    records = [inputs] if isinstance(inputs, (str, dict)) else list(inputs)
+    if not records:
+        raise HTTPException(422, "inputs: empty; send at least one record")
+    if len(records) > limits.max_inputs:
+        raise HTTPException(413, f"inputs: {len(records)} records; at most {limits.max_inputs} per request")
+    for index, record in enumerate(records):
+        values = record.values() if isinstance(record, dict) else record if isinstance(record, list) else [record]
+        for value in values:
+            if isinstance(value, str) and len(value) > limits.max_chars:
+                raise HTTPException(413, f"inputs[{index}]: {len(value):,} characters; at most {limits.max_chars:,}")
+    return records
+
+
+def create_app(runtime: ModelRuntime, keys: KeyStore | None, limits: Limits | None = None) -> FastAPI:
+    """The service for one model; `keys=None` turns authentication off (the CLI allows that on loopback only)."""
+    limits = limits or Limits()
+    registry = CollectorRegistry()
+    requests = Counter("forgeml_requests", "Requests by route and status", ["route", "status"], registry=registry)
+    latency = Histogram("forgeml_request_seconds", "Request latency", ["route"], registry=registry)
+    batch_sizes = Histogram(
+        "forgeml_batch_size", "Records per prediction request", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=registry
+    )
+    info = Gauge("forgeml_model_info", "The model being served", ["name", "version", "engine"], registry=registry)
+    info.labels(runtime.name, runtime.version, runtime.engine).set(1)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        runtime.warm_up()
+        app.state.ready = True
+        yield
+
+    app = FastAPI(title=f"forgeml: {runtime.name}", version=runtime.version, lifespan=lifespan)
+    app.state.ready = False
+
+    @app.middleware("http")
+    async def guard_and_count(request: Request, call_next):
+        started = time.perf_counter()
+        size = request.headers.get("content-length")
+        if size is not None and (not size.isdigit() or int(size) > limits.max_body_bytes):
+            response: Response = JSONResponse(
+                {"detail": f"request body larger than {limits.max_body_bytes:,} bytes"}, status_code=413
+            )
+        else:
+            response = await call_next(request)
+        route = request.scope.get("route")
+        name = getattr(route, "path", "unmatched")
+        requests.labels(name, str(response.status_code)).inc()
+        latency.labels(name).observe(time.perf_counter() - started)
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        problems = [
+            {"field": ".".join(str(part) for part in e["loc"] if part != "body"), "problem": e["msg"]}
+            for e in error.errors()
+        ]
+        return JSONResponse({"detail": "invalid request", "problems": problems}, status_code=422)
+
+    def require(scope: str):
+        def check(authorization: str | None = Header(default=None)) -> str | None:
+            if keys is None:
+                return None
+            token = authorization[7:].strip() if authorization and authorization.lower().startswith("bearer ") else None
+            verdict = keys.check(token, scope)
+            if verdict.status != 200:
+                headers = {"WWW-Authenticate": "Bearer"} if verdict.status == 401 else None
+                raise HTTPException(verdict.status, verdict.reason, headers=headers)
+            return verdict.key_id
+
+        return check
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz() -> JSONResponse:
+        ready = bool(app.state.ready)
+        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+    @app.get("/v1/models")
+    def models(_: str | None = Depends(require("predict"))) -> dict[str, Any]:
+        return {"models": [runtime.describe()]}
+
+    @app.post("/v1/predict", response_model=PredictResponse, response_model_exclude_none=True)
+    def predict(body: PredictRequest, _: str | None = Depends(require("predict"))) -> PredictResponse:
+        records = _records(body, limits)
+        batch_sizes.observe(len(records))
+        try:
+            answers = runtime.predict(records)
+        except ForgeError as error:  # a record missing a column, a value of the wrong kind, ...
+            raise HTTPException(422, str(error)) from None
+        return PredictResponse(
+            model=runtime.name,
+            version=runtime.version,
+            request_id=uuid.uuid4().hex,
+            predictions=[Prediction(**answer) for answer in answers],
+        )
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

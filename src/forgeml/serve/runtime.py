@@ -1,0 +1,59 @@
+"""What answers requests: the run's model through the same Predictor `forgeml predict` uses, on the
+variant `forgeml compress` selected when it is an ONNX file (onnxruntime), else PyTorch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from forgeml.api import Predictor
+from forgeml.encryption import is_encrypted
+from forgeml.workspace import read_json
+
+ONNX_FILES = {"onnx_int8": "model.int8.onnx", "onnx_fp32": "model.onnx"}
+
+
+class ModelRuntime:
+    """A loaded model plus its name and version; `predict` takes raw inputs as `Predictor.predict` does."""
+
+    def __init__(self, run_dir: str | Path, engine: str = "auto"):
+        self.predictor = Predictor(run_dir)
+        run = self.predictor.run
+        self.name, self.version = run.name, run.id
+        self.engine = "pytorch"
+        if engine in ("auto", "onnx") and not is_encrypted(run.path):
+            selected = _selected_variant(run.path)
+            file = ONNX_FILES.get(selected or "", "model.int8.onnx" if engine == "onnx" else None)
+            if file and (run.path / "export" / file).is_file():
+                from forgeml.export import OnnxModel
+
+                run.verify("export/")  # the ONNX file is an artefact like the others: checked before use
+                self.predictor.model = OnnxModel(run.path / "export" / file)
+                self.engine = f"onnxruntime ({selected or 'onnx_int8'})"
+        self.input_columns = list(self.predictor.input_columns)
+        self.classes = list(getattr(self.predictor.task.target, "classes", []))
+
+    def predict(self, inputs: list[Any]) -> list[dict[str, Any]]:
+        return self.predictor.predict(inputs, batch_size=64)
+
+    def warm_up(self) -> None:
+        """One call through every layer before reporting ready, so the first request is not the slow one."""
+        example = "warm-up" if len(self.input_columns) == 1 else dict.fromkeys(self.input_columns, "warm-up")
+        if not getattr(self.predictor.task, "text_columns", None):
+            example = dict.fromkeys(self.input_columns, None)
+        self.predict([example])
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "task": self.predictor.task.name,
+            "engine": self.engine,
+            "inputs": self.input_columns,
+            "labels": self.classes,
+        }
+
+
+def _selected_variant(run_dir: Path) -> str | None:
+    report = run_dir / "compress" / "compression.json"
+    return read_json(report).get("selected") if report.is_file() else None

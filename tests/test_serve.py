@@ -1,0 +1,180 @@
+"""The HTTP service on a real uvicorn server on 127.0.0.1: predictions, API keys and scopes, a battery of
+bad requests that each get the right 4xx with a JSON body, Prometheus metrics, and keys stored hashed."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import uvicorn
+
+import forgeml
+from forgeml.serve.app import Limits, create_app
+from forgeml.serve.keys import KeyStore
+from forgeml.serve.runtime import ModelRuntime
+from forgeml.store import database_url
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Client:
+    def __init__(self, port: int):
+        self.port = port
+
+    def call(self, method: str, path: str, body: bytes | str | dict | None = None, key: str | None = None):
+        """(status, parsed JSON or text) of one request; bodies given as bytes are sent as they are."""
+        if isinstance(body, dict):
+            body = json.dumps(body)
+        if isinstance(body, str):
+            body = body.encode("utf-8")
+        headers = {"Content-Type": "application/json"}
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            connection.request(method, path, body=body, headers=headers)
+            response = connection.getresponse()
+            text = response.read().decode("utf-8")
+            is_json = response.getheader("content-type", "").startswith("application/json")
+            return response.status, json.loads(text) if is_json else text
+        finally:
+            connection.close()
+
+
+@pytest.fixture(scope="module")
+def service(sentiment_model, tmp_path_factory: pytest.TempPathFactory):
+    workspace = tmp_path_factory.mktemp("serve")
+    run = shutil.copytree(sentiment_model.run.path, workspace / "runs" / "tiny" / sentiment_model.run.id)
+    keys = KeyStore(database_url(workspace))
+    issued = {
+        "predict": keys.create(["predict"], name="app"),
+        "feedback": keys.create(["feedback"]),
+        "revoked": keys.create(["predict"]),
+        "expired": keys.create(["predict"], expires_in_days=1e-9),  # about 0.1 ms: expired by the first request
+    }
+    keys.revoke(issued["revoked"].split("_")[1])
+    app = create_app(ModelRuntime(run), keys, Limits(max_inputs=8, max_chars=500, max_body_bytes=200_000))
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    client = Client(port)
+    deadline = time.monotonic() + 60
+    while not server.started and time.monotonic() < deadline and thread.is_alive():
+        time.sleep(0.05)  # waiting for the server to come up, not timing anything
+    assert server.started, "uvicorn did not start"
+    yield client, issued, workspace, run
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+def test_predict_answers_with_labels_probabilities_version_and_request_id(service) -> None:
+    client, keys, _, run = service
+    assert client.call("GET", "/readyz") == (200, {"ready": True})
+    status, body = client.call(
+        "POST", "/v1/predict", {"inputs": ["the film was great", "a dull and boring plot"]}, keys["predict"]
+    )
+    assert status == 200, body
+    assert [p["label"] for p in body["predictions"]] == ["positive", "negative"]
+    assert all(abs(sum(p["probabilities"].values()) - 1) < 1e-5 for p in body["predictions"])
+    assert all("value" not in p for p in body["predictions"])  # no empty fields of other tasks
+    assert body["version"] == run.name and len(body["request_id"]) == 32
+    status, single = client.call("POST", "/v1/predict", {"inputs": "the film was great"}, keys["predict"])
+    assert status == 200 and len(single["predictions"]) == 1
+    status, models = client.call("GET", "/v1/models", key=keys["predict"])
+    assert status == 200 and models["models"][0]["labels"] == ["negative", "positive"]
+
+
+BAD_REQUESTS = [
+    # (name, method, path, body, key name, expected status)
+    ("no key", "POST", "/v1/predict", {"inputs": ["x"]}, None, 401),
+    ("malformed key", "POST", "/v1/predict", {"inputs": ["x"]}, "not-a-key", 401),
+    ("unknown key", "POST", "/v1/predict", {"inputs": ["x"]}, "fml_000000000000_secret", 401),
+    ("revoked key", "POST", "/v1/predict", {"inputs": ["x"]}, "revoked", 401),
+    ("expired key", "POST", "/v1/predict", {"inputs": ["x"]}, "expired", 401),
+    ("wrong scope", "POST", "/v1/predict", {"inputs": ["x"]}, "feedback", 403),
+    ("models without key", "GET", "/v1/models", None, None, 401),
+    ("malformed JSON", "POST", "/v1/predict", b'{"inputs": ["x"', "predict", 422),
+    ("invalid UTF-8", "POST", "/v1/predict", b'{"inputs": ["\xff\xfe"]}', "predict", 400),
+    ("not an object", "POST", "/v1/predict", b"[1, 2, 3]", "predict", 422),
+    ("empty body", "POST", "/v1/predict", b"", "predict", 422),
+    ("missing inputs", "POST", "/v1/predict", {}, "predict", 422),
+    ("unknown field", "POST", "/v1/predict", {"inputs": ["x"], "temperature": 2}, "predict", 422),
+    ("wrong type", "POST", "/v1/predict", {"inputs": 42}, "predict", 422),
+    ("null inputs", "POST", "/v1/predict", {"inputs": None}, "predict", 422),
+    ("list of numbers", "POST", "/v1/predict", {"inputs": [1, 2]}, "predict", 422),
+    ("empty list", "POST", "/v1/predict", {"inputs": []}, "predict", 422),
+    ("too many inputs", "POST", "/v1/predict", {"inputs": ["x"] * 9}, "predict", 413),
+    ("too long a text", "POST", "/v1/predict", {"inputs": ["x" * 501]}, "predict", 413),
+    ("1 MB body", "POST", "/v1/predict", {"inputs": ["x" * 1_000_000]}, "predict", 413),
+    ("record without the text column", "POST", "/v1/predict", {"inputs": [{"review": "x"}]}, "predict", 422),
+    ("pair for a single-text model", "POST", "/v1/predict", {"inputs": [["a", "b"]]}, "predict", 422),
+    ("unknown route", "GET", "/v1/nothing", None, "predict", 404),
+    ("wrong method", "GET", "/v1/predict", None, "predict", 405),
+    ("predict with PUT", "PUT", "/v1/predict", {"inputs": ["x"]}, "predict", 405),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "method", "path", "body", "key", "expected"), BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS]
+)
+def test_bad_requests_get_the_right_4xx_with_a_json_body(service, name, method, path, body, key, expected) -> None:
+    client, keys, _, _ = service
+    status, answer = client.call(method, path, body, keys.get(key, key))
+    assert status == expected, (name, answer)
+    assert isinstance(answer, dict) and answer.get("detail"), (name, answer)
+    assert client.call("GET", "/healthz") == (200, {"status": "ok"})  # and the server is fine afterwards
+
+
+def test_metrics_count_requests_by_route_and_status(service) -> None:
+    client, keys, _, run = service
+    client.call("POST", "/v1/predict", {"inputs": ["x"]})  # a 401
+    client.call("POST", "/v1/predict", {"inputs": ["fine"]}, keys["predict"])
+    status, text = client.call("GET", "/metrics")
+    assert status == 200
+    assert 'forgeml_requests_total{route="/v1/predict",status="401"}' in text
+    assert 'forgeml_requests_total{route="/v1/predict",status="200"}' in text
+    assert f'forgeml_model_info{{engine="pytorch",name="tiny",version="{run.name}"}} 1.0' in text
+    assert "forgeml_request_seconds_bucket" in text and "forgeml_batch_size_count" in text
+
+
+def test_keys_are_stored_hashed(service) -> None:
+    _, keys, workspace, _ = service
+    database = (workspace / "forgeml.db").read_bytes()
+    for key in keys.values():
+        secret = key.split("_", 2)[2]
+        assert secret.encode() not in database and key.encode() not in database
+    listed = KeyStore(database_url(workspace)).list()
+    assert {"id", "name", "scopes", "created_at", "expires_at", "revoked_at"} == set(listed[0])
+    assert sum(1 for key in listed if key["revoked_at"]) == 1
+
+
+def test_onnx_engine_gives_the_pytorch_labels(sentiment_model, tmp_path: Path) -> None:
+    run = shutil.copytree(sentiment_model.run.path, tmp_path / "runs" / "tiny" / sentiment_model.run.id)
+    forgeml.api.export(run)
+    onnx, torch_runtime = ModelRuntime(run, "onnx"), ModelRuntime(run, "pytorch")
+    assert onnx.engine.startswith("onnxruntime") and torch_runtime.engine == "pytorch"
+    texts = ["the film was great", "a dull and boring plot", "fine"]
+    assert [a["label"] for a in onnx.predict(texts)] == [a["label"] for a in torch_runtime.predict(texts)]
+
+
+def test_no_auth_is_refused_off_loopback(sentiment_model) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "forgeml.cli", "serve", str(sentiment_model.run.path), "--host", "0.0.0.0", "--no-auth"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "only on 127.0.0.1" in result.stderr and "Traceback" not in result.stderr
