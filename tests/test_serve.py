@@ -19,6 +19,7 @@ import uvicorn
 import forgeml
 from forgeml.serve.app import Limits, create_app
 from forgeml.serve.keys import KeyStore
+from forgeml.serve.records import RecordStore
 from forgeml.serve.runtime import ModelRuntime
 from forgeml.store import database_url
 
@@ -65,7 +66,9 @@ def service(sentiment_model, tmp_path_factory: pytest.TempPathFactory):
         "expired": keys.create(["predict"], expires_in_days=1e-9),  # about 0.1 ms: expired by the first request
     }
     keys.revoke(issued["revoked"].split("_")[1])
-    app = create_app(ModelRuntime(run), keys, Limits(max_inputs=8, max_chars=500, max_body_bytes=200_000))
+    records = RecordStore(database_url(workspace))
+    limits = Limits(max_inputs=8, max_chars=500, max_body_bytes=200_000)
+    app = create_app(ModelRuntime(run), keys, limits, records)
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -124,6 +127,18 @@ BAD_REQUESTS = [
     ("unknown route", "GET", "/v1/nothing", None, "predict", 404),
     ("wrong method", "GET", "/v1/predict", None, "predict", 405),
     ("predict with PUT", "PUT", "/v1/predict", {"inputs": ["x"]}, "predict", 405),
+    ("feedback with a predict key", "POST", "/v1/feedback", {"inputs": "x", "label": "positive"}, "predict", 403),
+    ("feedback for an unknown class", "POST", "/v1/feedback", {"inputs": "x", "label": "meh"}, "feedback", 422),
+    (
+        "feedback for an unknown request",
+        "POST",
+        "/v1/feedback",
+        {"request_id": "0" * 32, "label": "positive"},
+        "feedback",
+        404,
+    ),
+    ("feedback without a record", "POST", "/v1/feedback", {"label": "positive"}, "feedback", 422),
+    ("feedback without a label", "POST", "/v1/feedback", {"inputs": "x"}, "feedback", 422),
 ]
 
 
@@ -178,3 +193,33 @@ def test_no_auth_is_refused_off_loopback(sentiment_model) -> None:
         timeout=120,
     )
     assert result.returncode == 2 and "only on 127.0.0.1" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_feedback_is_stored_for_earlier_predictions_and_exported(service, tmp_path: Path) -> None:
+    client, keys, workspace, _ = service
+    status, body = client.call("POST", "/v1/predict", {"inputs": ["the film was great", "so boring"]}, keys["predict"])
+    assert status == 200
+    request_id = body["request_id"]
+    sent = [
+        {"request_id": request_id, "position": 1, "label": "positive", "comment": "sarcasm"},
+        {"inputs": "an unseen review", "label": "negative"},
+    ]
+    for feedback in sent:
+        status, answer = client.call("POST", "/v1/feedback", feedback, keys["feedback"])
+        assert status == 201, answer
+    stored = RecordStore(database_url(workspace)).feedback()
+    assert len(stored) == len(sent)  # every feedback posted is in the database
+    assert (stored[0]["inputs"], stored[0]["predicted"], stored[0]["label"]) == ("so boring", "negative", "positive")
+    assert stored[1]["inputs"] == "an unseen review" and stored[1]["predicted"] is None
+
+    output = tmp_path / "feedback.csv"
+    result = subprocess.run(
+        [sys.executable, "-m", "forgeml.cli", "feedback", "export", "-o", str(output), "--workspace", str(workspace)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = output.read_text().splitlines()
+    assert lines[0].startswith("text,label,predicted,comment") and len(lines) == 3
+    assert lines[1].startswith("so boring,positive,negative,sarcasm")

@@ -32,6 +32,8 @@ keys_app = typer.Typer(help="API keys for `forgeml serve`: create, list, revoke.
 app.add_typer(runs_app, name="runs")
 app.add_typer(config_app, name="config")
 app.add_typer(keys_app, name="keys")
+feedback_app = typer.Typer(help="User corrections collected by `forgeml serve`.", no_args_is_help=True)
+app.add_typer(feedback_app, name="feedback")
 
 # Piped output is not cut to 80 columns: tables and paths stay whole for scripts and logs.
 console = Console() if sys.stdout.isatty() else Console(width=200, soft_wrap=True)
@@ -270,7 +272,10 @@ def serve(
     import uvicorn
 
     from forgeml.serve.app import create_app
+    from forgeml.serve.records import RecordStore
     from forgeml.serve.runtime import ModelRuntime
+    from forgeml.store import database_url
+    from forgeml.workspace import workspace_root
 
     if no_auth and host not in LOOPBACK:
         raise ForgeError(f"serve: --no-auth is allowed only on 127.0.0.1, not on {host}; create a key instead")
@@ -283,7 +288,9 @@ def serve(
     elif not keys.list():
         errors.print("no API keys yet: create one with `forgeml keys create --scope predict`")
     errors.print(f"serving {runtime.name} {runtime.version} with {runtime.engine} on http://{host}:{port}")
-    uvicorn.run(create_app(runtime, keys), host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
+    records = RecordStore(database_url(workspace_root(workspace)))  # predictions and feedback
+    app = create_app(runtime, keys, records=records)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
 
 
 @keys_app.command("create")
@@ -318,6 +325,22 @@ def keys_revoke(
     """Revoke a key at once: later requests with it get 401."""
     _key_store(workspace).revoke(key_id)
     console.print(f"revoked {key_id}")
+
+
+@feedback_app.command("export")
+def feedback_export(
+    output: Annotated[Path, typer.Option("--output", "-o", help="CSV file to write")],
+    model: Annotated[str | None, typer.Option(help="only this model's feedback")] = None,
+    workspace: Workspace = None,
+) -> None:
+    """Write the corrections as CSV (input columns, the corrected label, the prediction it replaces)."""
+    from forgeml.serve.records import RecordStore
+    from forgeml.store import database_url
+    from forgeml.workspace import atomic_write_text, workspace_root
+
+    text = RecordStore(database_url(workspace_root(workspace))).export_csv(model=model)
+    atomic_write_text(output, text)
+    console.print(f"wrote {text.count(chr(10)) - 1} corrections to {output}")
 
 
 @app.command()

@@ -15,10 +15,11 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from forgeml.errors import ForgeError
 from forgeml.serve.keys import KeyStore
+from forgeml.serve.records import RecordStore
 from forgeml.serve.runtime import ModelRuntime
 
 
@@ -40,6 +41,18 @@ class Prediction(BaseModel):
     label: str | None = None
     probabilities: dict[str, float] | None = None
     value: float | None = None
+
+
+class FeedbackRequest(BaseModel):
+    """A correction: the right `label` for a record, named by the `request_id` (and `position` in that
+    request) of an earlier prediction, or given as `inputs`."""
+
+    model_config = ConfigDict(extra="forbid")
+    request_id: str | None = Field(None, max_length=32)
+    position: int = Field(0, ge=0, le=10_000)
+    inputs: str | dict[str, Any] | list[str] | None = None
+    label: str = Field(..., min_length=1, max_length=200)
+    comment: str = Field("", max_length=2_000)
 
 
 class PredictResponse(BaseModel):
@@ -64,8 +77,13 @@ def _records(request: PredictRequest, limits: Limits) -> list[Any]:
     return records
 
 
-def create_app(runtime: ModelRuntime, keys: KeyStore | None, limits: Limits | None = None) -> FastAPI:
-    """The service for one model; `keys=None` turns authentication off (the CLI allows that on loopback only)."""
+def create_app(
+    runtime: ModelRuntime, keys: KeyStore | None, limits: Limits | None = None, records: RecordStore | None = None
+) -> FastAPI:
+    """The service for one model; `keys=None` turns authentication off (the CLI allows that on loopback only).
+
+    With `records`, predictions are stored and `/v1/feedback` accepts corrections.
+    """
     limits = limits or Limits()
     registry = CollectorRegistry()
     requests = Counter("forgeml_requests", "Requests by route and status", ["route", "status"], registry=registry)
@@ -137,18 +155,49 @@ def create_app(runtime: ModelRuntime, keys: KeyStore | None, limits: Limits | No
 
     @app.post("/v1/predict", response_model=PredictResponse, response_model_exclude_none=True)
     def predict(body: PredictRequest, _: str | None = Depends(require("predict"))) -> PredictResponse:
-        records = _records(body, limits)
-        batch_sizes.observe(len(records))
+        rows = _records(body, limits)
+        batch_sizes.observe(len(rows))
         try:
-            answers = runtime.predict(records)
+            answers = runtime.predict(rows)
         except ForgeError as error:  # a record missing a column, a value of the wrong kind, ...
             raise HTTPException(422, str(error)) from None
+        request_id = uuid.uuid4().hex
+        if records is not None:
+            records.add_predictions(request_id, runtime.name, runtime.version, rows, answers)
         return PredictResponse(
             model=runtime.name,
             version=runtime.version,
-            request_id=uuid.uuid4().hex,
+            request_id=request_id,
             predictions=[Prediction(**answer) for answer in answers],
         )
+
+    @app.post("/v1/feedback", status_code=201)
+    def feedback(body: FeedbackRequest, key_id: str | None = Depends(require("feedback"))) -> dict[str, Any]:
+        if records is None:
+            raise HTTPException(404, "feedback is not recorded by this server")
+        if (body.request_id is None) == (body.inputs is None):
+            raise HTTPException(422, "feedback: give either request_id (of an earlier prediction) or inputs")
+        if runtime.classes and body.label not in runtime.classes:
+            raise HTTPException(422, f"label: {body.label!r} is not a class; classes: {', '.join(runtime.classes)}")
+        predicted = None
+        inputs: Any = body.inputs
+        if body.request_id is not None:
+            earlier = records.prediction(body.request_id, body.position)
+            if earlier is None:
+                raise HTTPException(404, f"no prediction {body.request_id!r} at position {body.position}")
+            inputs, predicted = earlier.inputs, earlier.answer.get("label")
+        feedback_id = records.add_feedback(
+            request_id=body.request_id,
+            position=body.position if body.request_id else None,
+            model=runtime.name,
+            version=runtime.version,
+            inputs=inputs,
+            predicted=predicted,
+            label=body.label,
+            comment=body.comment,
+            key_id=key_id,
+        )
+        return {"feedback_id": feedback_id, "label": body.label, "predicted": predicted}
 
     @app.get("/metrics")
     def metrics() -> Response:
