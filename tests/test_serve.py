@@ -223,3 +223,17 @@ def test_feedback_is_stored_for_earlier_predictions_and_exported(service, tmp_pa
     lines = output.read_text().splitlines()
     assert lines[0].startswith("text,label,predicted,comment") and len(lines) == 3
     assert lines[1].startswith("so boring,positive,negative,sarcasm")
+
+
+def test_stored_inputs_are_redacted_when_the_run_redacts_pii(sentiment_model, tmp_path: Path) -> None:
+    run = shutil.copytree(sentiment_model.run.path, tmp_path / "runs" / "tiny" / sentiment_model.run.id)
+    config = (run / "config.yaml").read_text()
+    assert "redact: false" in config
+    (run / "config.yaml").write_text(config.replace("redact: false", "redact: true", 1))
+    runtime = ModelRuntime(run)
+    stored = runtime.storable(["mail jane@example.com a great film", {"text": "call +44 20 7946 0123"}])
+    assert stored == ["mail [EMAIL] a great film", {"text": "call [PHONE]"}]
+    plain = ModelRuntime(sentiment_model.run.path)
+    assert plain.storable(["mail jane@example.com"]) == [
+        "mail jane@example.com"
+    ]  # the run keeps PII: so does the store

@@ -163,7 +163,7 @@ def create_app(
             raise HTTPException(422, str(error)) from None
         request_id = uuid.uuid4().hex
         if records is not None:
-            records.add_predictions(request_id, runtime.name, runtime.version, rows, answers)
+            records.add_predictions(request_id, runtime.name, runtime.version, runtime.storable(rows), answers)
         return PredictResponse(
             model=runtime.name,
             version=runtime.version,
@@ -180,7 +180,7 @@ def create_app(
         if runtime.classes and body.label not in runtime.classes:
             raise HTTPException(422, f"label: {body.label!r} is not a class; classes: {', '.join(runtime.classes)}")
         predicted = None
-        inputs: Any = body.inputs
+        inputs: Any = None if body.inputs is None else runtime.storable([body.inputs])[0]
         if body.request_id is not None:
             earlier = records.prediction(body.request_id, body.position)
             if earlier is None:

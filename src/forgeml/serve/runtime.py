@@ -36,6 +36,28 @@ class ModelRuntime:
     def predict(self, inputs: list[Any]) -> list[dict[str, Any]]:
         return self.predictor.predict(inputs, batch_size=64)
 
+    def storable(self, inputs: list[Any]) -> list[Any]:
+        """Inputs as they may be kept in the database: PII redacted when the run redacts it for training."""
+        pii = self.predictor.config.data.pii
+        if not (pii.redact and getattr(self.predictor.task, "text_columns", None)):
+            return inputs
+        from forgeml.data.pii import find_names, redact_texts
+
+        def clean(value: Any) -> Any:
+            if not isinstance(value, str):
+                return value
+            names = find_names([value], pii.ner_model) if pii.ner_model else None
+            return redact_texts([value], pii.types, pii.style, names)[0][0]
+
+        return [
+            {k: clean(v) for k, v in x.items()}
+            if isinstance(x, dict)
+            else [clean(v) for v in x]
+            if isinstance(x, list)
+            else clean(x)
+            for x in inputs
+        ]
+
     def warm_up(self) -> None:
         """One call through every layer before reporting ready, so the first request is not the slow one."""
         example = "warm-up" if len(self.input_columns) == 1 else dict.fromkeys(self.input_columns, "warm-up")
