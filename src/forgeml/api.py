@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -259,9 +260,9 @@ def audit(
         external=external,
         external_name=Path(data).name if data is not None else "the external file",
     )
-    written = [*predictor.run.trust.rglob("*"), *predictor.run.model.glob("fairness_thresholds.json")]
-    predictor.run.record([path for path in written if path.is_file()])
-    report(run_dir)
+    _record_and_report(
+        predictor.run, [*predictor.run.trust.rglob("*"), *predictor.run.model.glob("fairness_thresholds.json")]
+    )
     return headline
 
 
@@ -289,32 +290,39 @@ def export(
     test split (or validation); the report is `export/parity.json`. Raises ForgeError when an export
     disagrees with PyTorch beyond the tolerance.
     """
-    from forgeml.data.prepare import read_audited_file
-    from forgeml.export import PARITY_ROWS, export_model
+    from forgeml.data.prepare import prepare, read_audited_file
+    from forgeml.export import export_model
 
     predictor = Predictor(run_dir)
     if data is not None:  # prepared as the run's own rows were: cleaning and PII redaction, labels optional
         rows = read_audited_file(Path(data), predictor.config, predictor.input_columns)
     else:
-        rows = _held_out_rows(predictor.config)[1]
-    if len(rows) > PARITY_ROWS:
-        rows = rows.shuffle(seed=0).select(range(PARITY_ROWS))
-    encoded = predictor.task.encode(rows, "export", with_targets=False)
+        rows = _held_out(prepare(predictor.config).splits)[1]
+    encoded = predictor.task.encode(_parity_sample(rows), "export", with_targets=False)
     folder = predictor.run.path / "export"
     try:
         return export_model(predictor.task, predictor.model, encoded, folder, tuple(formats))
     finally:  # a failed check is recorded too: the card says which export is off, and by how much
-        predictor.run.record([path for path in folder.glob("*") if path.is_file() and not path.name.startswith(".")])
-        report(predictor.run.path)
+        _record_and_report(predictor.run, folder.glob("*"))
 
 
-def _held_out_rows(config: ForgeConfig) -> tuple[str, Dataset]:
-    """The run's test split (else validation, else train), re-made as the run made it."""
-    from forgeml.data.prepare import prepare
-
-    splits = prepare(config).splits
+def _held_out(splits: dict[str, Dataset | None]) -> tuple[str, Dataset]:
+    """The run's test split (else validation, else train) and its name."""
     name = next(name for name in ("test", "validation", "train") if splits.get(name) is not None)
     return name, splits[name]
+
+
+def _parity_sample(rows: Dataset) -> Dataset:
+    """A seeded subset of at most `PARITY_ROWS` rows to check exports on."""
+    from forgeml.export import PARITY_ROWS
+
+    return rows.shuffle(seed=0).select(range(PARITY_ROWS)) if len(rows) > PARITY_ROWS else rows
+
+
+def _record_and_report(run: RunDir, written: Iterable[Path]) -> None:
+    """Hash files a command (re)wrote into the manifest, then rewrite the card to show them."""
+    run.record([path for path in written if path.is_file() and not path.name.startswith(".")])
+    report(run.path)
 
 
 @on_plaintext(writes=True)
@@ -327,16 +335,13 @@ def compress(run_dir: str | Path) -> dict[str, Any]:
     from forgeml.compress import compress_model
     from forgeml.config import CompressConfig
     from forgeml.data.prepare import prepare
-    from forgeml.export import PARITY_ROWS
 
     predictor = Predictor(run_dir)
     splits = prepare(predictor.config).splits
-    name = next(name for name in ("test", "validation", "train") if splits.get(name) is not None)
-    task, rows = predictor.task, splits[name]
+    name, rows = _held_out(splits)
+    task = predictor.task
     test = task.encode(rows, name)
-    if len(rows) > PARITY_ROWS:
-        rows = rows.shuffle(seed=0).select(range(PARITY_ROWS))
-    parity_rows = task.encode(rows, name, with_targets=False)
+    parity_rows = task.encode(_parity_sample(rows), name, with_targets=False)
     run = predictor.run
     options = predictor.config.compress or CompressConfig()
     training = None
@@ -352,9 +357,7 @@ def compress(run_dir: str | Path) -> dict[str, Any]:
             task, predictor.model, test, parity_rows, run.path / "compress", run.path / "export", options, training
         )
     finally:
-        written = [*run.path.glob("compress/*"), *run.path.glob("export/*")]
-        run.record([path for path in written if path.is_file() and not path.name.startswith(".")])
-        report(run.path)
+        _record_and_report(run, [*run.path.glob("compress/*"), *run.path.glob("export/*")])
 
 
 @on_plaintext(writes=True)

@@ -251,12 +251,18 @@ def compress(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def _key_store(workspace: Path | None):
-    from forgeml.serve.keys import KeyStore
+def _database(workspace: Path | None) -> str:
+    """The SQLAlchemy URL of the workspace's store (runs, API keys, predictions, feedback)."""
     from forgeml.store import database_url
     from forgeml.workspace import workspace_root
 
-    return KeyStore(database_url(workspace_root(workspace)))
+    return database_url(workspace_root(workspace))
+
+
+def _key_store(workspace: Path | None):
+    from forgeml.serve.keys import KeyStore
+
+    return KeyStore(_database(workspace))
 
 
 @app.command()
@@ -274,8 +280,6 @@ def serve(
     from forgeml.serve.app import create_app
     from forgeml.serve.records import RecordStore
     from forgeml.serve.runtime import ModelRuntime
-    from forgeml.store import database_url
-    from forgeml.workspace import workspace_root
 
     if no_auth and host not in LOOPBACK:
         raise ForgeError(f"serve: --no-auth is allowed only on 127.0.0.1, not on {host}; create a key instead")
@@ -288,7 +292,7 @@ def serve(
     elif not keys.list():
         errors.print("no API keys yet: create one with `forgeml keys create --scope predict`")
     errors.print(f"serving {runtime.name} {runtime.version} with {runtime.engine} on http://{host}:{port}")
-    records = RecordStore(database_url(workspace_root(workspace)))  # predictions and feedback
+    records = RecordStore(_database(workspace))  # predictions and feedback
     app = create_app(runtime, keys, records=records)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
 
@@ -335,10 +339,9 @@ def feedback_export(
 ) -> None:
     """Write the corrections as CSV (input columns, the corrected label, the prediction it replaces)."""
     from forgeml.serve.records import RecordStore
-    from forgeml.store import database_url
-    from forgeml.workspace import atomic_write_text, workspace_root
+    from forgeml.workspace import atomic_write_text
 
-    text = RecordStore(database_url(workspace_root(workspace))).export_csv(model=model)
+    text = RecordStore(_database(workspace)).export_csv(model=model)
     atomic_write_text(output, text)
     console.print(f"wrote {text.count(chr(10)) - 1} corrections to {output}")
 
@@ -385,10 +388,9 @@ def runs_list(
     if ctx.invoked_subcommand is not None:
         ctx.obj = workspace
         return
-    from forgeml.store import Store, database_url
-    from forgeml.workspace import workspace_root
+    from forgeml.store import Store
 
-    records = Store(database_url(workspace_root(workspace))).runs(name, limit)
+    records = Store(_database(workspace)).runs(name, limit)
     table = Table("id", "name", "task", "status", "test metrics", "started", "seconds")
     for record in records:
         test = record["metrics"].get("test") or record["metrics"].get("validation") or {}
@@ -410,10 +412,9 @@ def runs_list(
 @runs_app.command("show")
 def runs_show(ctx: typer.Context, run_id: Annotated[str, typer.Argument(help="run id or a unique prefix")]) -> None:
     """Everything recorded about one run, as JSON."""
-    from forgeml.store import Store, database_url
-    from forgeml.workspace import workspace_root
+    from forgeml.store import Store
 
-    record = Store(database_url(workspace_root(ctx.obj))).run(run_id)
+    record = Store(_database(ctx.obj)).run(run_id)
     console.print_json(json.dumps(record, default=str))
 
 

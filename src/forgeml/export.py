@@ -41,14 +41,24 @@ def _onnxruntime():
     return onnxruntime
 
 
-class OnnxModel:
+class _ExportedModel:
+    """What `model_outputs` and the predictor need of a module besides calling it: always in eval mode."""
+
+    training = False
+
+    def eval(self) -> _ExportedModel:
+        return self
+
+    def train(self, mode: bool = True) -> _ExportedModel:
+        return self
+
+
+class OnnxModel(_ExportedModel):
     """An onnxruntime session with the calling convention of the PyTorch model it was exported from.
 
     `model_outputs`, the audits and the predictor call it as they call the module: keyword tensors in,
     a tensor of outputs back.
     """
-
-    training = False
 
     def __init__(self, path: str | Path, threads: int | None = None):
         onnxruntime = _onnxruntime()
@@ -64,12 +74,6 @@ class OnnxModel:
     def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
         feed = {name: inputs[name].cpu().numpy() for name in self.input_names}
         return torch.from_numpy(self.session.run(None, feed)[0])
-
-    def eval(self) -> OnnxModel:
-        return self
-
-    def train(self, mode: bool = True) -> OnnxModel:
-        return self
 
 
 def export_onnx(model: nn.Module, example: dict[str, torch.Tensor], path: Path) -> Path:
@@ -137,10 +141,8 @@ def export_torchscript(model: nn.Module, example: dict[str, torch.Tensor], path:
     return path
 
 
-class TorchScriptModel:
+class TorchScriptModel(_ExportedModel):
     """A TorchScript module called like the PyTorch model (for the parity check)."""
-
-    training = False
 
     def __init__(self, path: Path):
         self.module = torch.jit.load(str(path), map_location="cpu")
@@ -148,12 +150,6 @@ class TorchScriptModel:
 
     def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
         return self.module(**inputs)
-
-    def eval(self) -> TorchScriptModel:
-        return self
-
-    def train(self, mode: bool = True) -> TorchScriptModel:
-        return self
 
 
 def export_model(

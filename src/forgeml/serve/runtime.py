@@ -37,31 +37,37 @@ class ModelRuntime:
         return self.predictor.predict(inputs, batch_size=64)
 
     def storable(self, inputs: list[Any]) -> list[Any]:
-        """Inputs as they may be kept in the database: PII redacted when the run redacts it for training."""
+        """Inputs as they may be kept in the database: PII redacted when the run redacts it for training.
+
+        Every text of the request goes through one `redact_texts` call (and one NER batch), not one each.
+        """
         pii = self.predictor.config.data.pii
         if not (pii.redact and getattr(self.predictor.task, "text_columns", None)):
             return inputs
         from forgeml.data.pii import find_names, redact_texts
 
-        def clean(value: Any) -> Any:
-            if not isinstance(value, str):
-                return value
-            names = find_names([value], pii.ner_model) if pii.ner_model else None
-            return redact_texts([value], pii.types, pii.style, names)[0][0]
+        texts = [value for record in inputs for value in _values(record) if isinstance(value, str)]
+        names = find_names(texts, pii.ner_model) if pii.ner_model else None
+        redacted = iter(redact_texts(texts, pii.types, pii.style, names)[0])
 
-        return [
-            {k: clean(v) for k, v in x.items()}
-            if isinstance(x, dict)
-            else [clean(v) for v in x]
-            if isinstance(x, list)
-            else clean(x)
-            for x in inputs
-        ]
+        def swap(value: Any) -> Any:
+            return next(redacted) if isinstance(value, str) else value
+
+        stored = []
+        for record in inputs:
+            if isinstance(record, dict):
+                stored.append({key: swap(value) for key, value in record.items()})
+            elif isinstance(record, list):
+                stored.append([swap(value) for value in record])
+            else:
+                stored.append(swap(record))
+        return stored
 
     def warm_up(self) -> None:
         """One call through every layer before reporting ready, so the first request is not the slow one."""
-        example = "warm-up" if len(self.input_columns) == 1 else dict.fromkeys(self.input_columns, "warm-up")
-        if not getattr(self.predictor.task, "text_columns", None):
+        if getattr(self.predictor.task, "text_columns", None):
+            example = "warm-up" if len(self.input_columns) == 1 else dict.fromkeys(self.input_columns, "warm-up")
+        else:  # tabular: missing values take what training filled them with
             example = dict.fromkeys(self.input_columns, None)
         self.predict([example])
 
@@ -74,6 +80,13 @@ class ModelRuntime:
             "inputs": self.input_columns,
             "labels": self.classes,
         }
+
+
+def _values(record: Any) -> list[Any]:
+    """A request record's values in order: a mapping's values, a pair's texts, or the text itself."""
+    if isinstance(record, dict):
+        return list(record.values())
+    return list(record) if isinstance(record, list) else [record]
 
 
 def _selected_variant(run_dir: Path) -> str | None:
