@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from forgeml.errors import ForgeError
 from forgeml.serve.keys import KeyStore
 from forgeml.serve.records import RecordStore
-from forgeml.serve.runtime import ModelRuntime
+from forgeml.serve.runtime import ModelRuntime, record_values
 
 
 class Limits(BaseModel):
@@ -70,8 +70,7 @@ def _records(request: PredictRequest, limits: Limits) -> list[Any]:
     if len(records) > limits.max_inputs:
         raise HTTPException(413, f"inputs: {len(records)} records; at most {limits.max_inputs} per request")
     for index, record in enumerate(records):
-        values = record.values() if isinstance(record, dict) else record if isinstance(record, list) else [record]
-        for value in values:
+        for value in record_values(record):
             if isinstance(value, str) and len(value) > limits.max_chars:
                 raise HTTPException(413, f"inputs[{index}]: {len(value):,} characters; at most {limits.max_chars:,}")
     return records

@@ -46,7 +46,7 @@ class ModelRuntime:
             return inputs
         from forgeml.data.pii import find_names, redact_texts
 
-        texts = [value for record in inputs for value in _values(record) if isinstance(value, str)]
+        texts = [value for record in inputs for value in record_values(record) if isinstance(value, str)]
         names = find_names(texts, pii.ner_model) if pii.ner_model else None
         redacted = iter(redact_texts(texts, pii.types, pii.style, names)[0])
 
@@ -82,7 +82,7 @@ class ModelRuntime:
         }
 
 
-def _values(record: Any) -> list[Any]:
+def record_values(record: Any) -> list[Any]:
     """A request record's values in order: a mapping's values, a pair's texts, or the text itself."""
     if isinstance(record, dict):
         return list(record.values())
