@@ -5,19 +5,23 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import uvicorn
 
 import forgeml
-from forgeml.serve.app import Limits, create_app
+from forgeml.config import ServeConfig
+from forgeml.serve.app import create_app
 from forgeml.serve.keys import KeyStore
 from forgeml.serve.records import RecordStore
 from forgeml.serve.runtime import ModelRuntime
@@ -33,6 +37,7 @@ def _free_port() -> int:
 class Client:
     def __init__(self, port: int):
         self.port = port
+        self.headers: dict[str, str] = {}  # of the last response
 
     def call(self, method: str, path: str, body: bytes | str | dict | None = None, key: str | None = None):
         """(status, parsed JSON or text) of one request; bodies given as bytes are sent as they are."""
@@ -47,6 +52,7 @@ class Client:
         try:
             connection.request(method, path, body=body, headers=headers)
             response = connection.getresponse()
+            self.headers = {name.lower(): value for name, value in response.getheaders()}
             text = response.read().decode("utf-8")
             is_json = response.getheader("content-type", "").startswith("application/json")
             return response.status, json.loads(text) if is_json else text
@@ -67,20 +73,27 @@ def service(sentiment_model, tmp_path_factory: pytest.TempPathFactory):
     }
     keys.revoke(issued["revoked"].split("_")[1])
     records = RecordStore(database_url(workspace))
-    limits = Limits(max_inputs=8, max_chars=500, max_body_bytes=200_000)
-    app = create_app(ModelRuntime(run), keys, limits, records)
+    limits = ServeConfig(max_inputs=8, max_chars=500, max_body_bytes=200_000)
+    with serving(create_app(ModelRuntime(run), keys, limits, records)) as client:
+        yield client, issued, workspace, run
+
+
+@contextmanager
+def serving(app) -> Iterator[Client]:
+    """`app` on a real uvicorn server on 127.0.0.1, in a thread, for the duration of the block."""
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    client = Client(port)
     deadline = time.monotonic() + 60
     while not server.started and time.monotonic() < deadline and thread.is_alive():
         time.sleep(0.05)  # waiting for the server to come up, not timing anything
     assert server.started, "uvicorn did not start"
-    yield client, issued, workspace, run
-    server.should_exit = True
-    thread.join(timeout=30)
+    try:
+        yield Client(port)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 def test_predict_answers_with_labels_probabilities_version_and_request_id(service) -> None:
@@ -237,3 +250,66 @@ def test_stored_inputs_are_redacted_when_the_run_redacts_pii(sentiment_model, tm
     assert plain.storable(["mail jane@example.com"]) == [
         "mail jane@example.com"
     ]  # the run keeps PII: so does the store
+
+
+def test_explain_gives_each_word_a_score_toward_the_prediction(service) -> None:
+    client, keys, _, _ = service
+    texts = ["the film was great", "a dull and boring plot"]
+    status, body = client.call("POST", "/v1/explain", {"inputs": texts}, keys["predict"])
+    assert status == 200, body
+    first, second = body["explanations"]
+    assert [w["word"] for w in first["words"]] == ["the", "film", "was", "great"]
+    assert (first["label"], second["label"]) == ("positive", "negative")
+    # the sentiment word carries the prediction in these synthetic reviews
+    assert max(first["words"], key=lambda w: w["score"])["word"] == "great"
+    assert max(second["words"], key=lambda w: w["score"])["word"] in {"dull", "boring"}
+    status, body = client.call("POST", "/v1/explain", {"inputs": texts}, keys["feedback"])
+    assert status == 403
+
+
+def test_demo_page_is_self_contained(service) -> None:
+    client, _, _, run = service
+    status, page = client.call("GET", "/")
+    assert status == 200 and client.headers["content-type"].startswith("text/html")
+    assert "<title>forgeml · tiny</title>" in page and f'"version": "{run.name}"' in page
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)  # no CDN: works offline
+    assert '"auth": true' in page  # it asks for a key, since this server wants one
+
+
+def test_rate_limit_answers_429_with_retry_after_per_key(sentiment_model, tmp_path: Path) -> None:
+    keys = KeyStore(database_url(tmp_path))
+    first, second = keys.create(["predict"]), keys.create(["predict"])
+    settings = ServeConfig(rate_limit=6, rate_burst=3)  # 3 at once, then one every 10 s
+    with serving(create_app(ModelRuntime(sentiment_model.run.path), keys, settings)) as client:
+        statuses = [client.call("POST", "/v1/predict", {"inputs": "fine"}, first)[0] for _ in range(4)]
+        assert statuses == [200, 200, 200, 429]
+        status, body = client.call("POST", "/v1/predict", {"inputs": "fine"}, first)
+        assert status == 429 and "6 requests a minute" in body["detail"]
+        assert 1 <= int(client.headers["retry-after"]) <= 10
+        assert client.call("POST", "/v1/predict", {"inputs": "fine"}, second)[0] == 200  # other keys unaffected
+
+
+def test_chunked_upload_over_the_limit_is_refused_without_reading_it_all(service) -> None:
+    client, keys, _, _ = service
+    total, sent = 10_000_000, 0
+
+    def chunks() -> Iterator[bytes]:
+        """A valid request padded with whitespace to 10 MB (far over the 200 kB limit), without a length."""
+        nonlocal sent
+        yield b'{"inputs": ["fine"]'
+        while sent < total:
+            sent += 10_000
+            yield b" " * 10_000
+        yield b"}"
+
+    connection = http.client.HTTPConnection("127.0.0.1", client.port, timeout=30)
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {keys['predict']}"}
+    try:
+        connection.request("POST", "/v1/predict", body=chunks(), headers=headers, encode_chunked=True)
+        response = connection.getresponse()
+        assert response.status == 413 and "200,000 bytes" in json.loads(response.read())["detail"]
+    except (BrokenPipeError, ConnectionResetError):
+        assert sent < total  # the server refused and closed before the upload ended
+    finally:
+        connection.close()
+    assert client.call("GET", "/healthz") == (200, {"status": "ok"})

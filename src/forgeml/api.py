@@ -83,6 +83,7 @@ class Predictor:
             self.run.verify("model/")
             self.task, self.model = load_task(self.run.model)
             self.model.eval()
+            self.torch_model = self.model  # explanations need gradients, whatever engine `model` becomes
             self.config = rerun_config(self.run)
             # Per-group decision thresholds fitted by the fairness audit, applied when inputs carry the column.
             thresholds = self.run.model / "fairness_thresholds.json"
@@ -127,6 +128,21 @@ class Predictor:
         if text_columns and pii.redact:  # the model never saw personal data; it should not see it now either
             dataset, _ = redact_pii(dataset, text_columns, pii)
         return dataset
+
+    def explain(self, inputs: list[Any], steps: int = 20) -> list[Any]:
+        """Word attributions (Captum integrated gradients) for texts or (premise, hypothesis) pairs, as the
+        model sees them (normalised, PII redacted)."""
+        from forgeml.trust.explain import explain_texts
+
+        columns = getattr(self.task, "text_columns", None)
+        if not columns:
+            raise ForgeError(
+                "explain: word attributions are for text models; tabular runs get them from `forgeml audit`"
+            )
+        prepared = self.prepare_inputs(dataset_from_rows(list(inputs), columns))
+        texts = [column(prepared, name) for name in columns]
+        items = texts[0] if len(columns) == 1 else list(zip(*texts, strict=True))
+        return explain_texts(self.task, self.torch_model, items, steps=steps)
 
     def _answers(self, dataset: Dataset, batch_size: int, show_progress: bool) -> dict[str, Any]:
         dataset = self.prepare_inputs(dataset)
@@ -268,16 +284,7 @@ def audit(
 
 def explain(run_dir: str | Path, inputs: list[Any], steps: int = 20) -> list[Any]:
     """Word attributions (Captum integrated gradients) for texts or (premise, hypothesis) pairs."""
-    from forgeml.trust.explain import explain_texts
-
-    predictor = Predictor(run_dir)
-    columns = getattr(predictor.task, "text_columns", None)
-    if not columns:
-        raise ForgeError("explain: word attributions are for text models; tabular runs get them from `forgeml audit`")
-    prepared = predictor.prepare_inputs(dataset_from_rows(list(inputs), columns))
-    texts = [column(prepared, name) for name in columns]
-    items = texts[0] if len(columns) == 1 else list(zip(*texts, strict=True))
-    return explain_texts(predictor.task, predictor.model, items, steps=steps)
+    return Predictor(run_dir).explain(inputs, steps)
 
 
 @on_plaintext(writes=True)

@@ -268,33 +268,50 @@ def _key_store(workspace: Path | None):
 @app.command()
 def serve(
     run_dir: Annotated[Path, typer.Argument(help="a run directory")],
-    host: Annotated[str, typer.Option(help="address to bind; anything but loopback needs API keys")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    host: Annotated[str | None, typer.Option(help="address to bind (default: the run's serve.host, 127.0.0.1)")] = None,
+    port: Annotated[int | None, typer.Option(help="TCP port (default: serve.port, 8000)")] = None,
     no_auth: Annotated[bool, typer.Option("--no-auth", help="no API keys (only on 127.0.0.1)")] = False,
-    engine: Annotated[str, typer.Option(help="auto (the variant compress selected), onnx or pytorch")] = "auto",
+    engine: Annotated[str | None, typer.Option(help="auto (the variant compress selected), onnx or pytorch")] = None,
+    max_batch: Annotated[int | None, typer.Option(help="records scored together (serve.max_batch)")] = None,
+    max_wait_ms: Annotated[
+        float | None, typer.Option(help="how long a batch waits to fill (serve.max_wait_ms)")
+    ] = None,
+    rate_limit: Annotated[
+        float | None, typer.Option(help="requests per minute per API key, 429 beyond (serve.rate_limit)")
+    ] = None,
     workspace: Workspace = None,
 ) -> None:
-    """Serve a run's model over HTTP: /v1/predict, /v1/models, /healthz, /readyz, /metrics, /docs."""
+    """Serve a run's model over HTTP: a demo page at /, /v1/predict, /v1/explain, /v1/feedback, /v1/models,
+    /healthz, /readyz, /metrics, /docs. Settings come from the run's `serve:` section; options override it."""
     import uvicorn
 
+    from forgeml.config import ServeConfig, with_changes
     from forgeml.serve.app import create_app
     from forgeml.serve.records import RecordStore
     from forgeml.serve.runtime import ModelRuntime
 
-    if no_auth and host not in LOOPBACK:
+    options = {"host": host, "port": port, "engine": engine, "max_batch": max_batch, "max_wait_ms": max_wait_ms}
+    options["rate_limit"] = rate_limit
+    with_changes(ServeConfig(), "serve", **options)  # bad options fail before the model loads
+    if no_auth and (host or "127.0.0.1") not in LOOPBACK:
         raise ForgeError(f"serve: --no-auth is allowed only on 127.0.0.1, not on {host}; create a key instead")
-    if engine not in ("auto", "onnx", "pytorch"):
-        raise ForgeError(f"serve: --engine {engine!r}; choose auto, onnx or pytorch")
     keys = None if no_auth else _key_store(workspace)
-    runtime = ModelRuntime(run_dir, engine)
+    runtime = ModelRuntime(run_dir, engine)  # engine None: the run's serve.engine
+    settings = with_changes(runtime.predictor.config.serve, "serve", **options)
+    if keys is None and settings.host not in LOOPBACK:
+        raise ForgeError(f"serve: --no-auth is allowed only on 127.0.0.1, not on {settings.host}; create a key instead")
+    address = f"{settings.host}:{settings.port}"
     if keys is None:
-        errors.print(f"authentication is OFF: anyone who can reach {host}:{port} may call the API")
+        errors.print(f"authentication is OFF: anyone who can reach {address} may call the API")
     elif not keys.list():
         errors.print("no API keys yet: create one with `forgeml keys create --scope predict`")
-    errors.print(f"serving {runtime.name} {runtime.version} with {runtime.engine} on http://{host}:{port}")
+    errors.print(
+        f"serving {runtime.name} {runtime.version} with {runtime.engine} on http://{address} "
+        f"(batches of up to {settings.max_batch}, waiting at most {settings.max_wait_ms:g} ms)"
+    )
     records = RecordStore(_database(workspace))  # predictions and feedback
-    app = create_app(runtime, keys, records=records)
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
+    app = create_app(runtime, keys, settings, records)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=30)
 
 
 @keys_app.command("create")

@@ -318,6 +318,28 @@ class CompressConfig(Section):
     throughput_rows: int = Field(512, ge=1, description="rows timed in batches of 32 for throughput")
 
 
+class ServeConfig(Section):
+    """How `forgeml serve` answers: where it listens, how it batches, what it accepts."""
+
+    host: str = Field("127.0.0.1", description="address to bind; anything but loopback needs API keys")
+    port: int = Field(8000, ge=1, le=65535)
+    engine: Literal["auto", "onnx", "pytorch"] = Field(
+        "auto", description="auto: the variant `forgeml compress` selected; onnx: the int8 ONNX export"
+    )
+    max_batch: int = Field(32, ge=1, le=1024, description="records scored together in one model call")
+    max_wait_ms: float = Field(5.0, ge=0.0, le=1000.0, description="how long a batch waits to fill up")
+    max_inputs: int = Field(64, ge=1, le=10_000, description="records per request (413 beyond)")
+    max_chars: int = Field(10_000, ge=1, description="characters per text (413 beyond)")
+    max_body_bytes: int = Field(1 << 20, ge=1_024, description="request body size (413 beyond)")
+    rate_limit: float | None = Field(
+        None, gt=0.0, description="requests per minute per API key (429 beyond); null: no limit"
+    )
+    rate_burst: int | None = Field(
+        None, ge=1, description="requests a key may send at once; default: ten seconds' worth of rate_limit"
+    )
+    explain_steps: int = Field(20, ge=1, le=500, description="integration steps for /v1/explain")
+
+
 class ForgeConfig(Section):
     """A whole run: one YAML file."""
 
@@ -330,6 +352,7 @@ class ForgeConfig(Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     audit: AuditConfig | None = Field(None, description="trust audits after evaluation; null skips them")
     compress: CompressConfig | None = Field(None, description="compressed variants after the audits; null skips")
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
     @model_validator(mode="after")
     def _backbone_fits_task(self) -> ForgeConfig:
@@ -377,6 +400,9 @@ class ForgeConfig(Section):
         return self.task.endswith("classification")
 
 
+SectionT = typing.TypeVar("SectionT", bound=Section)
+
+
 def load_config(source: str | Path | dict, overrides: list[str] | tuple[str, ...] = ()) -> ForgeConfig:
     """Read a YAML file (or a dict), apply ``key.path=value`` overrides and validate.
 
@@ -396,6 +422,15 @@ def load_config(source: str | Path | dict, overrides: list[str] | tuple[str, ...
         raise ConfigError(f"{origin}: " + "; ".join(_describe(e) for e in error.errors())) from None
     _resolve_paths(config, base_dir)
     return config
+
+
+def with_changes(section: SectionT, path: str, **changes: Any) -> SectionT:
+    """`section` with `changes` applied (None leaves a value as it is), validated; errors name `path.key`."""
+    values = section.model_dump() | {key: value for key, value in changes.items() if value is not None}
+    try:
+        return type(section).model_validate(values)
+    except ValidationError as error:
+        raise ConfigError("; ".join(_describe({**e, "loc": (path, *e["loc"])}) for e in error.errors())) from None
 
 
 def dump_config(config: ForgeConfig) -> str:

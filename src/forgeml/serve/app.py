@@ -1,11 +1,14 @@
-"""The FastAPI app: typed requests and responses, API keys with scopes, JSON errors, Prometheus metrics.
+"""The FastAPI app: typed requests and responses, API keys with scopes and a rate limit, JSON errors,
+Prometheus metrics, a demo page.
 
 Every error is a 4xx with a JSON body naming the problem: a bad request must never become a 500 or
-hang. Predictions run in the server's thread pool, so health checks answer while a batch is scored.
+hang. Predictions go through the micro-batcher, which scores concurrent requests together on one
+inference thread, so health checks and metrics answer while a batch is scored.
 """
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -13,20 +16,22 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
+from forgeml.config import ServeConfig
 from forgeml.errors import ForgeError
+from forgeml.serve.batching import MicroBatcher
+from forgeml.serve.bodylimit import BodyLimit
+from forgeml.serve.demo import demo_page
 from forgeml.serve.keys import KeyStore
+from forgeml.serve.ratelimit import RateLimiter
 from forgeml.serve.records import RecordStore
 from forgeml.serve.runtime import ModelRuntime, record_values
 
-
-class Limits(BaseModel):
-    max_inputs: int = 64
-    max_chars: int = 10_000
-    max_body_bytes: int = 1 << 20
+# Explanations cost `explain_steps` forward and backward passes per record: fewer per request.
+MAX_EXPLAIN_INPUTS = 16
 
 
 class PredictRequest(BaseModel):
@@ -62,13 +67,41 @@ class PredictResponse(BaseModel):
     predictions: list[Prediction]
 
 
-def _records(request: PredictRequest, limits: Limits) -> list[Any]:
+class WordScore(BaseModel):
+    word: str
+    score: float
+    segment: int = 0
+    start: int | None = None
+    end: int | None = None
+
+
+class Explanation(BaseModel):
+    """Each word's contribution (log-odds of `target`) to the prediction; they sum to the output minus the
+    all-padding baseline's, up to `delta`."""
+
+    text: str
+    text_pair: str | None = None
+    label: str
+    probability: float | None = None
+    target: str
+    delta: float
+    words: list[WordScore]
+
+
+class ExplainResponse(BaseModel):
+    model: str
+    version: str
+    explanations: list[Explanation]
+
+
+def _records(request: PredictRequest, limits: ServeConfig, max_inputs: int | None = None) -> list[Any]:
     inputs = request.inputs
     records = [inputs] if isinstance(inputs, (str, dict)) else list(inputs)
     if not records:
         raise HTTPException(422, "inputs: empty; send at least one record")
-    if len(records) > limits.max_inputs:
-        raise HTTPException(413, f"inputs: {len(records)} records; at most {limits.max_inputs} per request")
+    max_inputs = max_inputs or limits.max_inputs
+    if len(records) > max_inputs:
+        raise HTTPException(413, f"inputs: {len(records)} records; at most {max_inputs} per request")
     for index, record in enumerate(records):
         for value in record_values(record):
             if isinstance(value, str) and len(value) > limits.max_chars:
@@ -77,41 +110,73 @@ def _records(request: PredictRequest, limits: Limits) -> list[Any]:
 
 
 def create_app(
-    runtime: ModelRuntime, keys: KeyStore | None, limits: Limits | None = None, records: RecordStore | None = None
+    runtime: ModelRuntime,
+    keys: KeyStore | None,
+    settings: ServeConfig | None = None,
+    records: RecordStore | None = None,
 ) -> FastAPI:
     """The service for one model; `keys=None` turns authentication off (the CLI allows that on loopback only).
 
-    With `records`, predictions are stored and `/v1/feedback` accepts corrections.
+    With `records`, predictions are stored and `/v1/feedback` accepts corrections. `settings` gives the
+    batching, the request limits and the per-key rate limit (the run's `serve:` section by default).
     """
-    limits = limits or Limits()
+    limits = settings or runtime.predictor.config.serve
+    limiter = RateLimiter(limits.rate_limit, limits.rate_burst) if limits.rate_limit else None
     registry = CollectorRegistry()
     requests = Counter("forgeml_requests", "Requests by route and status", ["route", "status"], registry=registry)
     latency = Histogram("forgeml_request_seconds", "Request latency", ["route"], registry=registry)
     batch_sizes = Histogram(
-        "forgeml_batch_size", "Records per prediction request", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=registry
+        "forgeml_batch_size",
+        "Records per model call (requests coalesced by the micro-batcher)",
+        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+        registry=registry,
     )
+    in_progress = Gauge("forgeml_requests_in_progress", "API requests (/v1/...) being answered", registry=registry)
     info = Gauge("forgeml_model_info", "The model being served", ["name", "version", "engine"], registry=registry)
     info.labels(runtime.name, runtime.version, runtime.engine).set(1)
+
+    def score(rows: list[Any], requests_in_batch: list[tuple[Any, int]]) -> list[dict[str, Any]]:
+        """One model call for several requests; their predictions are stored in one transaction."""
+        answers = runtime.predict(rows, batch_size=limits.max_batch)
+        if records is not None:
+            stored, start = runtime.storable(rows), 0
+            batch = []
+            for request_id, count in requests_in_batch:
+                batch.append((request_id, stored[start : start + count], answers[start : start + count]))
+                start += count
+            records.add_predictions(runtime.name, runtime.version, batch)
+        return answers
+
+    batcher = MicroBatcher(score, limits.max_batch, limits.max_wait_ms, on_batch=batch_sizes.observe)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         runtime.warm_up()
+        await batcher.start()
         app.state.ready = True
         yield
+        # uvicorn stops accepting and lets in-flight requests finish before this runs (graceful SIGTERM)
+        app.state.ready = False
+        await batcher.stop()
+        if records is not None:
+            records.close()
 
     app = FastAPI(title=f"forgeml: {runtime.name}", version=runtime.version, lifespan=lifespan)
     app.state.ready = False
 
-    @app.middleware("http")
-    async def guard_and_count(request: Request, call_next):
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+
+    @app.middleware("http")  # added last, so outermost: it also counts what BodyLimit refuses
+    async def count(request: Request, call_next):
         started = time.perf_counter()
-        size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > limits.max_body_bytes):
-            response: Response = JSONResponse(
-                {"detail": f"request body larger than {limits.max_body_bytes:,} bytes"}, status_code=413
-            )
-        else:
+        api = request.url.path.startswith("/v1/")
+        if api:
+            in_progress.inc()
+        try:
             response = await call_next(request)
+        finally:
+            if api:
+                in_progress.dec()
         route = request.scope.get("route")
         name = getattr(route, "path", "unmatched")
         requests.labels(name, str(response.status_code)).inc()
@@ -135,9 +200,20 @@ def create_app(
             if verdict.status != 200:
                 headers = {"WWW-Authenticate": "Bearer"} if verdict.status == 401 else None
                 raise HTTPException(verdict.status, verdict.reason, headers=headers)
+            wait = limiter.acquire(verdict.key_id) if limiter and verdict.key_id else 0.0
+            if wait:
+                raise HTTPException(
+                    429,
+                    f"rate limit: at most {limits.rate_limit:g} requests a minute for this key; retry in {wait:.1f} s",
+                    headers={"Retry-After": str(math.ceil(wait))},
+                )
             return verdict.key_id
 
         return check
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def demo() -> HTMLResponse:
+        return HTMLResponse(demo_page(runtime.describe(), auth=keys is not None))
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
@@ -153,22 +229,31 @@ def create_app(
         return {"models": [runtime.describe()]}
 
     @app.post("/v1/predict", response_model=PredictResponse, response_model_exclude_none=True)
-    def predict(body: PredictRequest, _: str | None = Depends(require("predict"))) -> PredictResponse:
+    async def predict(body: PredictRequest, _: str | None = Depends(require("predict"))) -> PredictResponse:
         rows = _records(body, limits)
-        batch_sizes.observe(len(rows))
+        request_id = uuid.uuid4().hex
         try:
-            answers = runtime.predict(rows)
+            answers = await batcher.submit(rows, request_id)
         except ForgeError as error:  # a record missing a column, a value of the wrong kind, ...
             raise HTTPException(422, str(error)) from None
-        request_id = uuid.uuid4().hex
-        if records is not None:
-            records.add_predictions(request_id, runtime.name, runtime.version, runtime.storable(rows), answers)
         return PredictResponse(
             model=runtime.name,
             version=runtime.version,
             request_id=request_id,
             predictions=[Prediction(**answer) for answer in answers],
         )
+
+    @app.post("/v1/explain", response_model=ExplainResponse, response_model_exclude_none=True)
+    async def explain(body: PredictRequest, _: str | None = Depends(require("predict"))) -> ExplainResponse:
+        """Word attributions (integrated gradients) for text models: which words pushed the prediction."""
+        if not runtime.explainable:
+            raise HTTPException(404, "explanations: word attributions are for text models; this one is tabular")
+        rows = _records(body, limits, min(limits.max_inputs, MAX_EXPLAIN_INPUTS))
+        try:
+            explained = await batcher.run_alone(runtime.explain, rows, limits.explain_steps)
+        except ForgeError as error:
+            raise HTTPException(422, str(error)) from None
+        return ExplainResponse(model=runtime.name, version=runtime.version, explanations=explained)
 
     @app.post("/v1/feedback", status_code=201)
     def feedback(body: FeedbackRequest, key_id: str | None = Depends(require("feedback"))) -> dict[str, Any]:

@@ -56,15 +56,21 @@ class RecordStore:
             event.listen(self.engine, "connect", _sqlite_wal)
         Base.metadata.create_all(self.engine, tables=[PredictionRecord.__table__, FeedbackRecord.__table__])
 
-    def add_predictions(self, request_id: str, model: str, version: str, inputs: list, answers: list[dict]) -> None:
+    def add_predictions(self, model: str, version: str, requests: list[tuple[str, list, list[dict]]]) -> None:
+        """Store the (request id, inputs, answers) of several requests in one transaction."""
         now = datetime.now(UTC)
         with Session(self.engine) as session, session.begin():
             session.add_all(
                 PredictionRecord(
                     request_id=request_id, position=i, model=model, version=version, inputs=x, answer=a, created_at=now
                 )
+                for request_id, inputs, answers in requests
                 for i, (x, a) in enumerate(zip(inputs, answers, strict=True))
             )
+
+    def close(self) -> None:
+        """Close the database connections (every write has been committed by then)."""
+        self.engine.dispose()
 
     def prediction(self, request_id: str, position: int) -> PredictionRecord | None:
         with Session(self.engine, expire_on_commit=False) as session:

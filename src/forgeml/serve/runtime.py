@@ -16,9 +16,12 @@ ONNX_FILES = {"onnx_int8": "model.int8.onnx", "onnx_fp32": "model.onnx"}
 class ModelRuntime:
     """A loaded model plus its name and version; `predict` takes raw inputs as `Predictor.predict` does."""
 
-    def __init__(self, run_dir: str | Path, engine: str = "auto"):
+    def __init__(self, run_dir: str | Path, engine: str | None = None):
+        """`engine`: auto (the variant `forgeml compress` selected), onnx or pytorch; None: the run's
+        `serve.engine`."""
         self.predictor = Predictor(run_dir)
         run = self.predictor.run
+        engine = engine or self.predictor.config.serve.engine
         self.name, self.version = run.name, run.id
         self.engine = "pytorch"
         if engine in ("auto", "onnx") and not is_encrypted(run.path):
@@ -32,9 +35,14 @@ class ModelRuntime:
                 self.engine = f"onnxruntime ({selected or 'onnx_int8'})"
         self.input_columns = list(self.predictor.input_columns)
         self.classes = list(getattr(self.predictor.task.target, "classes", []))
+        self.explainable = bool(getattr(self.predictor.task, "text_columns", None))
 
-    def predict(self, inputs: list[Any]) -> list[dict[str, Any]]:
-        return self.predictor.predict(inputs, batch_size=64)
+    def predict(self, inputs: list[Any], batch_size: int = 64) -> list[dict[str, Any]]:
+        return self.predictor.predict(inputs, batch_size=batch_size)
+
+    def explain(self, inputs: list[Any], steps: int = 20) -> list[dict[str, Any]]:
+        """Word attributions from the PyTorch model (gradients), whichever engine answers predictions."""
+        return [explanation.to_dict() for explanation in self.predictor.explain(inputs, steps)]
 
     def storable(self, inputs: list[Any]) -> list[Any]:
         """Inputs as they may be kept in the database: PII redacted when the run redacts it for training.
@@ -79,6 +87,7 @@ class ModelRuntime:
             "engine": self.engine,
             "inputs": self.input_columns,
             "labels": self.classes,
+            "explainable": self.explainable,
         }
 
 
