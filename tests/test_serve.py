@@ -7,17 +7,12 @@ import http.client
 import json
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import uvicorn
 
 import forgeml
 from forgeml.config import ServeConfig
@@ -26,38 +21,7 @@ from forgeml.serve.keys import KeyStore
 from forgeml.serve.records import RecordStore
 from forgeml.serve.runtime import ModelRuntime
 from forgeml.store import database_url
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class Client:
-    def __init__(self, port: int):
-        self.port = port
-        self.headers: dict[str, str] = {}  # of the last response
-
-    def call(self, method: str, path: str, body: bytes | str | dict | None = None, key: str | None = None):
-        """(status, parsed JSON or text) of one request; bodies given as bytes are sent as they are."""
-        if isinstance(body, dict):
-            body = json.dumps(body)
-        if isinstance(body, str):
-            body = body.encode("utf-8")
-        headers = {"Content-Type": "application/json"}
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        try:
-            connection.request(method, path, body=body, headers=headers)
-            response = connection.getresponse()
-            self.headers = {name.lower(): value for name, value in response.getheaders()}
-            text = response.read().decode("utf-8")
-            is_json = response.getheader("content-type", "").startswith("application/json")
-            return response.status, json.loads(text) if is_json else text
-        finally:
-            connection.close()
+from serving import serving
 
 
 @pytest.fixture(scope="module")
@@ -76,24 +40,6 @@ def service(sentiment_model, tmp_path_factory: pytest.TempPathFactory):
     limits = ServeConfig(max_inputs=8, max_chars=500, max_body_bytes=200_000)
     with serving(create_app(ModelRuntime(run), keys, limits, records)) as client:
         yield client, issued, workspace, run
-
-
-@contextmanager
-def serving(app) -> Iterator[Client]:
-    """`app` on a real uvicorn server on 127.0.0.1, in a thread, for the duration of the block."""
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started and time.monotonic() < deadline and thread.is_alive():
-        time.sleep(0.05)  # waiting for the server to come up, not timing anything
-    assert server.started, "uvicorn did not start"
-    try:
-        yield Client(port)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 def test_predict_answers_with_labels_probabilities_version_and_request_id(service) -> None:
