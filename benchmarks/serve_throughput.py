@@ -1,0 +1,731 @@
+"""Serving throughput: `forgeml serve` against a plain FastAPI + `transformers.pipeline` server, same model.
+
+Two servers answer POST /v1/predict on 127.0.0.1, each in its own process, with the same fine-tuned
+weights and the same function (encoder -> mean pooling over the attention mask -> linear head):
+
+- ``forgeml``: ``forgeml serve RUN_DIR --no-auth`` as a user starts it (micro-batching, and the ONNX int8
+  variant when `forgeml compress` selected it; the engine it reports at /v1/models is recorded);
+- ``peer``: what a typical user writes instead: a FastAPI app with a plain ``def`` endpoint calling
+  ``transformers.pipeline("text-classification")`` once per request, run by uvicorn (one worker). Hugging
+  Face's ``BertForSequenceClassification`` pools with the CLS token and a pooler layer, a different function,
+  so the peer model is a small `PreTrainedModel` subclass of the encoder's own base class (e.g.
+  ``BertPreTrainedModel``) whose forward is mean pooling + the run's head, returning
+  ``SequenceClassifierOutput``. The run's weights are copied into it, it is saved with ``save_pretrained``
+  (plus the run's tokenizer and its class names as ``id2label``), and the peer process loads it back with
+  ``from_pretrained`` and truncates to the run's ``max_length``. Before any load, that reloaded model's
+  logits are compared with the run's `TextModel` on a few sentences (they must agree to 1e-4).
+
+Each request carries one SST-2 validation sentence (the realistic serving case), in a fixed seeded order
+(request i sends sentence i mod 872), the same sequence for both servers. The load is closed-loop
+(`forgeml.serve.loadgen.closed_loop`): ``--concurrency`` clients on keep-alive connections, each sending its
+next request when the last is answered, for ``--seconds``. After an untimed warm-up load for each server,
+the timed runs alternate (forgeml, peer, forgeml, peer, ... for ``--rounds`` rounds) because the shared
+2-core VM's speed drifts; medians across rounds and the ratios forgeml/peer (req/s) and peer/forgeml (p99)
+are reported, also per round (paired, less noisy). Beside each run, CPU steal (% of machine CPU time taken
+by the hypervisor) and the machine's busy share are read from /proc/stat: a run with high steal is slow
+because of its neighbours. The load generator runs in this process, on the same cores as the servers, for
+both contenders alike.
+
+Agreement: the labels the two servers gave for the same request index (same sentence) must agree on at
+least 99 % (the int8 variant may flip a few borderline sentences). Any non-200 answer, or lower agreement,
+makes the script exit with status 1. The target (>= 4x the peer's req/s, p99 <= half the peer's) is
+reported, not enforced.
+
+Model FLOPs utilisation (MFU, a column for both): useful forward FLOPs of the sentences answered, one
+sentence unpadded at a time (`TextModel.training_flops` / 3: 2 per non-embedding weight per token plus
+attention), per second, over the machine's measured fp32 matmul peak (`matmul_peak_flops`). Padding and
+int8 arithmetic are not credited, so it compares the servers' useful work, not hardware counters.
+
+Run from the repository root on a trained and compressed run (takes about 2 x rounds x 2 x seconds plus
+model loading, 3+ minutes with the defaults)::
+
+    forgeml run examples/sst2.yaml && forgeml compress runs/sst2/<id>
+    python benchmarks/serve_throughput.py --run runs/sst2/<id>
+    python benchmarks/serve_throughput.py --run runs/sst2/<id> --seconds 3 --rounds 1 --out /tmp/st.json  # smoke
+
+Results: a Markdown table on stdout and JSON in ``benchmarks/out/serve_throughput.json``. The script also
+runs itself as the peer server (``serve_throughput.py peer-server FOLDER --port P --max-length N``).
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before any Hugging Face import: no progress bars, no hub access, errors only.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import argparse
+import contextlib
+import copy
+import csv
+import gc
+import json
+import platform
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from pydantic import BaseModel
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+import forgeml
+from forgeml.serve.loadgen import LoadResult, closed_loop
+from forgeml.train.peak import matmul_peak_flops
+
+REPO = Path(__file__).resolve().parents[1]
+DATASETS = REPO.parent / "shared" / "datasets"
+DEFAULT_OUT = REPO / "benchmarks" / "out" / "serve_throughput.json"
+SEED = 42
+CONTENDERS = ("forgeml", "peer")
+MIN_AGREEMENT = 0.99
+TARGET_SPEEDUP = 4.0  # forgeml req/s over the peer's
+TARGET_P99_RATIO = 2.0  # peer p99 over forgeml's
+PARITY_TOLERANCE = 1e-4  # max |logit difference| between the peer model and the run's TextModel
+READY_TIMEOUT_S = 300.0  # loading a model on a busy 2-core VM can take a minute or two
+PARITY_SENTENCES = 5
+
+
+# ----------------------------------------------------------------------------- the peer model and server
+
+
+def peer_model_class(encoder_class: type[PreTrainedModel]) -> type[PreTrainedModel]:
+    """A sequence classifier computing what `TextModel` computes: encoder -> masked mean (or CLS) pooling
+    -> dropout -> linear `head`, on the encoder's own `PreTrainedModel` base (e.g. `BertPreTrainedModel`),
+    so `save_pretrained`, `from_pretrained` and `pipeline` treat it like any Hugging Face model."""
+    base = next(c for c in encoder_class.__mro__[1:] if issubclass(c, PreTrainedModel))
+
+    class MeanPoolingForSequenceClassification(base):
+        def __init__(self, config: transformers.PretrainedConfig):
+            super().__init__(config)
+            try:
+                encoder = encoder_class(config, add_pooling_layer=False)
+            except TypeError:  # encoders without a pooler do not take the argument
+                encoder = encoder_class(config)
+            # Under the base model prefix (e.g. `bert`), as Hugging Face's own task models keep their encoder.
+            setattr(self, self.base_model_prefix, encoder)
+            self.pooling = getattr(config, "classifier_pooling", "mean")
+            self.dropout = nn.Dropout(config.classifier_dropout or 0.0)
+            self.head = nn.Linear(config.hidden_size, config.num_labels)
+            self.post_init()
+
+        def forward(
+            self,
+            input_ids: torch.Tensor | None = None,
+            attention_mask: torch.Tensor | None = None,
+            token_type_ids: torch.Tensor | None = None,
+            **kwargs: Any,
+        ) -> SequenceClassifierOutput:
+            extra = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+            encoder = getattr(self, self.base_model_prefix)
+            hidden = encoder(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
+            if self.pooling == "cls":
+                pooled = hidden[:, 0]
+            else:
+                mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+            return SequenceClassifierOutput(logits=self.head(self.dropout(pooled)))
+
+    return MeanPoolingForSequenceClassification
+
+
+def load_peer_model(folder: Path) -> PreTrainedModel:
+    """The peer model as saved by `write_peer_model`, through `from_pretrained` (eval mode)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    encoder_class = MODEL_MAPPING[type(AutoConfig.from_pretrained(folder))]  # e.g. BertConfig -> BertModel
+    return peer_model_class(encoder_class).from_pretrained(folder)
+
+
+class PeerRequest(BaseModel):
+    inputs: list[str]
+
+
+def peer_app(folder: Path, max_length: int):
+    """The peer: FastAPI, a plain `def` endpoint (run in FastAPI's thread pool), one pipeline call a request."""
+    from fastapi import FastAPI
+    from transformers import AutoTokenizer, pipeline
+    from transformers.utils import logging as hf_logging
+
+    model = load_peer_model(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    # The pipeline logs an error naming every model class it knows when it does not know this one's name; it
+    # only calls `model(**inputs).logits`, so the check is silenced rather than the model registered.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity(hf_logging.CRITICAL)
+    try:
+        classifier = pipeline(
+            "text-classification",
+            model=model,
+            tokenizer=tokenizer,
+            device="cpu",
+            truncation=True,
+            max_length=max_length,
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+    app = FastAPI(title="peer: transformers pipeline")
+
+    @app.get("/readyz")
+    def readyz() -> dict[str, bool]:
+        return {"ready": True}
+
+    @app.post("/v1/predict")
+    def predict(body: PeerRequest) -> dict[str, Any]:
+        return {"predictions": classifier(body.inputs)}
+
+    return app
+
+
+def serve_peer(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="serve_throughput.py peer-server")
+    parser.add_argument("folder", type=Path, help="the peer model written by the benchmark")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--max-length", type=int, required=True)
+    args = parser.parse_args(argv)
+    import uvicorn
+
+    transformers.logging.disable_progress_bar()
+    uvicorn.run(peer_app(args.folder, args.max_length), host="127.0.0.1", port=args.port, log_level="warning")
+
+
+# ----------------------------------------------------------------------------- preparing the model and data
+
+
+def load_sentences(path: Path, seed: int) -> list[str]:
+    """The file's sentences (column `sentence` or `text`) in a fixed seeded order."""
+    with open(path, newline="", encoding="utf-8") as file:
+        rows = list(csv.DictReader(file))
+    name = "sentence" if rows and "sentence" in rows[0] else "text"
+    sentences = [row[name] for row in rows]
+    random.Random(seed).shuffle(sentences)
+    return sentences
+
+
+@dataclass
+class PreparedModel:
+    """What the benchmark needs from the run besides the servers."""
+
+    classes: list[str]
+    max_length: int
+    parity_max_abs_diff: float
+    sentence_flops: list[float]  # useful forward FLOPs of each sentence, unpadded
+    sentence_tokens: list[int]
+    normalized_changes: int  # sentences our server's text normalisation changes (the peer does not normalise)
+    parameters: int
+
+
+def write_peer_model(run_dir: Path, folder: Path, sentences: list[str]) -> PreparedModel:
+    """Copy the run's weights into the peer model class, save it with its tokenizer into `folder`, reload
+    it as the peer server will and check its logits against the run's TextModel."""
+    from forgeml.data.clean import normalize_text
+
+    predictor = forgeml.load(run_dir)
+    ours = predictor.torch_model  # the PyTorch TextModel, whatever engine the predictor would use
+    task = predictor.task
+    classes = list(task.target.classes)
+    options = task.model_options
+    max_length = int(options["max_length"])
+
+    config = copy.deepcopy(ours.encoder.config)
+    config.id2label = dict(enumerate(classes))  # the pipeline answers these names, as our server does
+    config.label2id = {name: i for i, name in enumerate(classes)}
+    config.classifier_pooling = options.get("pooling", "mean")
+    config.classifier_dropout = options.get("dropout", 0.1)
+    peer = peer_model_class(type(ours.encoder))(config)
+    prefix = peer.base_model_prefix
+    state = {
+        (prefix + name[len("encoder") :] if name.startswith("encoder.") else name): value
+        for name, value in ours.state_dict().items()
+    }
+    peer.load_state_dict(state, strict=True)
+    peer.save_pretrained(folder)
+    task.tokenizer.save_pretrained(folder)
+
+    reloaded = load_peer_model(folder).eval()
+    tokenizer = task.tokenizer
+    sample = sentences[:PARITY_SENTENCES]
+    with torch.no_grad():
+        # Ours as the server scores them (padded together), the peer's as the pipeline does (one at a time).
+        batch = tokenizer(sample, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+        our_logits = ours(batch["input_ids"], batch["attention_mask"])
+        peer_logits = torch.cat(
+            [
+                reloaded(**tokenizer([s], truncation=True, max_length=max_length, return_tensors="pt")).logits
+                for s in sample
+            ]
+        )
+    parity = float((our_logits - peer_logits).abs().max())
+
+    tokens = [len(ids) for ids in tokenizer(sentences, truncation=True, max_length=max_length)["input_ids"]]
+    flops = [ours.training_flops([n], n) / 3.0 for n in tokens]  # forward only: training_flops counts 3x
+    return PreparedModel(
+        classes=classes,
+        max_length=max_length,
+        parity_max_abs_diff=parity,
+        sentence_flops=flops,
+        sentence_tokens=tokens,
+        normalized_changes=sum(normalize_text(s) != s for s in sentences),
+        parameters=sum(p.numel() for p in ours.parameters()),
+    )
+
+
+# ----------------------------------------------------------------------------- server processes
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def get_json(port: int, path: str, timeout: float = 5.0) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as error:
+        return error.code, None
+
+
+@dataclass
+class Server:
+    name: str
+    port: int
+    process: subprocess.Popen
+    log: Path
+
+    def tail(self, lines: int = 30) -> str:
+        text = self.log.read_text(encoding="utf-8", errors="replace") if self.log.is_file() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+@contextlib.contextmanager
+def running(name: str, command: list[str], port: int, log: Path) -> Iterator[Server]:
+    """Start a server process; whatever happens, terminate it (SIGTERM: uvicorn shuts down gracefully) and
+    wait for it, killing it if it does not stop."""
+    with open(log, "w", encoding="utf-8") as output:
+        process = subprocess.Popen(command, cwd=REPO, stdout=output, stderr=subprocess.STDOUT)
+    server = Server(name, port, process, log)
+    try:
+        yield server
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def wait_ready(server: Server, timeout_s: float = READY_TIMEOUT_S) -> None:
+    """Poll GET /readyz until it answers 200 (our server: after its warm-up call; the peer: once listening,
+    its model loads before uvicorn starts)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"{server.name} server exited with status {server.process.returncode}:\n{server.tail()}")
+        with contextlib.suppress(OSError):
+            if get_json(server.port, "/readyz")[0] == 200:
+                return
+        time.sleep(0.5)
+    raise RuntimeError(f"{server.name} server not ready after {timeout_s:.0f} s:\n{server.tail()}")
+
+
+# ----------------------------------------------------------------------------- measurements
+
+
+@dataclass(frozen=True)
+class CpuTimes:
+    """Machine-wide jiffies since boot from the `cpu ` line of /proc/stat (as train_throughput.py reads it),
+    and this process's CPU seconds (the load generator's threads)."""
+
+    steal: int
+    idle: int
+    total: int
+    own_seconds: float
+
+    @classmethod
+    def now(cls) -> CpuTimes:
+        with open("/proc/stat", encoding="ascii") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:]]
+        # user nice system idle iowait irq softirq steal [guest guest_nice]: guest time is already in user.
+        own = os.times()
+        return cls(fields[7], fields[3] + fields[4], sum(fields[:8]), own.user + own.system)
+
+    def shares_since(self, before: CpuTimes) -> tuple[float, float, float]:
+        """(steal %, busy %, client %) of the machine's CPU time between two samples. Busy counts every
+        process (both servers, the load generator, neighbours), not idle and not stolen time; client is the
+        load generator's share: on 2 cores it competes with the server it measures."""
+        total = max(self.total - before.total, 1)
+        steal = self.steal - before.steal
+        busy = total - (self.idle - before.idle) - steal
+        client = (self.own_seconds - before.own_seconds) * os.sysconf("SC_CLK_TCK")
+        return 100.0 * steal / total, 100.0 * busy / total, 100.0 * client / total
+
+
+@dataclass
+class RunRecord:
+    round: int  # 0: the untimed warm-up
+    contender: str
+    seconds: float
+    requests: int
+    requests_per_second: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    statuses: dict[int, int]
+    steal_percent: float
+    busy_percent: float
+    client_cpu_percent: float
+    mean_tokens: float
+    mfu: float
+    errors: list[str] = field(default_factory=list)
+
+
+def request_for(sentences: list[str]):
+    """Request i sends sentence i mod n: the same sequence for every server and run."""
+
+    def request(index: int) -> tuple[str, str, dict[str, Any], dict[str, str]]:
+        return "POST", "/v1/predict", {"inputs": [sentences[index % len(sentences)]]}, {}
+
+    return request
+
+
+def measure(
+    round_index: int,
+    server: Server,
+    sentences: list[str],
+    prepared: PreparedModel,
+    concurrency: int,
+    seconds: float,
+    peak: float,
+) -> tuple[RunRecord, LoadResult]:
+    """One closed-loop load on one server, with the machine's CPU steal over the same interval."""
+    gc.collect()
+    before = CpuTimes.now()
+    result = closed_loop(server.port, request_for(sentences), concurrency, duration_s=seconds, keep_bodies=True)
+    steal, busy, client = CpuTimes.now().shares_since(before)
+    answered = [e.index % len(sentences) for e in result.exchanges if e.status == 200]
+    flops = sum(prepared.sentence_flops[i] for i in answered)
+    tokens = [prepared.sentence_tokens[i] for i in answered]
+    summary = result.summary()
+    record = RunRecord(
+        round=round_index,
+        contender=server.name,
+        seconds=result.seconds,
+        requests=len(result.exchanges),
+        requests_per_second=result.requests_per_second,
+        p50_ms=result.latency_ms(50),
+        p95_ms=result.latency_ms(95),
+        p99_ms=result.latency_ms(99),
+        statuses=summary["statuses"],
+        steal_percent=steal,
+        busy_percent=busy,
+        client_cpu_percent=client,
+        mean_tokens=statistics.fmean(tokens) if tokens else 0.0,
+        mfu=flops / result.seconds / peak if result.seconds else 0.0,
+        # The first few failures, to say why without flooding the report.
+        errors=[f"#{e.index}: {e.status} {e.error or e.body}"[:300] for e in result.exchanges if e.status != 200][:5],
+    )
+    return record, result
+
+
+def label_of(body: Any) -> str | None:
+    try:
+        return body["predictions"][0]["label"]
+    except (KeyError, IndexError, TypeError):
+        return None
+
+
+def agreement(pairs: list[tuple[LoadResult, LoadResult]], sentences: list[str]) -> dict[str, Any]:
+    """Share of request indices, within each round, where both servers answered 200 with the same label."""
+    compared = agreed = 0
+    disagreements: list[dict[str, Any]] = []
+    for ours, peer in pairs:
+        theirs = {e.index: label_of(e.body) for e in peer.exchanges if e.status == 200}
+        for exchange in ours.exchanges:
+            if exchange.status != 200 or exchange.index not in theirs:
+                continue
+            compared += 1
+            mine, other = label_of(exchange.body), theirs[exchange.index]
+            if mine is not None and mine == other:
+                agreed += 1
+            elif len(disagreements) < 10:
+                text = sentences[exchange.index % len(sentences)]
+                disagreements.append({"index": exchange.index, "sentence": text, "forgeml": mine, "peer": other})
+    return {
+        "compared": compared,
+        "agreed": agreed,
+        "share": agreed / compared if compared else 0.0,
+        "first_disagreements": disagreements,
+    }
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def summarise(records: list[RunRecord]) -> dict[str, Any]:
+    """Medians of the timed runs per contender, ratios of medians, and the ratios within each round."""
+    timed = [r for r in records if r.round > 0]
+    names = (
+        "requests_per_second",
+        "p50_ms",
+        "p95_ms",
+        "p99_ms",
+        "mfu",
+        "steal_percent",
+        "busy_percent",
+        "client_cpu_percent",
+    )
+    medians = {
+        contender: {
+            name: statistics.median(getattr(r, name) for r in timed if r.contender == contender) for name in names
+        }
+        for contender in CONTENDERS
+    }
+    ours, peer = medians["forgeml"], medians["peer"]
+    ratios = {
+        "requests_per_second_forgeml_over_peer": ours["requests_per_second"] / max(peer["requests_per_second"], 1e-9),
+        "p99_peer_over_forgeml": peer["p99_ms"] / max(ours["p99_ms"], 1e-9),
+    }
+    by_round: dict[int, dict[str, RunRecord]] = {}
+    for record in timed:
+        by_round.setdefault(record.round, {})[record.contender] = record
+    per_round = {
+        "requests_per_second_forgeml_over_peer": [
+            r["forgeml"].requests_per_second / max(r["peer"].requests_per_second, 1e-9) for r in by_round.values()
+        ],
+        "p99_peer_over_forgeml": [r["peer"].p99_ms / max(r["forgeml"].p99_ms, 1e-9) for r in by_round.values()],
+    }
+    targets = {
+        f"requests_per_second >= {TARGET_SPEEDUP:g}x peer": ratios["requests_per_second_forgeml_over_peer"]
+        >= TARGET_SPEEDUP,
+        f"p99 <= peer / {TARGET_P99_RATIO:g}": ratios["p99_peer_over_forgeml"] >= TARGET_P99_RATIO,
+    }
+    return {"medians": medians, "ratios_of_medians": ratios, "ratios_per_round": per_round, "targets": targets}
+
+
+def markdown(records: list[RunRecord], summary: dict[str, Any], agreed: dict[str, Any], engine: str) -> str:
+    lines = [
+        "| round | server | seconds | requests | req/s | p50 ms | p95 ms | p99 ms | MFU | tokens | steal | busy "
+        "| client CPU | statuses |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in records:
+        statuses = ", ".join(f"{code}: {count}" for code, count in r.statuses.items())
+        lines.append(
+            f"| {r.round or 'warm-up'} | {r.contender} | {r.seconds:.1f} | {r.requests} | "
+            f"{r.requests_per_second:.1f} | {r.p50_ms:.1f} | {r.p95_ms:.1f} | {r.p99_ms:.1f} | {r.mfu:.2%} | "
+            f"{r.mean_tokens:.1f} | {r.steal_percent:.1f} % | {r.busy_percent:.0f} % | {r.client_cpu_percent:.0f} % | {statuses} |"
+        )
+    ratios = summary["ratios_of_medians"]
+    lines += [
+        "",
+        "| server (median) | req/s | p50 ms | p95 ms | p99 ms | MFU | steal |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for contender, m in summary["medians"].items():
+        lines.append(
+            f"| {contender} | {m['requests_per_second']:.1f} | {m['p50_ms']:.1f} | {m['p95_ms']:.1f} | "
+            f"{m['p99_ms']:.1f} | {m['mfu']:.2%} | {m['steal_percent']:.1f} % |"
+        )
+    per_round = summary["ratios_per_round"]
+    lines += [
+        "",
+        f"forgeml engine: {engine}",
+        f"req/s forgeml / peer: {ratios['requests_per_second_forgeml_over_peer']:.2f}x (per round: "
+        + ", ".join(f"{v:.2f}x" for v in per_round["requests_per_second_forgeml_over_peer"])
+        + ")",
+        f"p99 peer / forgeml: {ratios['p99_peer_over_forgeml']:.2f}x (per round: "
+        + ", ".join(f"{v:.2f}x" for v in per_round["p99_peer_over_forgeml"])
+        + ")",
+        f"label agreement: {agreed['share']:.2%} of {agreed['compared']} requests (minimum {MIN_AGREEMENT:.0%})",
+    ]
+    for target, met in summary["targets"].items():
+        lines.append(f"target {target}: {'met' if met else 'NOT met'}")
+    return "\n".join(lines)
+
+
+def machine_info(peak: float) -> dict[str, Any]:
+    model_name = "unknown"
+    with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                model_name = line.split(":", 1)[1].strip()
+                break
+    import fastapi
+    import onnxruntime
+    import uvicorn
+
+    return {
+        "cpu": model_name,
+        "cpu_count": os.cpu_count(),
+        "matmul_peak_flops": peak,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "fastapi": fastapi.__version__,
+        "uvicorn": uvicorn.__version__,
+        "forgeml": forgeml.__version__,
+    }
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", type=Path, required=True, help="a run directory (after `forgeml compress`)")
+    parser.add_argument("--concurrency", type=int, default=32, help="closed-loop clients")
+    parser.add_argument("--seconds", type=float, default=20.0, help="timed load per server per round")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds; each times forgeml then the peer")
+    parser.add_argument("--warmup-seconds", type=float, default=5.0, help="untimed load per server first")
+    parser.add_argument("--max-batch", type=int, default=None, help="passed to forgeml serve (default: the run's)")
+    parser.add_argument("--max-wait-ms", type=float, default=None, help="passed to forgeml serve")
+    parser.add_argument("--data", type=Path, default=DATASETS / "sst2" / "validation.csv", help="sentences to send")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON result file")
+    return parser.parse_args(argv)
+
+
+def our_command(args: argparse.Namespace, port: int, workspace: Path) -> list[str]:
+    command = [sys.executable, "-m", "forgeml.cli", "serve", str(args.run), "--port", str(port), "--no-auth"]
+    command += ["--workspace", str(workspace)]  # its prediction log goes to a throw-away database
+    if args.max_batch is not None:
+        command += ["--max-batch", str(args.max_batch)]
+    if args.max_wait_ms is not None:
+        command += ["--max-wait-ms", str(args.max_wait_ms)]
+    return command
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["peer-server"]:
+        serve_peer(argv[1:])
+        return 0
+    args = parse_args(argv)
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    peak = matmul_peak_flops("cpu")  # measured once and cached, before any server runs
+    sentences = load_sentences(args.data, SEED)
+    records: list[RunRecord] = []
+    pairs: list[tuple[LoadResult, LoadResult]] = []
+    with tempfile.TemporaryDirectory(prefix="serve-throughput-") as folder:
+        tmp = Path(folder)
+        prepared = write_peer_model(args.run, tmp / "peer-model", sentences)
+        gc.collect()  # the run's model stays in memory here; nothing runs on it during the load
+        print(
+            f"peer model: max |logit difference| from the run's TextModel {prepared.parity_max_abs_diff:.2e} "
+            f"on {PARITY_SENTENCES} sentences",
+            file=sys.stderr,
+        )
+        if prepared.parity_max_abs_diff > PARITY_TOLERANCE:
+            raise SystemExit(f"the peer model does not compute the run's function (> {PARITY_TOLERANCE:g})")
+        (tmp / "workspace").mkdir()
+        ours_port, peer_port = free_port(), free_port()
+        peer_command = [sys.executable, str(Path(__file__).resolve()), "peer-server", str(tmp / "peer-model")]
+        peer_command += ["--port", str(peer_port), "--max-length", str(prepared.max_length)]
+        with (
+            running("forgeml", our_command(args, ours_port, tmp / "workspace"), ours_port, tmp / "ours.log") as ours,
+            running("peer", peer_command, peer_port, tmp / "peer.log") as peer,
+        ):
+            wait_ready(ours)
+            wait_ready(peer)
+            engine = get_json(ours.port, "/v1/models")[1]["models"][0]["engine"]
+            print(f"both servers ready; forgeml engine: {engine}", file=sys.stderr)
+            servers = {"forgeml": ours, "peer": peer}
+            # Warm-up: thread pools, allocator and kernel caches; recorded (statuses count) but not in medians.
+            for name in CONTENDERS:
+                record, _ = measure(0, servers[name], sentences, prepared, args.concurrency, args.warmup_seconds, peak)
+                records.append(record)
+            for round_index in range(1, args.rounds + 1):
+                results = {}
+                for name in CONTENDERS:
+                    record, results[name] = measure(
+                        round_index, servers[name], sentences, prepared, args.concurrency, args.seconds, peak
+                    )
+                    records.append(record)
+                    print(
+                        f"round {round_index} {name}: {record.requests_per_second:.1f} req/s, p99 "
+                        f"{record.p99_ms:.0f} ms, steal {record.steal_percent:.1f} %, statuses {record.statuses}",
+                        file=sys.stderr,
+                    )
+                pairs.append((results["forgeml"], results["peer"]))
+            for server in servers.values():
+                if server.process.poll() is not None:
+                    raise RuntimeError(f"{server.name} server died during the load:\n{server.tail()}")
+
+    summary = summarise(records)
+    agreed = agreement(pairs, sentences)
+    non_200 = {
+        f"{r.contender} round {r.round}": {c: n for c, n in r.statuses.items() if c != 200}
+        for r in records
+        if any(code != 200 for code in r.statuses)
+    }
+    ok = agreed["share"] >= MIN_AGREEMENT and not non_200
+    print(markdown(records, summary, agreed, engine))
+    if non_200:
+        print(f"\nnon-200 answers: {non_200}")
+        for r in records:
+            for error in r.errors:
+                print(f"  {r.contender} round {r.round} {error}")
+    if agreed["share"] < MIN_AGREEMENT:
+        print(f"\nlabel agreement below {MIN_AGREEMENT:.0%}: first disagreements {agreed['first_disagreements']}")
+    result = {
+        "benchmark": "serve_throughput",
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "setup": {
+            "run": str(args.run),
+            "forgeml_engine": engine,
+            "forgeml_server": "forgeml serve --no-auth (micro-batching), one uvicorn process",
+            "peer_server": "FastAPI plain def endpoint + transformers.pipeline('text-classification'), "
+            "one pipeline call per request, one uvicorn process",
+            "peer_model": "PreTrainedModel subclass: encoder -> mean pooling -> head, the run's weights",
+            "peer_parity_max_abs_logit_diff": prepared.parity_max_abs_diff,
+            "classes": prepared.classes,
+            "max_length": prepared.max_length,
+            "parameters": prepared.parameters,
+            "sentences": len(sentences),
+            "sentences_changed_by_forgeml_normalization": prepared.normalized_changes,
+            "inputs_per_request": 1,
+            "concurrency": args.concurrency,
+            "seconds": args.seconds,
+            "warmup_seconds": args.warmup_seconds,
+            "rounds": args.rounds,
+            "seed": SEED,
+            "mfu": "useful forward FLOPs (TextModel.training_flops / 3 per sentence, unpadded) / s / fp32 matmul peak",
+        },
+        "machine": machine_info(peak),
+        "runs": [asdict(r) for r in records],
+        **summary,
+        "agreement": agreed,
+        "non_200": non_200,
+        "ok": ok,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(f"\nwrote {args.out}", file=sys.stderr)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
