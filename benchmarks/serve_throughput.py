@@ -16,15 +16,15 @@ weights and the same function (encoder -> mean pooling over the attention mask -
   logits are compared with the run's `TextModel` on a few sentences (they must agree to 1e-4).
 
 Each request carries one SST-2 validation sentence (the realistic serving case), in a fixed seeded order
-(request i sends sentence i mod 872), the same sequence for both servers. The load is closed-loop
+(request i sends sentence i mod their number, 872), the same sequence for both servers. The load is closed-loop
 (`forgeml.serve.loadgen.closed_loop`): ``--concurrency`` clients on keep-alive connections, each sending its
 next request when the last is answered, for ``--seconds``. After an untimed warm-up load for each server,
 the timed runs alternate (forgeml, peer, forgeml, peer, ... for ``--rounds`` rounds) because the shared
 2-core VM's speed drifts; medians across rounds and the ratios forgeml/peer (req/s) and peer/forgeml (p99)
-are reported, also per round (paired, less noisy). Beside each run, CPU steal (% of machine CPU time taken
-by the hypervisor) and the machine's busy share are read from /proc/stat: a run with high steal is slow
-because of its neighbours. The load generator runs in this process, on the same cores as the servers, for
-both contenders alike.
+are reported, also per round (paired, less noisy). Beside each run, from /proc/stat: CPU steal (% of
+machine CPU time taken by the hypervisor: a run with high steal is slow because of its neighbours), the
+machine's busy share, and the share this process used: the load generator runs here, on the same cores as
+the servers, for both contenders alike, so its CPU is CPU the server under test did not get.
 
 Agreement: the labels the two servers gave for the same request index (same sentence) must agree on at
 least 99 % (the int8 variant may flip a few borderline sentences). Any non-200 answer, or lower agreement,
@@ -69,16 +69,18 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
+from fastapi import FastAPI
 from pydantic import BaseModel
 from torch import nn
 from transformers import PreTrainedModel
@@ -157,9 +159,8 @@ class PeerRequest(BaseModel):
     inputs: list[str]
 
 
-def peer_app(folder: Path, max_length: int):
+def peer_app(folder: Path, max_length: int) -> FastAPI:
     """The peer: FastAPI, a plain `def` endpoint (run in FastAPI's thread pool), one pipeline call a request."""
-    from fastapi import FastAPI
     from transformers import AutoTokenizer, pipeline
     from transformers.utils import logging as hf_logging
 
@@ -397,16 +398,38 @@ class RunRecord:
     client_cpu_percent: float
     mean_tokens: float
     mfu: float
+    lost: int = 0  # requests whose client thread died before recording them (see `client_failures`)
     errors: list[str] = field(default_factory=list)
 
 
-def request_for(sentences: list[str]):
+Request = tuple[str, str, dict[str, Any], dict[str, str]]  # method, path, JSON body, headers
+
+
+def request_for(sentences: list[str]) -> Callable[[int], Request]:
     """Request i sends sentence i mod n: the same sequence for every server and run."""
 
-    def request(index: int) -> tuple[str, str, dict[str, Any], dict[str, str]]:
+    def request(index: int) -> Request:
         return "POST", "/v1/predict", {"inputs": [sentences[index % len(sentences)]]}, {}
 
     return request
+
+
+@contextlib.contextmanager
+def client_failures() -> Iterator[list[str]]:
+    """Collect exceptions that end a load-generator thread. `closed_loop` records connection errors, but an
+    answer that is not JSON (e.g. a plain-text 500) raises in its client thread with keep_bodies: the thread
+    dies, its request goes unrecorded and the concurrency drops by one. Counted here, they fail the run."""
+    failures: list[str] = []
+    previous = threading.excepthook
+
+    def record(hook: threading.ExceptHookArgs) -> None:
+        failures.append(f"{hook.exc_type.__name__}: {hook.exc_value}"[:300])
+
+    threading.excepthook = record
+    try:
+        yield failures
+    finally:
+        threading.excepthook = previous
 
 
 def measure(
@@ -421,7 +444,8 @@ def measure(
     """One closed-loop load on one server, with the machine's CPU steal over the same interval."""
     gc.collect()
     before = CpuTimes.now()
-    result = closed_loop(server.port, request_for(sentences), concurrency, duration_s=seconds, keep_bodies=True)
+    with client_failures() as failures:
+        result = closed_loop(server.port, request_for(sentences), concurrency, duration_s=seconds, keep_bodies=True)
     steal, busy, client = CpuTimes.now().shares_since(before)
     answered = [e.index % len(sentences) for e in result.exchanges if e.status == 200]
     flops = sum(prepared.sentence_flops[i] for i in answered)
@@ -443,7 +467,9 @@ def measure(
         mean_tokens=statistics.fmean(tokens) if tokens else 0.0,
         mfu=flops / result.seconds / peak if result.seconds else 0.0,
         # The first few failures, to say why without flooding the report.
-        errors=[f"#{e.index}: {e.status} {e.error or e.body}"[:300] for e in result.exchanges if e.status != 200][:5],
+        lost=len(failures),
+        errors=[f"#{e.index}: {e.status} {e.error or e.body}"[:300] for e in result.exchanges if e.status != 200][:5]
+        + [f"client thread died: {failure}" for failure in failures[:5]],
     )
     return record, result
 
@@ -527,14 +553,16 @@ def markdown(records: list[RunRecord], summary: dict[str, Any], agreed: dict[str
     lines = [
         "| round | server | seconds | requests | req/s | p50 ms | p95 ms | p99 ms | MFU | tokens | steal | busy "
         "| client CPU | statuses |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in records:
         statuses = ", ".join(f"{code}: {count}" for code, count in r.statuses.items())
+        statuses += f", lost: {r.lost}" if r.lost else ""
         lines.append(
             f"| {r.round or 'warm-up'} | {r.contender} | {r.seconds:.1f} | {r.requests} | "
             f"{r.requests_per_second:.1f} | {r.p50_ms:.1f} | {r.p95_ms:.1f} | {r.p99_ms:.1f} | {r.mfu:.2%} | "
-            f"{r.mean_tokens:.1f} | {r.steal_percent:.1f} % | {r.busy_percent:.0f} % | {r.client_cpu_percent:.0f} % | {statuses} |"
+            f"{r.mean_tokens:.1f} | {r.steal_percent:.1f} % | {r.busy_percent:.0f} % | "
+            f"{r.client_cpu_percent:.0f} % | {statuses} |"
         )
     ratios = summary["ratios_of_medians"]
     lines += [
@@ -665,7 +693,8 @@ def main(argv: list[str] | None = None) -> int:
                     records.append(record)
                     print(
                         f"round {round_index} {name}: {record.requests_per_second:.1f} req/s, p99 "
-                        f"{record.p99_ms:.0f} ms, steal {record.steal_percent:.1f} %, statuses {record.statuses}",
+                        f"{record.p99_ms:.0f} ms, steal {record.steal_percent:.1f} %, statuses {record.statuses}"
+                        + (f", lost {record.lost}" if record.lost else ""),
                         file=sys.stderr,
                     )
                 pairs.append((results["forgeml"], results["peer"]))
@@ -676,14 +705,17 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise(records)
     agreed = agreement(pairs, sentences)
     non_200 = {
-        f"{r.contender} round {r.round}": {c: n for c, n in r.statuses.items() if c != 200}
+        f"{r.contender} round {r.round}": {
+            **{str(code): n for code, n in r.statuses.items() if code != 200},
+            **({"lost": r.lost} if r.lost else {}),
+        }
         for r in records
-        if any(code != 200 for code in r.statuses)
+        if r.lost or any(code != 200 for code in r.statuses)
     }
     ok = agreed["share"] >= MIN_AGREEMENT and not non_200
     print(markdown(records, summary, agreed, engine))
     if non_200:
-        print(f"\nnon-200 answers: {non_200}")
+        print(f"\nnon-200 answers (lost: no answer recorded): {non_200}")
         for r in records:
             for error in r.errors:
                 print(f"  {r.contender} round {r.round} {error}")

@@ -3,6 +3,7 @@ the selection rule, and the card section."""
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -145,6 +146,43 @@ def test_feed_forward_pruning_keeping_every_neuron_changes_nothing(sentiment_mod
     assert teacher.encoder.config.intermediate_size == width  # the original is left as it was
 
 
+def test_removing_a_silent_head_changes_nothing_and_survives_a_reload(sentiment_model, tmp_path: Path) -> None:
+    import torch
+
+    from forgeml.compress.prune import head_importance, prune_attention_heads
+    from forgeml.tasks import load_task
+
+    model = copy.deepcopy(sentiment_model.model)
+    output = model.encoder.encoder.layer[0].attention.output.dense
+    with torch.no_grad():
+        output.weight[:, 16:] = 0  # head 1 of layer 0 now adds nothing to the layer's output
+    inputs = {"input_ids": torch.tensor([[2, 7, 9, 3, 11]]), "attention_mask": torch.ones(1, 5, dtype=torch.long)}
+    batches = [inputs, {"input_ids": torch.tensor([[4, 8, 3, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 0]])}]
+    importance = head_importance(model, batches)
+    assert importance.shape == (2, 2) and importance[0, 1] == 0 and (importance[0, 0] > 0) and (importance[1] > 0).all()
+
+    fewer, removed = prune_attention_heads(model, 0.5, batches)
+    assert removed[0] == [1]  # the silent head is the one cut in layer 0
+    attention = fewer.encoder.encoder.layer[0].attention
+    assert attention.self.query.out_features == 16 and attention.output.dense.in_features == 16
+    model.eval(), fewer.eval()
+    with torch.no_grad():
+        expected = model(**inputs)
+        kept_all, _ = prune_attention_heads(model, 0.99, batches)  # rounds to both heads: nothing cut
+        assert torch.allclose(kept_all.eval()(**inputs), expected, atol=1e-6)
+        only_silent = copy.deepcopy(model)
+        from forgeml.models.hf import remove_attention_heads
+
+        remove_attention_heads(only_silent.encoder, {0: [1]})
+        assert torch.allclose(only_silent.eval()(**inputs), expected, atol=1e-5)
+
+    sentiment_model.task.save(tmp_path / "fewer", fewer)
+    _, reloaded = load_task(tmp_path / "fewer")
+    with torch.no_grad():
+        assert torch.allclose(reloaded.eval()(**inputs), fewer(**inputs), atol=1e-6)
+    assert reloaded.encoder.encoder.layer[1].attention.self.num_attention_heads == 1
+
+
 def test_pruned_variants_recover_and_reload(text_run: Path) -> None:
     from forgeml.tasks import load_task
 
@@ -155,9 +193,12 @@ def test_pruned_variants_recover_and_reload(text_run: Path) -> None:
     report = forgeml.api.compress(text_run)
     by_name = {r["name"]: r for r in report["variants"]}
     assert report["magnitude_pruning"]["sparsity"] >= 0.5 and report["ffn_pruning"]["intermediate_size"] == 32
-    for name in ("pruned_50pct", "ffn_pruned_50pct"):
+    assert report["head_pruning"]["heads_kept"] == 1 and report["head_pruning"]["heads"] == 2
+    for name in ("pruned_50pct", "ffn_pruned_50pct", "heads_pruned_50pct"):
         assert by_name[name]["metrics"]["accuracy"] >= 0.85, name
     _, narrow = load_task(text_run / "compress" / "ffn_pruned_50pct")
     assert narrow.encoder.encoder.layer[1].output.dense.in_features == 32
+    _, fewer = load_task(text_run / "compress" / "heads_pruned_50pct")  # reloads with one head per layer
+    assert fewer.encoder.encoder.layer[1].attention.self.query.out_features == 16
     card = (text_run / "card.md").read_text()
     assert "most important neurons" in card and "of its Linear weights at zero" in card

@@ -303,6 +303,9 @@ class PruneConfig(Section):
     ffn_keep: float | None = Field(
         0.5, gt=0.0, lt=1.0, description="structured (text): share of feed-forward neurons kept in each layer"
     )
+    heads_keep: float | None = Field(
+        0.5, gt=0.0, lt=1.0, description="structured (text): share of attention heads kept in each layer"
+    )
     epochs: int = Field(1, ge=1, le=100, description="recovery fine-tune epochs")
     lr: float = Field(1.0e-4, gt=0.0, le=1.0)
 

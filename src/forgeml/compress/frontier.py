@@ -14,7 +14,7 @@ from torch import nn
 
 from forgeml.compress.distill import distill, teach
 from forgeml.compress.measure import measure
-from forgeml.compress.prune import magnitude_prune, make_permanent, prune_feed_forward
+from forgeml.compress.prune import magnitude_prune, make_permanent, prune_attention_heads, prune_feed_forward
 from forgeml.compress.variants import Variant, build_variants
 from forgeml.config import LOWER_IS_BETTER, CompressConfig, TrainConfig
 from forgeml.evaluate.outputs import model_outputs
@@ -102,10 +102,11 @@ def _trained_variants(
         name = f"pruned_{round(100 * prune_options.sparsity)}pct"
         description = f"{learned['magnitude_pruning']['sparsity']:.0%} of weights zero"
         variants.append(_saved(task, pruned, folder / name, name, description))
-    if prune_options and prune_options.ffn_keep:
-        if not hasattr(model, "encoder"):
-            learned["ffn_pruning"] = {"skipped": "feed-forward neuron pruning is for transformer text models"}
-            return variants, learned
+    structured = [name for name in ("ffn_keep", "heads_keep") if prune_options and getattr(prune_options, name)]
+    if structured and not hasattr(model, "encoder"):
+        learned["structured_pruning"] = {"skipped": "neuron and head pruning are for transformer text models"}
+        return variants, learned
+    if "ffn_keep" in structured:
         narrow, width = prune_feed_forward(model, prune_options.ffn_keep)
         recovery = teach(
             task, model, narrow, training, prune_options.epochs, prune_options.lr, teacher_logits=teacher_logits
@@ -113,7 +114,24 @@ def _trained_variants(
         learned["ffn_pruning"] = {"intermediate_size": width, **recovery}
         name = f"ffn_pruned_{round(100 * prune_options.ffn_keep)}pct"
         variants.append(_saved(task, narrow, folder / name, name, f"feed-forward width {width}"))
+    if "heads_keep" in structured:
+        fewer, removed = prune_attention_heads(model, prune_options.heads_keep, _sample_batches(training))
+        recovery = teach(
+            task, model, fewer, training, prune_options.epochs, prune_options.lr, teacher_logits=teacher_logits
+        )
+        kept = fewer.encoder.encoder.layer[0].attention.self.num_attention_heads
+        heads = kept + len(removed[0])
+        learned["head_pruning"] = {"heads_kept": kept, "heads": heads, "removed": removed, **recovery}
+        name = f"heads_pruned_{round(100 * prune_options.heads_keep)}pct"
+        variants.append(_saved(task, fewer, folder / name, name, f"{kept} of {heads} attention heads per layer"))
     return variants, learned
+
+
+def _sample_batches(training: tuple[EncodedSplit, EncodedSplit | None, TrainConfig], rows: int = 512):
+    """Batches of the first `rows` training rows: what head importance is measured on."""
+    split, _, train_config = training
+    count, size = min(rows, len(split)), train_config.eval_batch_size
+    return (split.batch(range(start, min(start + size, count)))[0] for start in range(0, count, size))
 
 
 def _saved(task: Task, model: nn.Module, folder: Path, name: str, description: str) -> Variant:

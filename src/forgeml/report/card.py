@@ -594,6 +594,13 @@ def _compression(run: Path) -> Section:
             "neurons of each layer's feed-forward block (|input weights| x |output weights|), then recovers on the "
             "original's answers."
         )
+    heads = report.get("head_pruning") or {}
+    if heads.get("heads_kept"):
+        notes.append(
+            f"The head-pruned model keeps {heads['heads_kept']} of the {heads['heads']} attention heads in each "
+            "layer: those whose share of the attention output is largest on training data. It then recovers on "
+            "the original's answers."
+        )
     for note in reversed(notes):
         blocks.insert(1, Paragraph(note))
     distilled = report.get("distillation")
