@@ -65,6 +65,7 @@ def test_load_gives_no_5xx_stores_every_feedback_and_keeps_memory_flat(served_co
         load = closed_loop(_port(process), request, concurrency=64, total=REQUESTS)
         rss_after = _rss_bytes(process.pid)
 
+    print(f"\nload: {load.summary()}; RSS after warm-up {rss_warm / 2**20:.1f} MiB, after {rss_after / 2**20:.1f} MiB")
     assert process.returncode in GRACEFUL_EXIT
     statuses = load.statuses()
     assert not [status for status in statuses if status >= 500 or status == 0], load.summary()

@@ -165,6 +165,7 @@ def create_app(
         await batcher.stop()
         if records is not None:
             records.close()
+        gc.unfreeze()  # when the app was embedded in a longer-lived process, its objects may go again
 
     app = FastAPI(title=f"forgeml: {runtime.name}", version=runtime.version, lifespan=lifespan)
     app.state.ready = False
