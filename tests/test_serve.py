@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -259,3 +260,20 @@ def test_chunked_upload_over_the_limit_is_refused_without_reading_it_all(service
     finally:
         connection.close()
     assert client.call("GET", "/healthz") == (200, {"status": "ok"})
+
+
+def test_an_encrypted_run_is_served_by_onnxruntime(sentiment_model, tmp_path: Path, monkeypatch) -> None:
+    from forgeml.encryption import encrypt_run, generate_key
+
+    run = shutil.copytree(sentiment_model.run.path, tmp_path / "runs" / "tiny" / sentiment_model.run.id)
+    forgeml.api.export(run)
+    monkeypatch.setenv("FORGEML_KEY", generate_key())
+    encrypt_run(run)
+    assert not (run / "export" / "model.int8.onnx").exists()
+    views = lambda: {*Path("/dev/shm").glob("forgeml-view-*"), *Path(tempfile.gettempdir()).glob("forgeml-view-*")}  # noqa: E731
+    before = views()
+    runtime = ModelRuntime(run, "onnx")
+    assert runtime.engine.startswith("onnxruntime")
+    texts = ["the film was great", "a dull and boring plot"]
+    assert [a["label"] for a in runtime.predict(texts)] == ["positive", "negative"]
+    assert views() <= before  # the decrypted copy is gone

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from forgeml.api import Predictor
-from forgeml.encryption import is_encrypted
-from forgeml.workspace import read_json
+from forgeml.encryption import plaintext_view
+from forgeml.workspace import RunDir, read_json
 
 ONNX_FILES = {"onnx_int8": "model.int8.onnx", "onnx_fp32": "model.onnx"}
 
@@ -24,15 +24,18 @@ class ModelRuntime:
         engine = engine or self.predictor.config.serve.engine
         self.name, self.version = run.name, run.id
         self.engine = "pytorch"
-        if engine in ("auto", "onnx") and not is_encrypted(run.path):
-            selected = _selected_variant(run.path)
-            file = ONNX_FILES.get(selected or "", "model.int8.onnx" if engine == "onnx" else None)
-            if file and (run.path / "export" / file).is_file():
-                from forgeml.export import OnnxModel
+        if engine in ("auto", "onnx"):
+            # An encrypted run's ONNX file is decrypted into a private folder just long enough for
+            # onnxruntime to read it into memory.
+            with plaintext_view(run.path, only=("manifest.json", "compress/", "export/")) as plain:
+                selected = _selected_variant(plain)
+                file = ONNX_FILES.get(selected or "", "model.int8.onnx" if engine == "onnx" else None)
+                if file and (plain / "export" / file).is_file():
+                    from forgeml.export import OnnxModel
 
-                run.verify("export/")  # the ONNX file is an artefact like the others: checked before use
-                self.predictor.model = OnnxModel(run.path / "export" / file)
-                self.engine = f"onnxruntime ({selected or 'onnx_int8'})"
+                    RunDir(plain).verify("export/")  # the ONNX file is an artefact like the others: checked
+                    self.predictor.model = OnnxModel(plain / "export" / file)
+                    self.engine = f"onnxruntime ({selected or 'onnx_int8'})"
         self.input_columns = list(self.predictor.input_columns)
         self.classes = list(getattr(self.predictor.task.target, "classes", []))
         self.explainable = bool(getattr(self.predictor.task, "text_columns", None))
