@@ -68,7 +68,7 @@ def serving(app) -> Iterator[Client]:
 
 
 @contextmanager
-def server_process(run: Path, workspace: Path, *options: str) -> Iterator[tuple[subprocess.Popen, Client]]:
+def server_process(run: Path | str, workspace: Path, *options: str) -> Iterator[tuple[subprocess.Popen, Client]]:
     """`forgeml serve run` in its own process, ready (GET /readyz answered 200) when the block starts."""
     port = free_port()
     command = [sys.executable, "-m", "forgeml.cli", "serve", str(run), "--port", str(port)]

@@ -121,3 +121,16 @@ def _count(store: RecordStore, table) -> int:
 
     with Session(store.engine) as session:
         return session.scalar(select(func.count()).select_from(table))
+
+
+def test_serve_finds_a_run_by_name_or_id_in_the_workspace(sentiment_model) -> None:
+    import subprocess
+    import sys
+
+    workspace = sentiment_model.run.path.parents[2]  # <workspace>/runs/<name>/<id>
+    with server_process("tiny", workspace, "--no-auth") as (_, client):
+        status, body = client.call("GET", "/v1/models")
+        assert status == 200 and body["models"][0]["version"] == sentiment_model.run.id
+    unknown = [sys.executable, "-m", "forgeml.cli", "serve", "no-such-run", "--workspace", str(workspace), "--no-auth"]
+    result = subprocess.run(unknown, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "nor the name or id of a finished run" in result.stderr

@@ -276,7 +276,7 @@ def _key_store(workspace: Path | None, db: str | None = None):
 
 @app.command()
 def serve(
-    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
+    run: Annotated[str, typer.Argument(help="a run directory, or a run's name (its newest finished run) or id")],
     host: Annotated[str | None, typer.Option(help="address to bind (default: the run's serve.host, 127.0.0.1)")] = None,
     port: Annotated[int | None, typer.Option(help="TCP port (default: serve.port, 8000)")] = None,
     no_auth: Annotated[bool, typer.Option("--no-auth", help="no API keys (only on 127.0.0.1)")] = False,
@@ -299,6 +299,7 @@ def serve(
     from forgeml.serve.app import create_app
     from forgeml.serve.records import RecordStore
     from forgeml.serve.runtime import ModelRuntime
+    from forgeml.store import Store
 
     options = {"host": host, "port": port, "engine": engine, "max_batch": max_batch, "max_wait_ms": max_wait_ms}
     options["rate_limit"] = rate_limit
@@ -306,6 +307,7 @@ def serve(
     if no_auth and (host or "127.0.0.1") not in LOOPBACK:
         raise ForgeError(f"serve: --no-auth is allowed only on 127.0.0.1, not on {host}; create a key instead")
     keys = None if no_auth else _key_store(workspace, db)
+    run_dir = Path(run) if Path(run).is_dir() else Store(_database(workspace, db)).locate(run)
     runtime = ModelRuntime(run_dir, engine)  # engine None: the run's serve.engine
     settings = with_changes(runtime.predictor.config.serve, "serve", **options)
     if keys is None and settings.host not in LOOPBACK:

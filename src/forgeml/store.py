@@ -109,6 +109,19 @@ class Store:
         with Session(self.engine) as session:
             return [record.as_dict() for record in session.scalars(query)]
 
+    def locate(self, name_or_id: str) -> Path:
+        """The folder of the newest finished run with this name, else of the run with this id (or id prefix)."""
+        finished = [record for record in self.runs(name_or_id) if record["status"] == "finished"]
+        if finished:
+            return Path(finished[0]["path"])
+        try:
+            return Path(self.run(name_or_id)["path"])
+        except ForgeError:
+            raise ForgeError(
+                f"{name_or_id!r} is not a run folder, nor the name or id of a finished run in this workspace "
+                "(see `forgeml runs`)"
+            ) from None
+
     def run(self, run_id: str) -> dict[str, Any]:
         """One run by id or by a unique prefix of its id."""
         with Session(self.engine) as session:
