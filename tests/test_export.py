@@ -16,7 +16,7 @@ import torch
 import forgeml
 from forgeml.errors import ArtifactError, ForgeError
 from forgeml.evaluate.outputs import model_outputs
-from forgeml.export import FP32_TOLERANCE, INT8_AGREEMENT, OnnxModel
+from forgeml.export import FP32_TOLERANCE, INT8_AGREEMENT, OnnxModel, load_exported
 from forgeml.workspace import RunDir
 
 from conftest import write_csv
@@ -51,6 +51,20 @@ def test_text_model_exports_with_parity_and_dynamic_axes(text_run: Path) -> None
     outputs, _ = model_outputs(session, encoded, batch_size=2)
     assert np.allclose(outputs, expected.numpy(), atol=FP32_TOLERANCE)
 
+    # The export folder stands alone: moved away from the run, it still turns texts into the same answers.
+    alone = shutil.copytree(text_run / "export", text_run.parent / "shipped")
+    task, exported = load_exported(alone, "model.onnx")
+    shipped_outputs, _ = model_outputs(exported, task.encode(_texts(texts), "check", with_targets=False))
+    assert task.predictions(shipped_outputs)["label"] == [a["label"] for a in predictor.predict(texts)]
+    assert sorted(p.name for p in alone.iterdir()) == [
+        "model.int8.onnx",
+        "model.onnx",
+        "model.torchscript.pt",
+        "parity.json",
+        "task.json",
+        "tokenizer",
+    ]
+
     RunDir(text_run).verify("export/")  # every export file is hashed in the manifest
     with open(text_run / "export" / "model.onnx", "ab") as handle:
         handle.write(b"\0")
@@ -75,6 +89,10 @@ def test_tabular_model_exports_and_int8_agrees(tmp_path: Path) -> None:
     torch_outputs, _ = model_outputs(predictor.model, encoded)
     onnx_outputs, _ = model_outputs(OnnxModel(run / "export" / "model.onnx"), encoded)
     assert np.abs(onnx_outputs - torch_outputs).max() <= FP32_TOLERANCE
+    task, alone = load_exported(run / "export", "model.onnx")  # the preprocessing travels with the export
+    rows = _rows(tabular_rows(50, seed=3, missing=0.0))
+    shipped_outputs, _ = model_outputs(alone, task.encode(rows, "x", with_targets=False))
+    assert np.abs(shipped_outputs - torch_outputs).max() <= FP32_TOLERANCE
 
 
 def test_unknown_format_is_refused_by_name(text_run: Path) -> None:

@@ -310,7 +310,7 @@ def export(
     try:
         return export_model(predictor.task, predictor.model, encoded, folder, tuple(formats))
     finally:  # a failed check is recorded too: the card says which export is off, and by how much
-        _record_and_report(predictor.run, folder.glob("*"))
+        _record_and_report(predictor.run, folder.rglob("*"))
 
 
 def _held_out(splits: dict[str, Dataset | None]) -> tuple[str, Dataset]:

@@ -76,6 +76,20 @@ class OnnxModel(_ExportedModel):
         return torch.from_numpy(self.session.run(None, feed)[0])
 
 
+def load_exported(folder: str | Path, file: str = "model.int8.onnx") -> tuple[Task, OnnxModel]:
+    """An exported model and its task from an `export/` folder alone (no PyTorch weights needed).
+
+    `task.encode(dataset, with_targets=False)` turns raw inputs into the model's, `model_outputs(model,
+    encoded)` runs it, and `task.predictions(outputs)` gives the labels and probabilities (or values).
+    Text clean-up the run applies before tokenizing (Unicode normalisation, PII redaction) is set in the
+    run's config, not here: `forgeml.load(run).prepare_inputs` applies it.
+    """
+    from forgeml.tasks import load_task_inputs
+
+    folder = Path(folder)
+    return load_task_inputs(folder), OnnxModel(folder / file)
+
+
 def export_onnx(model: nn.Module, example: dict[str, torch.Tensor], path: Path) -> Path:
     """Write `model` as one ONNX file (legacy exporter, opset 17) with dynamic batch and sequence axes."""
     names = list(example)
@@ -170,6 +184,7 @@ def export_model(
     reference, _ = model_outputs(model, rows)
     classification = hasattr(task.target, "classes")
     report: dict[str, Any] = {"rows": len(rows), "checks": {}}
+    task.save_inputs(folder)  # tokenizer or tabular preprocessing and label map: the folder stands alone
     exported: dict[str, Any] = {}
     if "onnx" in formats:
         fp32 = export_onnx(model, example, folder / "model.onnx")

@@ -35,10 +35,21 @@ def load_task(folder: str | Path) -> tuple[Task, nn.Module]:
     """Rebuild the task and its trained model from a `model/` folder written by `Task.save`."""
     folder = Path(folder)
     state = read_json(folder / "task.json")
-    target = target_from_state(state["target"])
+    return _task_class(folder, state).load(folder, state, target_from_state(state["target"]))
+
+
+def load_task_inputs(folder: str | Path) -> Task:
+    """The task alone (tokenizer or tabular preprocessing, label map) from a folder written by
+    `Task.save_inputs`, e.g. an `export/` folder beside its ONNX files."""
+    folder = Path(folder)
+    state = read_json(folder / "task.json")
+    return _task_class(folder, state).from_saved(folder, state, target_from_state(state["target"]))
+
+
+def _task_class(folder: Path, state: dict) -> type[TextTask] | type[TabularTask]:
     architecture = state.get("model", {}).get("architecture")
     if architecture == "text":
-        return TextTask.load(folder, state, target)
+        return TextTask
     if architecture == "mlp":
-        return TabularTask.load(folder, state, target)
+        return TabularTask
     raise ArtifactError(f"{folder / 'task.json'}: unknown model architecture {architecture!r}")

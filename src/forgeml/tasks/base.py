@@ -52,6 +52,10 @@ class Task(Protocol):
     def save(self, folder: Path, model: nn.Module) -> None:
         """Write weights (safetensors) and everything needed to rebuild the task (JSON)."""
 
+    def save_inputs(self, folder: Path) -> None:
+        """Write what turns raw inputs into model inputs and outputs into answers (task JSON, tokenizer or
+        tabular preprocessing, label map), without the weights: what an exported model needs beside it."""
+
 
 class Target(Protocol):
     """What the model predicts: class labels or a number. Shared by text and tabular tasks."""

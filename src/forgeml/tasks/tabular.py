@@ -140,15 +140,23 @@ class TabularTask(TargetTask):
         }
 
     def save(self, folder: Path, model: TabularMLP) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
+        self.save_inputs(folder)
         save_model(model, str(folder / "model.safetensors"))
-        atomic_write_json(folder / "task.json", self.state())
+
+    def save_inputs(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(folder / "task.json", self.state())  # the preprocessing is part of the state
+
+    @classmethod
+    def from_saved(cls, folder: Path, state: dict[str, Any], target: Target) -> TabularTask:
+        """The task written by `save_inputs`."""
+        options = {k: v for k, v in state["model"].items() if k != "architecture"}
+        prep = state["inputs"]["preprocessing"]
+        return cls(state["task"], state["inputs"]["features"], target, options, TabularPreprocessor(**prep))
 
     @classmethod
     def load(cls, folder: Path, state: dict[str, Any], target: Target) -> tuple[TabularTask, TabularMLP]:
-        options = {k: v for k, v in state["model"].items() if k != "architecture"}
-        prep = state["inputs"]["preprocessing"]
-        task = cls(state["task"], state["inputs"]["features"], target, options, TabularPreprocessor(**prep))
+        task = cls.from_saved(folder, state, target)
         model = task.build_model()
         load_model(model, str(folder / "model.safetensors"))
         return task, model

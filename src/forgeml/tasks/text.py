@@ -100,19 +100,30 @@ class TextTask(TargetTask):
         }
 
     def save(self, folder: Path, model: TextModel) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
+        self.save_inputs(folder)
         save_model(model, str(folder / "model.safetensors"))
         model.encoder.config.save_pretrained(folder / "encoder")
+
+    def save_inputs(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(folder / "tokenizer")
         atomic_write_json(folder / "task.json", self.state())
 
     @classmethod
-    def load(cls, folder: Path, state: dict[str, Any], target: Target) -> tuple[TextTask, TextModel]:
+    def from_saved(cls, folder: Path, state: dict[str, Any], target: Target) -> TextTask:
+        """The task written by `save_inputs` (its tokenizer from `folder/tokenizer`)."""
         options = dict(state["model"])
         options.pop("architecture", None)
-        saved = {**options, "backbone": str(folder / "tokenizer")}
-        task = cls(state["task"], state["inputs"]["text_columns"], target, saved)
+        task = cls(
+            state["task"], state["inputs"]["text_columns"], target, {**options, "backbone": str(folder / "tokenizer")}
+        )
         task.model_options["backbone"] = options["backbone"]  # keep the name the user chose
+        return task
+
+    @classmethod
+    def load(cls, folder: Path, state: dict[str, Any], target: Target) -> tuple[TextTask, TextModel]:
+        task = cls.from_saved(folder, state, target)
+        options = task.model_options
         model = TextModel.from_config(folder / "encoder", target.num_outputs, options["dropout"], options["pooling"])
         load_model(model, str(folder / "model.safetensors"))
         return task, model
