@@ -298,14 +298,14 @@ def export(
     disagrees with PyTorch beyond the tolerance.
     """
     from forgeml.data.prepare import prepare, read_audited_file
-    from forgeml.export import export_model
+    from forgeml.export import export_model, parity_sample
 
     predictor = Predictor(run_dir)
     if data is not None:  # prepared as the run's own rows were: cleaning and PII redaction, labels optional
         rows = read_audited_file(Path(data), predictor.config, predictor.input_columns)
     else:
         rows = _held_out(prepare(predictor.config).splits)[1]
-    encoded = predictor.task.encode(_parity_sample(rows), "export", with_targets=False)
+    encoded = predictor.task.encode(parity_sample(rows), "export", with_targets=False)
     folder = predictor.run.path / "export"
     try:
         return export_model(predictor.task, predictor.model, encoded, folder, tuple(formats))
@@ -317,13 +317,6 @@ def _held_out(splits: dict[str, Dataset | None]) -> tuple[str, Dataset]:
     """The run's test split (else validation, else train) and its name."""
     name = next(name for name in ("test", "validation", "train") if splits.get(name) is not None)
     return name, splits[name]
-
-
-def _parity_sample(rows: Dataset) -> Dataset:
-    """A seeded subset of at most `PARITY_ROWS` rows to check exports on."""
-    from forgeml.export import PARITY_ROWS
-
-    return rows.shuffle(seed=0).select(range(PARITY_ROWS)) if len(rows) > PARITY_ROWS else rows
 
 
 def _record_and_report(run: RunDir, written: Iterable[Path]) -> None:
@@ -342,13 +335,14 @@ def compress(run_dir: str | Path) -> dict[str, Any]:
     from forgeml.compress import compress_model
     from forgeml.config import CompressConfig
     from forgeml.data.prepare import prepare
+    from forgeml.export import parity_sample
 
     predictor = Predictor(run_dir)
     splits = prepare(predictor.config).splits
     name, rows = _held_out(splits)
     task = predictor.task
     test = task.encode(rows, name)
-    parity_rows = task.encode(_parity_sample(rows), name, with_targets=False)
+    parity_rows = task.encode(parity_sample(rows), name, with_targets=False)
     run = predictor.run
     options = predictor.config.compress or CompressConfig()
     training = None
@@ -364,7 +358,7 @@ def compress(run_dir: str | Path) -> dict[str, Any]:
             task, predictor.model, test, parity_rows, run.path / "compress", run.path / "export", options, training
         )
     finally:
-        _record_and_report(run, [*run.path.glob("compress/*"), *run.path.glob("export/*")])
+        _record_and_report(run, [*run.path.glob("compress/**/*"), *run.path.glob("export/**/*")])
 
 
 @on_plaintext(writes=True)

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from datasets import Dataset
 from torch import nn
 
 from forgeml.errors import ArtifactError, ForgeError
@@ -74,6 +75,11 @@ class OnnxModel(_ExportedModel):
     def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
         feed = {name: inputs[name].cpu().numpy() for name in self.input_names}
         return torch.from_numpy(self.session.run(None, feed)[0])
+
+
+def parity_sample(rows: Dataset) -> Dataset:
+    """A seeded subset of at most `PARITY_ROWS` rows to check exports on."""
+    return rows.shuffle(seed=0).select(range(PARITY_ROWS)) if len(rows) > PARITY_ROWS else rows
 
 
 def load_exported(folder: str | Path, file: str = "model.int8.onnx") -> tuple[Task, OnnxModel]:

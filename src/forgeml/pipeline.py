@@ -140,12 +140,14 @@ def execute(
             durations["audit_s"] = time.perf_counter() - clock
         if config.compress:
             from forgeml.compress import compress_model
+            from forgeml.export import parity_sample
 
             clock = time.perf_counter()
-            held_out = encoded.get("test") or encoded.get("validation") or encoded["train"]
+            name = next(name for name in ("test", "validation", "train") if encoded.get(name) is not None)
+            parity_rows = task.encode(parity_sample(data.splits[name]), name, with_targets=False)
             training = (encoded["train"], encoded.get("validation"), config.train)  # for distillation
             folders = (run.path / "compress", run.path / "export")
-            compress_model(task, model, held_out, held_out, *folders, config.compress, training)
+            compress_model(task, model, encoded[name], parity_rows, *folders, config.compress, training)
             durations["compress_s"] = time.perf_counter() - clock
         atomic_write_json(run.metrics, metrics)
 
