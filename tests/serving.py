@@ -28,13 +28,20 @@ class Client:
         self.port = port
         self.headers: dict[str, str] = {}  # of the last response
 
-    def call(self, method: str, path: str, body: bytes | str | dict | None = None, key: str | None = None):
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: bytes | str | dict | None = None,
+        key: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         """(status, parsed JSON or text) of one request; bodies given as bytes are sent as they are."""
         if isinstance(body, dict):
             body = json.dumps(body)
         if isinstance(body, str):
             body = body.encode("utf-8")
-        headers = {"Content-Type": "application/json"}
+        headers = {"Content-Type": "application/json", **(headers or {})}
         if key:
             headers["Authorization"] = f"Bearer {key}"
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)

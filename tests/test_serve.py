@@ -56,6 +56,10 @@ def test_predict_answers_with_labels_probabilities_version_and_request_id(servic
     assert body["version"] == run.name and len(body["request_id"]) == 32
     status, single = client.call("POST", "/v1/predict", {"inputs": "the film was great"}, keys["predict"])
     assert status == 200 and len(single["predictions"]) == 1
+    # what `curl -d '{...}'` sends: form encoding in the header, JSON in the body
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    status, curled = client.call("POST", "/v1/predict", {"inputs": ["so boring"]}, keys["predict"], headers=form)
+    assert status == 200 and curled["predictions"][0]["label"] == "negative"
     status, models = client.call("GET", "/v1/models", key=keys["predict"])
     assert status == 200 and models["models"][0]["labels"] == ["negative", "positive"]
 

@@ -376,7 +376,8 @@ def feedback_export(
 
     text = RecordStore(_database(workspace, db)).export_csv(model=model)
     atomic_write_text(output, text)
-    console.print(f"wrote {text.count(chr(10)) - 1} corrections to {output}")
+    count = text.count("\n") - 1
+    console.print(f"wrote {count} correction{'s' if count != 1 else ''} to {output}")
 
 
 @app.command()

@@ -24,9 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from forgeml.config import ServeConfig
 from forgeml.errors import ForgeError
 from forgeml.serve.batching import MicroBatcher
-from forgeml.serve.bodylimit import BodyLimit
 from forgeml.serve.demo import demo_page
 from forgeml.serve.keys import KeyStore
+from forgeml.serve.middleware import BodyLimit, JsonBodies
 from forgeml.serve.ratelimit import RateLimiter
 from forgeml.serve.records import RecordStore
 from forgeml.serve.runtime import ModelRuntime, record_values
@@ -170,6 +170,7 @@ def create_app(
     app = FastAPI(title=f"forgeml: {runtime.name}", version=runtime.version, lifespan=lifespan)
     app.state.ready = False
 
+    app.add_middleware(JsonBodies)
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
 
     @app.middleware("http")  # added last, so outermost: it also counts what BodyLimit refuses

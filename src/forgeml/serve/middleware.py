@@ -1,8 +1,11 @@
-"""A request-body size limit enforced on the bytes received, not on what the client declares.
+"""ASGI middleware that looks at requests before FastAPI does.
 
-A Content-Length above the limit is refused before the body is read; a chunked upload (no
-Content-Length) is counted as it arrives and refused as soon as it passes the limit, so no request makes
-the server buffer more than `max_bytes`.
+- `BodyLimit`: a request-body size limit enforced on the bytes received, not on what the client
+  declares. A Content-Length above the limit is refused before the body is read; a chunked upload (no
+  Content-Length) is counted as it arrives and refused as soon as it passes the limit, so no request
+  makes the server buffer more than `max_bytes`.
+- `JsonBodies`: every API body is read as JSON whatever its Content-Type says. `curl -d '{...}'` sends
+  `application/x-www-form-urlencoded`, which FastAPI would not parse; the API takes nothing but JSON.
 """
 
 from __future__ import annotations
@@ -56,3 +59,17 @@ class BodyLimit:
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
         await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
+
+
+class JsonBodies:
+    """ASGI middleware: requests to paths under `prefix` get `Content-Type: application/json`."""
+
+    def __init__(self, app: Any, prefix: str = "/v1/"):
+        self.app, self.prefix = app, prefix
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(self.prefix):
+            kept = [(name, value) for name, value in scope["headers"] if name != b"content-type"]
+            # in place: the outer middleware reads what the router records in this same scope (the route)
+            scope["headers"] = [*kept, (b"content-type", b"application/json")]
+        await self.app(scope, receive, send)
