@@ -202,3 +202,55 @@ def test_pruned_variants_recover_and_reload(text_run: Path) -> None:
     assert fewer.encoder.encoder.layer[1].attention.self.query.out_features == 16
     card = (text_run / "card.md").read_text()
     assert "most important neurons" in card and "of its Linear weights at zero" in card
+
+    # each trained variant in int8 as well (the gains stack), parity-checked against its own PyTorch outputs
+    for name in ("pruned_50pct", "ffn_pruned_50pct", "heads_pruned_50pct"):
+        stacked = by_name[f"{name}_onnx_int8"]
+        assert stacked["file"] == f"compress/{name}/export/model.int8.onnx" and stacked["source"] == f"compress/{name}"
+        assert stacked["metrics"]["accuracy"] >= 0.85, name
+        parity = json.loads((text_run / "compress" / name / "export" / "parity.json").read_text())
+        assert parity["passed"]
+
+    # whatever compress selects is what the server runs, explained by its own PyTorch weights
+    from forgeml.serve.runtime import ModelRuntime
+    from forgeml.workspace import RunDir
+
+    comparison_file = text_run / "compress" / "compression.json"
+    comparison = json.loads(comparison_file.read_text())
+    texts = ["the film was great", "a dull and boring plot"]
+    for selected, engine in [
+        ("heads_pruned_50pct_onnx_int8", "onnxruntime (heads_pruned_50pct_onnx_int8)"),
+        ("ffn_pruned_50pct", "pytorch (ffn_pruned_50pct)"),
+        ("pytorch_int8", "pytorch (pytorch_int8)"),
+    ]:
+        comparison_file.write_text(json.dumps({**comparison, "selected": selected}))
+        RunDir(text_run).record([comparison_file])
+        runtime = ModelRuntime(text_run)
+        assert runtime.engine == engine
+        assert [answer["label"] for answer in runtime.predict(texts)] == ["positive", "negative"], selected
+    original = ModelRuntime(text_run)  # pytorch_int8 still selected: the trained model itself explains
+    assert original.predictor.torch_model.encoder.encoder.layer[0].attention.self.num_attention_heads == 2
+    comparison_file.write_text(json.dumps({**comparison, "selected": "heads_pruned_50pct_onnx_int8"}))
+    RunDir(text_run).record([comparison_file])
+    fewer_heads = ModelRuntime(text_run).predictor.torch_model
+    assert fewer_heads.encoder.encoder.layer[0].attention.self.num_attention_heads == 1
+
+
+def test_an_int8_variant_failing_parity_is_measured_but_never_selectable(
+    sentiment_model, tmp_path, monkeypatch
+) -> None:
+    from datasets import Dataset
+
+    import forgeml.export
+    from forgeml.compress.variants import Variant, onnx_int8_of
+
+    monkeypatch.setattr(forgeml.export, "INT8_AGREEMENT", 1.01)  # no int8 file can pass now
+    folder = tmp_path / "student"
+    sentiment_model.task.save(folder, sentiment_model.model)
+    texts = Dataset.from_dict({"text": ["the film was great", "a dull and boring plot", "fine"]})
+    rows = sentiment_model.task.encode(texts, "check", with_targets=False)
+    trained = Variant("student", sentiment_model.model, 1, "a copy", folder, folder)
+    stacked = onnx_int8_of(sentiment_model.task, trained, rows)
+    assert not stacked.selectable and "not served" in stacked.description
+    assert stacked.file == folder / "export" / "model.int8.onnx" and stacked.file.is_file()
+    assert json.loads((folder / "export" / "parity.json").read_text())["passed"] is False

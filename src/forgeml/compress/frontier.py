@@ -15,7 +15,7 @@ from torch import nn
 from forgeml.compress.distill import distill, teach
 from forgeml.compress.measure import measure
 from forgeml.compress.prune import magnitude_prune, make_permanent, prune_attention_heads, prune_feed_forward
-from forgeml.compress.variants import Variant, build_variants
+from forgeml.compress.variants import Variant, build_variants, onnx_int8_of
 from forgeml.config import LOWER_IS_BETTER, CompressConfig, TrainConfig
 from forgeml.evaluate.outputs import model_outputs
 from forgeml.evaluate.plots import plt, save_figure
@@ -39,19 +39,26 @@ def compress_model(
     pruning; those variants are saved in `folder/<name>/` like a run's `model/`, so they can be served.
     """
     variants, parity = build_variants(task, model, parity_rows, export_folder, options.quantize)
+    learned: dict[str, Any] = {}
     if options.distill or options.prune:
         if training is None:
             raise ValueError("compress_model: distillation and pruning need the training splits")
         trained, learned = _trained_variants(task, model, folder, options, training)
         variants += trained
-    else:
-        learned = {}
+        if options.quantize:  # the smaller models in int8 as well: the gains multiply
+            variants += [onnx_int8_of(task, variant, parity_rows) for variant in trained]
     metric = "accuracy" if hasattr(task.target, "classes") else task.primary_metric
     lower_is_better = metric in LOWER_IS_BETTER
     results = []
     for variant in variants:
         measured = measure(task, variant.runtime, test, options.latency_rows, options.throughput_rows)
-        results.append({"name": variant.name, "description": variant.description, "bytes": variant.bytes, **measured})
+        where = {
+            key: path.relative_to(folder.parent).as_posix()
+            for key, path in (("file", variant.file), ("source", variant.source))
+            if path is not None
+        }
+        result = {"name": variant.name, "description": variant.description, "bytes": variant.bytes, **where}
+        results.append({**result, **measured, "selectable": variant.selectable})
     original = results[0]
     for result in results:
         change = result["metrics"][metric] - original["metrics"][metric]
@@ -60,7 +67,7 @@ def compress_model(
         result["speedup_batch32"] = result["throughput_rows_per_s"] / original["throughput_rows_per_s"]
         result["size_ratio"] = result["bytes"] / original["bytes"]
     tolerance = options.select.max_accuracy_drop
-    eligible = [r for r in results if r["drop"] <= tolerance]
+    eligible = [r for r in results if r["drop"] <= tolerance and r["selectable"]]
     selected = min(eligible, key=lambda r: r["latency_ms"]["p50"])  # the original is always eligible
     report = {
         "metric": metric,
@@ -137,7 +144,7 @@ def _sample_batches(training: tuple[EncodedSplit, EncodedSplit | None, TrainConf
 def _saved(task: Task, model: nn.Module, folder: Path, name: str, description: str) -> Variant:
     """A trained variant saved like a run's `model/` (servable later), measured by its weights' size."""
     task.save(folder, model)
-    return Variant(name, model, (folder / "model.safetensors").stat().st_size, description)
+    return Variant(name, model, (folder / "model.safetensors").stat().st_size, description, folder, folder)
 
 
 def plot_frontier(report: dict[str, Any], path: Path) -> Path:

@@ -12,18 +12,27 @@ from typing import Any
 import torch
 from torch import nn
 
+from forgeml.errors import ForgeError
 from forgeml.export import OnnxModel, export_model
 from forgeml.tasks.base import EncodedSplit, Task
+from forgeml.workspace import read_json
 
 
 @dataclass
 class Variant:
-    """One way to run the model: a callable with the PyTorch model's calling convention, and its size."""
+    """One way to run the model: a callable with the PyTorch model's calling convention, and its size.
+
+    `file` is what serves it (an ONNX file, or a folder saved like a run's `model/`); `source` the folder
+    of the PyTorch model it was made from, when that is not the run's own model.
+    """
 
     name: str
     runtime: Any
     bytes: int
     description: str
+    file: Path | None = None
+    source: Path | None = None
+    selectable: bool = True  # False: measured for the frontier, never served
 
 
 def _in_memory_size(module: nn.Module) -> int:
@@ -53,10 +62,29 @@ def build_variants(
             Variant("pytorch_int8", quantized, _in_memory_size(quantized), "PyTorch dynamic int8 (Linear layers)")
         )
     parity = export_model(task, model, rows, folder, ("onnx",))
-    variants.append(
-        Variant("onnx_fp32", OnnxModel(folder / "model.onnx"), (folder / "model.onnx").stat().st_size, "ONNX Runtime")
-    )
+    fp32 = folder / "model.onnx"
+    variants.append(Variant("onnx_fp32", OnnxModel(fp32), fp32.stat().st_size, "ONNX Runtime", file=fp32))
     if quantize:
         int8 = folder / "model.int8.onnx"
-        variants.append(Variant("onnx_int8", OnnxModel(int8), int8.stat().st_size, "ONNX Runtime dynamic int8"))
+        variants.append(Variant("onnx_int8", OnnxModel(int8), int8.stat().st_size, "ONNX Runtime dynamic int8", int8))
     return variants, parity
+
+
+def onnx_int8_of(task: Task, trained: Variant, rows: EncodedSplit) -> Variant:
+    """A trained variant (a student, a pruned model) exported and quantized like the original, so the two
+    gains stack; its parity report sits beside it. When the int8 file fails the parity check against the
+    variant's own outputs, it is still measured (the frontier shows it) but never selected for serving."""
+    folder = trained.file / "export"
+    description = f"{trained.description}, ONNX Runtime int8"
+    selectable = True
+    try:
+        export_model(task, trained.runtime, rows, folder, ("onnx",))
+    except ForgeError:
+        check = read_json(folder / "parity.json")["checks"]["onnx_int8"]
+        if "label_agreement" not in check:
+            raise
+        description += f" (same label as its PyTorch model on {check['label_agreement']:.1%}: not served)"
+        selectable = False
+    int8 = folder / "model.int8.onnx"
+    name = f"{trained.name}_onnx_int8"
+    return Variant(name, OnnxModel(int8), int8.stat().st_size, description, int8, trained.file, selectable)

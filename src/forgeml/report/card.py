@@ -552,6 +552,12 @@ def _trust(run: Path) -> list[Section]:
     return sections
 
 
+def _compression_mark(result: dict[str, Any], selected: str) -> str:
+    if result["name"] == selected:
+        return " (selected)"
+    return "" if result.get("selectable", True) else " (failed its int8 parity check: never served)"
+
+
 def _compression(run: Path) -> Section:
     """The variants side by side (compress/compression.json) and the frontier plot."""
     report = _read_optional_json(run / "compress" / "compression.json")
@@ -560,7 +566,7 @@ def _compression(run: Path) -> Section:
     metric = report["metric"]
     rows = [
         [
-            result["name"] + (" (selected)" if result["name"] == report["selected"] else ""),
+            result["name"] + _compression_mark(result, report["selected"]),
             f"{result['bytes'] / 1e6:.1f}",
             f"{result['metrics'][metric]:.4f}",
             f"{result['drop']:+.4f}",

@@ -1,5 +1,6 @@
-"""What answers requests: the run's model through the same Predictor `forgeml predict` uses, on the
-variant `forgeml compress` selected when it is an ONNX file (onnxruntime), else PyTorch."""
+"""What answers requests: the run's model through the same Predictor `forgeml predict` uses, as the
+variant `forgeml compress` selected: an ONNX file (onnxruntime), a distilled or pruned model, PyTorch
+int8, or the trained model itself."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from forgeml.api import Predictor
 from forgeml.encryption import plaintext_view
 from forgeml.workspace import RunDir, read_json
 
-ONNX_FILES = {"onnx_int8": "model.int8.onnx", "onnx_fp32": "model.onnx"}
+# Where the run's own exports are, for comparisons written before entries named their files.
+ONNX_FILES = {"onnx_int8": "export/model.int8.onnx", "onnx_fp32": "export/model.onnx"}
 
 
 class ModelRuntime:
@@ -25,20 +27,42 @@ class ModelRuntime:
         self.name, self.version = run.name, run.id
         self.engine = "pytorch"
         if engine in ("auto", "onnx"):
-            # An encrypted run's ONNX file is decrypted into a private folder just long enough for
-            # onnxruntime to read it into memory.
+            # An encrypted run's files are decrypted into a private folder just long enough to load them.
             with plaintext_view(run.path, only=("manifest.json", "compress/", "export/")) as plain:
-                selected = _selected_variant(plain)
-                file = ONNX_FILES.get(selected or "", "model.int8.onnx" if engine == "onnx" else None)
-                if file and (plain / "export" / file).is_file():
-                    from forgeml.export import OnnxModel
-
-                    RunDir(plain).verify("export/")  # the ONNX file is an artefact like the others: checked
-                    self.predictor.model = OnnxModel(plain / "export" / file)
-                    self.engine = f"onnxruntime ({selected or 'onnx_int8'})"
+                self._load_variant(RunDir(plain), engine)
         self.input_columns = list(self.predictor.input_columns)
         self.classes = list(getattr(self.predictor.task.target, "classes", []))
         self.explainable = bool(getattr(self.predictor.task, "text_columns", None))
+
+    def _load_variant(self, run: RunDir, engine: str) -> None:
+        """Swap in the variant `forgeml compress` selected (engine auto), or the int8 export (engine onnx)."""
+        chosen = _selected_variant(run.path) if engine == "auto" else None
+        if chosen is None:  # no comparison ran (or engine onnx): the run's own ONNX export, if there is one
+            chosen = {"name": "onnx_int8", "file": "export/model.int8.onnx"} if engine == "onnx" else None
+        if chosen is None or chosen["name"] == "pytorch_fp32":
+            return
+        if chosen["name"] == "pytorch_int8":  # made at load time, as compress made it (never saved)
+            from forgeml.compress.variants import pytorch_int8
+
+            self.predictor.model = pytorch_int8(self.predictor.model)
+            self.engine = "pytorch (pytorch_int8)"
+            return
+        file = run.path / (chosen.get("file") or ONNX_FILES.get(chosen["name"], ""))
+        if not file.exists():
+            return
+        run.verify(f"{file.relative_to(run.path).parts[0]}/")  # artefacts like the others: checked before use
+        if chosen.get("source"):  # a student or a pruned model: explanations come from its PyTorch weights
+            from forgeml.tasks import load_task
+
+            self.predictor.torch_model = load_task(run.path / chosen["source"])[1].eval()
+        if file.suffix == ".onnx":
+            from forgeml.export import OnnxModel
+
+            self.predictor.model = OnnxModel(file)
+            self.engine = f"onnxruntime ({chosen['name']})"
+        else:
+            self.predictor.model = self.predictor.torch_model
+            self.engine = f"pytorch ({chosen['name']})"
 
     def predict(self, inputs: list[Any], batch_size: int = 64) -> list[dict[str, Any]]:
         return self.predictor.predict(inputs, batch_size=batch_size)
@@ -101,6 +125,10 @@ def record_values(record: Any) -> list[Any]:
     return list(record) if isinstance(record, list) else [record]
 
 
-def _selected_variant(run_dir: Path) -> str | None:
+def _selected_variant(run_dir: Path) -> dict[str, Any] | None:
+    """The entry of the variant `forgeml compress` selected for serving, if it ran."""
     report = run_dir / "compress" / "compression.json"
-    return read_json(report).get("selected") if report.is_file() else None
+    if not report.is_file():
+        return None
+    comparison = read_json(report)
+    return next(entry for entry in comparison["variants"] if entry["name"] == comparison["selected"])
