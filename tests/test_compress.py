@@ -236,9 +236,7 @@ def test_pruned_variants_recover_and_reload(text_run: Path) -> None:
     assert fewer_heads.encoder.encoder.layer[0].attention.self.num_attention_heads == 1
 
 
-def test_an_int8_variant_failing_parity_is_measured_but_never_selectable(
-    sentiment_model, tmp_path, monkeypatch
-) -> None:
+def test_an_int8_variant_failing_parity_is_measured_and_marked(sentiment_model, tmp_path, monkeypatch) -> None:
     from datasets import Dataset
 
     import forgeml.export
@@ -251,6 +249,24 @@ def test_an_int8_variant_failing_parity_is_measured_but_never_selectable(
     rows = sentiment_model.task.encode(texts, "check", with_targets=False)
     trained = Variant("student", sentiment_model.model, 1, "a copy", folder, folder)
     stacked = onnx_int8_of(sentiment_model.task, trained, rows)
-    assert not stacked.selectable and "not served" in stacked.description
+    assert not stacked.parity_passed and "same label as its PyTorch model on" in stacked.description
     assert stacked.file == folder / "export" / "model.int8.onnx" and stacked.file.is_file()
     assert json.loads((folder / "export" / "parity.json").read_text())["passed"] is False
+
+
+def test_selection_takes_the_fastest_within_tolerance_and_trusts_parity_unless_told() -> None:
+    from forgeml.compress.frontier import select_variant
+
+    def result(name: str, drop: float, p50: float, parity: bool = True) -> dict:
+        return {"name": name, "drop": drop, "latency_ms": {"p50": p50}, "parity_passed": parity}
+
+    results = [
+        result("original", 0.0, 10.0),
+        result("int8", 0.004, 3.0),
+        result("too_lossy", 0.05, 1.0),
+        result("student_int8", 0.002, 0.8, parity=False),
+    ]
+    assert select_variant(results, 0.01)["name"] == "int8"
+    assert select_variant(results, 0.01, require_parity=False)["name"] == "student_int8"
+    assert select_variant(results, 0.1, require_parity=False)["name"] == "student_int8"
+    assert select_variant(results, 0.0)["name"] == "original"

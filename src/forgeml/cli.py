@@ -244,7 +244,7 @@ def compress(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -
     table = Table("variant", "MB", metric, "drop", "p50 ms (batch 1)", "rows/s (batch 32)", "speed-up 1 / 32")
     for result in report["variants"]:
         name = result["name"] + (" (selected)" if result["name"] == report["selected"] else "")
-        name += "" if result.get("selectable", True) else " (int8 parity failed: not served)"
+        name += "" if result.get("parity_passed", True) else " (int8 parity failed)"
         table.add_row(
             name,
             f"{result['bytes'] / 1e6:.1f}",

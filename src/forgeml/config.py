@@ -284,6 +284,11 @@ class CompressSelectConfig(Section):
     max_accuracy_drop: float = Field(
         0.01, ge=0.0, le=1.0, description="serve the fastest variant at most this far below the original"
     )
+    require_parity: bool = Field(
+        True,
+        description="serve an int8 file only if it gives its PyTorch model's label on >= 99 % of rows "
+        "(false: the accuracy tolerance alone decides)",
+    )
 
 
 class DistillConfig(Section):

@@ -58,7 +58,7 @@ def compress_model(
             if path is not None
         }
         result = {"name": variant.name, "description": variant.description, "bytes": variant.bytes, **where}
-        results.append({**result, **measured, "selectable": variant.selectable})
+        results.append({**result, **measured, "parity_passed": variant.parity_passed})
     original = results[0]
     for result in results:
         change = result["metrics"][metric] - original["metrics"][metric]
@@ -67,8 +67,7 @@ def compress_model(
         result["speedup_batch32"] = result["throughput_rows_per_s"] / original["throughput_rows_per_s"]
         result["size_ratio"] = result["bytes"] / original["bytes"]
     tolerance = options.select.max_accuracy_drop
-    eligible = [r for r in results if r["drop"] <= tolerance and r["selectable"]]
-    selected = min(eligible, key=lambda r: r["latency_ms"]["p50"])  # the original is always eligible
+    selected = select_variant(results, tolerance, options.select.require_parity)
     report = {
         "metric": metric,
         "rows": len(test),
@@ -82,6 +81,14 @@ def compress_model(
     atomic_write_json(folder / "compression.json", report)
     plot_frontier(report, folder / "frontier.png")
     return report
+
+
+def select_variant(results: list[dict[str, Any]], tolerance: float, require_parity: bool = True) -> dict[str, Any]:
+    """The fastest variant at batch 1 whose quality drop is within `tolerance` (and, with `require_parity`,
+    whose int8 file passed its parity check). The original (first) always qualifies."""
+    trusted = [r for r in results if r["parity_passed"] or not require_parity]
+    eligible = [r for r in trusted if r["drop"] <= tolerance]
+    return min(eligible, key=lambda r: r["latency_ms"]["p50"])
 
 
 def _trained_variants(

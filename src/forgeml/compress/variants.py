@@ -32,7 +32,7 @@ class Variant:
     description: str
     file: Path | None = None
     source: Path | None = None
-    selectable: bool = True  # False: measured for the frontier, never served
+    parity_passed: bool = True  # False: an int8 file that fails its parity check (served only if allowed)
 
 
 def _in_memory_size(module: nn.Module) -> int:
@@ -73,18 +73,19 @@ def build_variants(
 def onnx_int8_of(task: Task, trained: Variant, rows: EncodedSplit) -> Variant:
     """A trained variant (a student, a pruned model) exported and quantized like the original, so the two
     gains stack; its parity report sits beside it. When the int8 file fails the parity check against the
-    variant's own outputs, it is still measured (the frontier shows it) but never selected for serving."""
+    variant's own outputs, it is still measured (the frontier shows it) and marked, and selected for
+    serving only when `compress.select.require_parity` is off."""
     folder = trained.file / "export"
     description = f"{trained.description}, ONNX Runtime int8"
-    selectable = True
+    parity_passed = True
     try:
         export_model(task, trained.runtime, rows, folder, ("onnx",))
     except ForgeError:
         check = read_json(folder / "parity.json")["checks"]["onnx_int8"]
         if "label_agreement" not in check:
             raise
-        description += f" (same label as its PyTorch model on {check['label_agreement']:.1%}: not served)"
-        selectable = False
+        description += f" (same label as its PyTorch model on {check['label_agreement']:.1%})"
+        parity_passed = False
     int8 = folder / "model.int8.onnx"
     name = f"{trained.name}_onnx_int8"
-    return Variant(name, OnnxModel(int8), int8.stat().st_size, description, int8, trained.file, selectable)
+    return Variant(name, OnnxModel(int8), int8.stat().st_size, description, int8, trained.file, parity_passed)

@@ -555,7 +555,7 @@ def _trust(run: Path) -> list[Section]:
 def _compression_mark(result: dict[str, Any], selected: str) -> str:
     if result["name"] == selected:
         return " (selected)"
-    return "" if result.get("selectable", True) else " (failed its int8 parity check: never served)"
+    return "" if result.get("parity_passed", True) else " (failed its int8 parity check)"
 
 
 def _compression(run: Path) -> Section:
