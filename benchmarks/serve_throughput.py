@@ -83,6 +83,7 @@ from typing import Any
 import torch
 import transformers
 from fastapi import FastAPI
+from machine import cpu_jiffies, cpu_model
 from pydantic import BaseModel
 from torch import nn
 from transformers import PreTrainedModel
@@ -393,13 +394,10 @@ class CpuTimes:
 
     @classmethod
     def now(cls, server_pids: list[int]) -> CpuTimes:
-        with open("/proc/stat", encoding="ascii") as stat:
-            fields = [int(v) for v in stat.readline().split()[1:]]
-        # user nice system idle iowait irq softirq steal [guest guest_nice]: guest time is already in user.
         own = os.times()
         client = (own.user + own.system) * os.sysconf("SC_CLK_TCK")
         servers = sum(process_jiffies(pid) for pid in server_pids)
-        return cls(fields[7], fields[3] + fields[4], sum(fields[:8]), client, servers)
+        return cls(*cpu_jiffies(), client, servers)
 
     def shares_since(self, before: CpuTimes) -> CpuShares:
         total = max(self.total - before.total, 1)
@@ -636,18 +634,12 @@ def markdown(records: list[RunRecord], summary: dict[str, Any], agreed: dict[str
 
 
 def machine_info(peak: float) -> dict[str, Any]:
-    model_name = "unknown"
-    with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-        for line in cpuinfo:
-            if line.startswith("model name"):
-                model_name = line.split(":", 1)[1].strip()
-                break
     import fastapi
     import onnxruntime
     import uvicorn
 
     return {
-        "cpu": model_name,
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "matmul_peak_flops": peak,
         "python": platform.python_version(),

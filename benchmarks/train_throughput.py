@@ -58,6 +58,7 @@ import numpy as np
 import torch
 import transformers
 from datasets import Dataset
+from machine import cpu_jiffies, cpu_model
 from torch import nn
 from torch.nn import functional
 from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, TrainingArguments
@@ -122,11 +123,8 @@ class CpuSample:
 
     @classmethod
     def now(cls) -> CpuSample:
-        with open("/proc/stat", encoding="ascii") as stat:
-            fields = [int(v) for v in stat.readline().split()[1:]]
-        # user nice system idle iowait irq softirq steal [guest guest_nice]: guest time is already in user.
         own = os.times()
-        return cls(fields[7], fields[3] + fields[4], sum(fields[:8]), own.user + own.system)
+        return cls(*cpu_jiffies(), own.user + own.system)
 
     def shares_since(self, before: CpuSample) -> tuple[float, float, float]:
         """(steal %, % of machine CPU time used by other processes, our CPU seconds) between two samples."""
@@ -435,16 +433,10 @@ def markdown(records: list[RunRecord], summary: dict[str, Any]) -> str:
 
 
 def machine_info(peak: float) -> dict[str, Any]:
-    model_name = "unknown"
-    with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-        for line in cpuinfo:
-            if line.startswith("model name"):
-                model_name = line.split(":", 1)[1].strip()
-                break
     import accelerate
 
     return {
-        "cpu": model_name,
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "matmul_peak_flops": peak,
