@@ -22,7 +22,7 @@ from forgeml.serve.keys import KeyStore
 from forgeml.serve.records import RecordStore
 from forgeml.serve.runtime import ModelRuntime
 from forgeml.store import database_url
-from serving import serving
+from serving import Client, serving
 
 
 @pytest.fixture(scope="module")
@@ -281,3 +281,27 @@ def test_an_encrypted_run_is_served_by_onnxruntime(sentiment_model, tmp_path: Pa
     texts = ["the film was great", "a dull and boring plot"]
     assert [a["label"] for a in runtime.predict(texts)] == ["positive", "negative"]
     assert views() <= before  # the decrypted copy is gone
+
+
+def test_explanations_run_beside_onnx_predictions(sentiment_model, tmp_path: Path) -> None:
+    import threading
+
+    run = shutil.copytree(sentiment_model.run.path, tmp_path / "runs" / "tiny" / sentiment_model.run.id)
+    forgeml.api.export(run)
+    runtime = ModelRuntime(run, "onnx")
+    assert not runtime.explains_with_the_predicting_model  # its own thread: predictions need not wait
+    with serving(create_app(runtime, None)) as client:
+        answers: list[tuple[int, dict]] = []
+
+        def send(path: str, text: str) -> None:
+            answers.append(Client(client.port).call("POST", path, {"inputs": [text]}))
+
+        calls = [("/v1/explain", "the film was great")] + [("/v1/predict", f"a dull plot {i}") for i in range(8)]
+        threads = [threading.Thread(target=send, args=call) for call in calls]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+    assert [status for status, _ in answers] == [200] * len(calls)
+    explained = next(body for _, body in answers if "explanations" in body)["explanations"][0]
+    assert max(explained["words"], key=lambda w: w["score"])["word"] == "great"

@@ -8,10 +8,12 @@ inference thread, so health checks and metrics answer while a batch is scored.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import math
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -149,6 +151,14 @@ def create_app(
         return answers
 
     batcher = MicroBatcher(score, limits.max_batch, limits.max_wait_ms, on_batch=batch_sizes.observe)
+    # An explanation takes seconds: on its own thread it does not hold up the predictions queued behind it,
+    # unless the model that predicts is the one explained (Captum hooks it while attributing).
+    explainer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forgeml-explain")
+
+    async def explaining(function: Any, *args: Any) -> Any:
+        if runtime.explains_with_the_predicting_model:
+            return await batcher.run_alone(function, *args)
+        return await asyncio.get_running_loop().run_in_executor(explainer, function, *args)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -163,6 +173,7 @@ def create_app(
         # uvicorn stops accepting and lets in-flight requests finish before this runs (graceful SIGTERM)
         app.state.ready = False
         await batcher.stop()
+        explainer.shutdown(wait=True)
         if records is not None:
             records.close()
         gc.unfreeze()  # when the app was embedded in a longer-lived process, its objects may go again
@@ -257,7 +268,7 @@ def create_app(
             raise HTTPException(404, "explanations: word attributions are for text models; this one is tabular")
         rows = _records(body, limits, min(limits.max_inputs, MAX_EXPLAIN_INPUTS))
         try:
-            explained = await batcher.run_alone(runtime.explain, rows, limits.explain_steps)
+            explained = await explaining(runtime.explain, rows, limits.explain_steps)
         except ForgeError as error:
             raise HTTPException(422, str(error)) from None
         return ExplainResponse(model=runtime.name, version=runtime.version, explanations=explained)

@@ -64,6 +64,11 @@ class ModelRuntime:
             self.predictor.model = self.predictor.torch_model
             self.engine = f"pytorch ({chosen['name']})"
 
+    @property
+    def explains_with_the_predicting_model(self) -> bool:
+        """Whether explanations run on the very module that answers predictions (PyTorch engines)."""
+        return self.predictor.model is self.predictor.torch_model
+
     def predict(self, inputs: list[Any], batch_size: int = 64) -> list[dict[str, Any]]:
         return self.predictor.predict(inputs, batch_size=batch_size)
 
