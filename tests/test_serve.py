@@ -144,9 +144,13 @@ def test_onnx_engine_gives_the_pytorch_labels(sentiment_model, tmp_path: Path) -
     run = shutil.copytree(sentiment_model.run.path, tmp_path / "runs" / "tiny" / sentiment_model.run.id)
     forgeml.api.export(run)
     onnx, torch_runtime = ModelRuntime(run, "onnx"), ModelRuntime(run, "pytorch")
-    assert onnx.engine.startswith("onnxruntime") and torch_runtime.engine == "pytorch"
+    fp32 = ModelRuntime(run, "onnx_fp32")
+    assert (onnx.engine, fp32.engine) == ("onnxruntime (onnx_int8)", "onnxruntime (onnx_fp32)")
+    assert torch_runtime.engine == "pytorch"
     texts = ["the film was great", "a dull and boring plot", "fine"]
     assert [a["label"] for a in onnx.predict(texts)] == [a["label"] for a in torch_runtime.predict(texts)]
+    exact = zip(fp32.predict(texts), torch_runtime.predict(texts), strict=True)
+    assert all(abs(a["probabilities"]["positive"] - b["probabilities"]["positive"]) < 1e-5 for a, b in exact)
 
 
 def test_no_auth_is_refused_off_loopback(sentiment_model) -> None:

@@ -281,7 +281,9 @@ def serve(
     host: Annotated[str | None, typer.Option(help="address to bind (default: the run's serve.host, 127.0.0.1)")] = None,
     port: Annotated[int | None, typer.Option(help="TCP port (default: serve.port, 8000)")] = None,
     no_auth: Annotated[bool, typer.Option("--no-auth", help="no API keys (only on 127.0.0.1)")] = False,
-    engine: Annotated[str | None, typer.Option(help="auto (the variant compress selected), onnx or pytorch")] = None,
+    engine: Annotated[
+        str | None, typer.Option(help="auto (the variant compress selected), onnx (int8), onnx_fp32 or pytorch")
+    ] = None,
     max_batch: Annotated[int | None, typer.Option(help="records scored together (serve.max_batch)")] = None,
     max_wait_ms: Annotated[
         float | None, typer.Option(help="how long a batch waits to fill (serve.max_wait_ms)")

@@ -331,8 +331,10 @@ class ServeConfig(Section):
 
     host: str = Field("127.0.0.1", description="address to bind; anything but loopback needs API keys")
     port: int = Field(8000, ge=1, le=65535)
-    engine: Literal["auto", "onnx", "pytorch"] = Field(
-        "auto", description="auto: the variant `forgeml compress` selected; onnx: the int8 ONNX export"
+    engine: Literal["auto", "onnx", "onnx_fp32", "pytorch"] = Field(
+        "auto",
+        description="auto: the variant `forgeml compress` selected; onnx: the int8 ONNX export; onnx_fp32: "
+        "the fp32 one (dynamic int8 scales activations per batch, so ~1 % of labels depend on batch neighbours)",
     )
     max_batch: int = Field(32, ge=1, le=1024, description="records scored together in one model call")
     max_wait_ms: float = Field(5.0, ge=0.0, le=1000.0, description="how long a batch waits to fill up")

@@ -19,14 +19,14 @@ class ModelRuntime:
     """A loaded model plus its name and version; `predict` takes raw inputs as `Predictor.predict` does."""
 
     def __init__(self, run_dir: str | Path, engine: str | None = None):
-        """`engine`: auto (the variant `forgeml compress` selected), onnx or pytorch; None: the run's
-        `serve.engine`."""
+        """`engine`: auto (the variant `forgeml compress` selected), onnx (the int8 export), onnx_fp32 or
+        pytorch; None: the run's `serve.engine`."""
         self.predictor = Predictor(run_dir)
         run = self.predictor.run
         engine = engine or self.predictor.config.serve.engine
         self.name, self.version = run.name, run.id
         self.engine = "pytorch"
-        if engine in ("auto", "onnx"):
+        if engine in ("auto", "onnx", "onnx_fp32"):
             # An encrypted run's files are decrypted into a private folder just long enough to load them.
             with plaintext_view(run.path, only=("manifest.json", "compress/", "export/")) as plain:
                 self._load_variant(RunDir(plain), engine)
@@ -38,7 +38,7 @@ class ModelRuntime:
         """Swap in the variant `forgeml compress` selected (engine auto), or the int8 export (engine onnx)."""
         chosen = _selected_variant(run.path) if engine == "auto" else None
         if chosen is None:  # no comparison ran (or engine onnx): the run's own ONNX export, if there is one
-            chosen = {"name": "onnx_int8", "file": "export/model.int8.onnx"} if engine == "onnx" else None
+            chosen = {"name": "onnx_int8" if engine == "onnx" else "onnx_fp32"} if engine != "auto" else None
         if chosen is None or chosen["name"] == "pytorch_fp32":
             return
         if chosen["name"] == "pytorch_int8":  # made at load time, as compress made it (never saved)
