@@ -228,3 +228,15 @@ def test_cross_validation_reports_mean_and_spread(tmp_path: Path) -> None:
     accuracy = folds["metrics"]["accuracy"]
     assert len(accuracy["folds"]) == 3 and accuracy["mean"] >= 0.8 and 0 < accuracy["std"] < 0.2
     assert "±" in (result.run_dir / "card.md").read_text()
+
+
+def test_evaluate_redacts_pii_when_the_run_does(sentiment_model, tmp_path: Path) -> None:
+    run = shutil.copytree(sentiment_model.run.path, tmp_path / "runs" / "tiny" / sentiment_model.run.id)
+    config = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(config.replace("redact: false", "redact: true", 1))
+    rows = [
+        {**row, "text": f"{row['text']} mail jo{i}@example.com"} for i, row in enumerate(sentiment_rows(40, seed=4))
+    ]
+    metrics = forgeml.api.evaluate(run, write_csv(tmp_path / "with-emails.csv", rows))
+    saved = json.loads(next((run / "evaluations").glob("with-emails-*/metrics.json")).read_text())
+    assert saved["pii_redacted"] == {"EMAIL": 40} and metrics["accuracy"] >= 0.8

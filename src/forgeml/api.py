@@ -172,24 +172,24 @@ def load(run_dir: str | Path) -> Predictor:
 def evaluate(run_dir: str | Path, data: str | Path, batch_size: int = 64) -> dict[str, Any]:
     """Re-evaluate a saved run on any labelled file with the training columns.
 
-    The file gets the run's cleaning; metrics and plots go to `evaluations/<file>-<time>/`.
+    The file gets the run's cleaning and PII redaction (the model never saw personal data, so it is
+    scored without it too); metrics and plots go to `evaluations/<file>-<time>/`.
     """
     predictor = Predictor(run_dir)
     config = predictor.config
     dataset = read_split(Path(data), config, predictor.input_columns)
-    dataset, cleaning = clean(
-        dataset,
-        getattr(predictor.task, "text_columns", []),
-        predictor.input_columns,
-        config.data.label,
-        config.data.clean,
-    )
+    text_columns = getattr(predictor.task, "text_columns", [])
+    dataset, cleaning = clean(dataset, text_columns, predictor.input_columns, config.data.label, config.data.clean)
+    redacted: dict[str, int] = {}
+    if text_columns and config.data.pii.redact:
+        dataset, redacted = redact_pii(dataset, text_columns, config.data.pii)
     encoded = predictor.task.encode(dataset, str(data))
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     folder = predictor.run.path / "evaluations" / f"{Path(data).stem}-{stamp}"
     folder.mkdir(parents=True, exist_ok=True)
     metrics = evaluate_split(predictor.task, predictor.model, encoded, batch_size, folder)
-    atomic_write_json(folder / "metrics.json", {"data": str(Path(data).resolve()), "cleaning": cleaning, **metrics})
+    facts = {"data": str(Path(data).resolve()), "cleaning": cleaning, "pii_redacted": redacted}
+    atomic_write_json(folder / "metrics.json", {**facts, **metrics})
     return metrics
 
 
