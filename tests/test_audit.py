@@ -89,6 +89,7 @@ def test_card_has_a_section_per_audit(audited: forgeml.RunResult) -> None:
     html = (audited.run_dir / "card.html").read_text()
     assert html.count("data:image/png;base64,") >= 8  # the run's plots plus the audits'
     assert "trust/explanations.html" in card
+    assert "examples from the validation split: the most confidently right" in card  # says where they come from
     assert "- **group:** a, b" in card  # Factors: the groups the evaluation was broken down by
     assert "Audits run: Fairness, Identity-term swaps" in card  # Ethical considerations
     assert "No fairness, privacy" not in card and "Not run:" not in card and "audits not run" not in card

@@ -271,7 +271,9 @@ class AuditConfig(Section):
     fairness: FairnessAuditConfig = Field(default_factory=FairnessAuditConfig)
     privacy: PrivacyAuditConfig = Field(default_factory=PrivacyAuditConfig)
     robustness: RobustnessAuditConfig = Field(default_factory=RobustnessAuditConfig)
-    explain: int = Field(8, ge=0, le=500, description="validation examples explained in the card (0 disables)")
+    explain: int = Field(
+        8, ge=0, le=500, description="examples explained in the card (from the validation split, else test; 0 disables)"
+    )
 
     @field_validator("fairness", "privacy", "robustness", mode="before")
     @classmethod

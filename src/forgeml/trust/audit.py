@@ -97,8 +97,9 @@ def run_audits(
     if audit.robustness.enabled:
         sections.append(_robustness(config, task, model, audited, labelled, unlabelled, folder, headline, skipped))
     if audit.explain:
-        own = splits.get("validation") if splits.get("validation") is not None else splits.get("test")
-        explained = own if own is not None else audited
+        own_name = "validation" if splits.get("validation") is not None else "test"
+        own = splits.get(own_name)
+        explained, explained_from = (own, f"the {own_name} split") if own is not None else (audited, where)
         if text:
             if config.data.label not in explained.column_names:
                 skipped.append(
@@ -107,7 +108,7 @@ def run_audits(
                         f"{unlabelled}; the most confident predictions are explained instead",
                     )
                 )
-            sections.append(_text_explanations(config, task, model, explained, folder, headline))
+            sections.append(_text_explanations(config, task, model, explained, explained_from, folder, headline))
         elif config.data.label in explained.column_names:
             sections.append(_tabular_explanations(config, task, model, explained, folder, headline))
         else:
@@ -518,7 +519,13 @@ def _robustness_baseline(config: ForgeConfig, task: Task, dataset: Dataset, atta
 
 
 def _text_explanations(
-    config: ForgeConfig, task: Task, model: nn.Module, dataset: Dataset, folder: Path, headline: dict[str, Any]
+    config: ForgeConfig,
+    task: Task,
+    model: nn.Module,
+    dataset: Dataset,
+    source: str,
+    folder: Path,
+    headline: dict[str, Any],
 ) -> dict[str, Any]:
     count = config.audit.explain
     inputs = _inputs(task, dataset)
@@ -540,7 +547,7 @@ def _text_explanations(
     return {
         "title": "Explanations",
         "paragraphs": [
-            f"Integrated-gradients word attributions (Captum) for {len(items)} validation examples: {picked}. "
+            f"Integrated-gradients word attributions (Captum) for {len(items)} examples from {source}: {picked}. "
             "Green words push toward the predicted class, red ones away from it. Faithfulness: deleting the "
             "top-attributed words should lower the predicted class's probability more than deleting random words."
         ],
