@@ -100,6 +100,7 @@ def test_runs_table_and_show(finished: dict) -> None:
     assert listed.returncode == 0
     run_id = finished["run_dir"].name
     assert run_id in listed.stdout and "finished" in listed.stdout
+    assert not list(finished["run_dir"].glob(".forgeml-process*"))  # the running-process marker is gone
     shown = forgeml_cli("runs", "--workspace", str(finished["workspace"]), "show", run_id[:17])
     record = json.loads(shown.stdout)
     assert record["status"] == "finished" and record["task"] == "text-classification"
@@ -240,3 +241,32 @@ def test_evaluate_redacts_pii_when_the_run_does(sentiment_model, tmp_path: Path)
     metrics = forgeml.api.evaluate(run, write_csv(tmp_path / "with-emails.csv", rows))
     saved = json.loads(next((run / "evaluations").glob("with-emails-*/metrics.json")).read_text())
     assert saved["pii_redacted"] == {"EMAIL": 40} and metrics["accuracy"] >= 0.8
+
+
+def test_a_run_whose_process_died_is_shown_as_interrupted(tmp_path: Path) -> None:
+    from forgeml.store import Store, database_url
+    from forgeml.workspace import PROCESS_FILE, mark_running
+
+    store = Store(database_url(tmp_path))
+
+    def started(run_id: str) -> Path:
+        folder = tmp_path / "runs" / "r" / run_id
+        folder.mkdir(parents=True)
+        store.start_run(id=run_id, name="r", task="regression", path=str(folder), config_hash="0" * 64, versions={})
+        return folder
+
+    mark_running(started("alive"))  # this process: alive
+    gone = started("gone")
+    mark_running(gone)
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    marker = json.loads((gone / PROCESS_FILE).read_text())
+    (gone / PROCESS_FILE).write_text(json.dumps({**marker, "pid": int(ended.stdout)}))  # a process that has ended
+    started("unmarked")  # killed before it could even write the marker, or run by an older forgeml
+
+    assert {r["id"]: r["status"] for r in store.runs()} == {
+        "alive": "running",
+        "gone": "interrupted",
+        "unmarked": "interrupted",
+    }
+    record = Store(database_url(tmp_path)).run("gone")  # recorded, not only shown
+    assert record["status"] == "interrupted" and "--resume" in record["error"]

@@ -433,7 +433,8 @@ def runs_list(
         test = record["metrics"].get("test") or record["metrics"].get("validation") or {}
         shown = ", ".join(f"{k}={v:.4f}" for k, v in list(test.items())[:4])
         seconds = f"{record['seconds']:.0f}" if record["seconds"] else ""
-        status = record["status"] if record["status"] != "failed" else "[red]failed[/red]"
+        colour = {"failed": "red", "interrupted": "yellow"}.get(record["status"])
+        status = f"[{colour}]{record['status']}[/{colour}]" if colour else record["status"]
         table.add_row(
             record["id"],
             record["name"],

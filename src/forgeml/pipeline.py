@@ -29,7 +29,7 @@ from forgeml.report.card import write_card
 from forgeml.store import Store, database_url
 from forgeml.tasks import Task, build_task
 from forgeml.train.loop import TrainResult, seed_everything, train
-from forgeml.workspace import RunDir, atomic_write_json, atomic_write_text, read_json
+from forgeml.workspace import RunDir, atomic_write_json, atomic_write_text, clear_running, mark_running, read_json
 
 
 @dataclass
@@ -85,6 +85,7 @@ def execute(
     else:
         run = RunDir.open(resume_dir)
         store.update_run(run.id, status="running", error=None)
+    mark_running(run.path)
     durations: dict[str, float] = {}
     try:
         clock = time.perf_counter()
@@ -160,6 +161,7 @@ def execute(
             split_hashes=data.hashes,
             durations=durations,
         )
+        clear_running(run.path)  # before encrypting: the marker is not part of the run
         if encrypt:
             from forgeml.encryption import encrypt_run
 
@@ -168,6 +170,8 @@ def execute(
     except BaseException as error:
         store.update_run(run.id, status="failed", error=f"{type(error).__name__}: {error}", durations=durations)
         raise
+    finally:
+        clear_running(run.path)
 
 
 def evaluate_split(

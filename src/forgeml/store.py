@@ -12,6 +12,7 @@ from sqlalchemy.exc import NoSuchModuleError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from forgeml.errors import ForgeError
+from forgeml.workspace import still_running
 
 
 class Base(DeclarativeBase):
@@ -107,7 +108,19 @@ class Store:
         if name:
             query = query.where(RunRecord.name == name)
         with Session(self.engine) as session:
-            return [record.as_dict() for record in session.scalars(query)]
+            records = [record.as_dict() for record in session.scalars(query)]
+        return [self._settled(record) for record in records]
+
+    def _settled(self, record: dict[str, Any]) -> dict[str, Any]:
+        """A "running" run whose process is gone (killed before it could say) is recorded as interrupted."""
+        if record["status"] != "running" or still_running(Path(record["path"])) is not False:
+            return record
+        error = "the process ended without recording an outcome (killed?); `forgeml run --resume` continues it"
+        with Session(self.engine) as session, session.begin():
+            stored = session.get(RunRecord, record["id"])
+            if stored is not None and stored.status == "running":
+                stored.status, stored.error = "interrupted", error
+        return {**record, "status": "interrupted", "error": error}
 
     def locate(self, name_or_id: str) -> Path:
         """The folder of the newest finished run with this name, else of the run with this id (or id prefix)."""
@@ -130,7 +143,7 @@ class Store:
             raise ForgeError(f"no run with id {run_id!r} in this workspace (see `forgeml runs`)")
         if len(matches) > 1:
             raise ForgeError(f"run id {run_id!r} is ambiguous: {', '.join(m.id for m in matches)} ...")
-        return matches[0].as_dict()
+        return self._settled(matches[0].as_dict())
 
 
 def _now() -> datetime:

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import secrets
+import socket
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
@@ -157,3 +158,41 @@ def _json_default(value: Any) -> Any:
     if hasattr(value, "tolist"):
         return value.tolist()
     raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+# Which process is running a run: lets `forgeml runs` tell a run in progress from one whose process was
+# killed (SIGKILL, out of memory, a power cut) before it could record an outcome. A dot-file: not hashed.
+PROCESS_FILE = ".forgeml-process.json"
+
+
+def mark_running(run_dir: Path) -> None:
+    """Record this process as the one running `run_dir`."""
+    atomic_write_json(Path(run_dir) / PROCESS_FILE, {"pid": os.getpid(), "host": socket.gethostname()})
+
+
+def clear_running(run_dir: Path) -> None:
+    (Path(run_dir) / PROCESS_FILE).unlink(missing_ok=True)
+
+
+def still_running(run_dir: Path) -> bool | None:
+    """Whether the process that is running `run_dir` is alive: None when it runs on another machine."""
+    marker = Path(run_dir) / PROCESS_FILE
+    if not marker.is_file():
+        return False
+    try:
+        owner = read_json(marker)
+    except ArtifactError:  # half-written or edited: nobody can be shown to own the run
+        return False
+    if owner.get("host") != socket.gethostname():
+        return None
+    try:
+        pid = int(owner["pid"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
