@@ -88,6 +88,7 @@ BAD_REQUESTS = [
     ("1 MB body", "POST", "/v1/predict", {"inputs": ["x" * 1_000_000]}, "predict", 413),
     ("record without the text column", "POST", "/v1/predict", {"inputs": [{"review": "x"}]}, "predict", 422),
     ("pair for a single-text model", "POST", "/v1/predict", {"inputs": [["a", "b"]]}, "predict", 422),
+    ("mixed value types", "POST", "/v1/predict", {"inputs": [{"text": "a"}, {"text": 5}]}, "predict", 422),
     ("unknown route", "GET", "/v1/nothing", None, "predict", 404),
     ("wrong method", "GET", "/v1/predict", None, "predict", 405),
     ("predict with PUT", "PUT", "/v1/predict", {"inputs": ["x"]}, "predict", 405),

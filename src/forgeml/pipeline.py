@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 from datasets import Dataset
 
 from forgeml import __version__
 from forgeml.config import ForgeConfig, dump_config, load_config
+from forgeml.data.io import table_dataset
 from forgeml.data.prepare import PreparedData, prepare
 from forgeml.data.profile import length_percentiles
 from forgeml.errors import DataError
@@ -265,4 +267,13 @@ def dataset_from_rows(rows: list[Any], columns: list[str]) -> Dataset:
             raise DataError(f"input {index}: expected {len(columns)} values ({', '.join(columns)}), got {len(values)}")
         for name, value in zip(columns, values, strict=True):
             table[name].append(value)
-    return Dataset.from_dict(table)
+    arrays = {}
+    for name, values in table.items():
+        try:
+            arrays[name] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            kinds = sorted({type(value).__name__ for value in values if value is not None})
+            raise DataError(
+                f"inputs: column {name!r} mixes {', '.join(kinds)} values; send one kind per column"
+            ) from None
+    return table_dataset(pa.table(arrays) if arrays else pa.table({}))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -99,10 +100,23 @@ def column(dataset: Dataset, name: str) -> list:
 
 def replace_column(dataset: Dataset, name: str, values: list) -> Dataset:
     """`dataset` with column `name` replaced by `values`, column order kept."""
-    with quiet_datasets():  # re-indexing a subset shows a progress bar of its own otherwise
-        table = dataset.flatten_indices().data.table
+    if dataset._indices is None:  # a plain table (most calls): no re-indexing pass, no new fingerprint
+        table = dataset.data.table
+    else:
+        with quiet_datasets():  # re-indexing a subset shows a progress bar of its own otherwise
+            table = dataset.flatten_indices().data.table
     position = table.schema.get_field_index(name)
-    return Dataset(table.set_column(position, name, pa.array(values)))
+    return table_dataset(table.set_column(position, name, pa.array(values)))
+
+
+def table_dataset(table: pa.Table) -> Dataset:
+    """A Dataset over an Arrow table built in memory.
+
+    `datasets` fingerprints a new Dataset by pickling its whole state, which costs more than the rest of a
+    small prediction call; these tables are never cached to disk, so a random fingerprint (what `datasets`
+    itself uses for transforms it cannot hash) serves as well.
+    """
+    return Dataset(table, fingerprint=secrets.token_hex(16))
 
 
 @contextlib.contextmanager

@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 from datasets import Dataset
 from safetensors.torch import load_model, save_model
 
-from forgeml.data.io import column
+from forgeml.data.io import column, table_dataset
 from forgeml.data.validate import require_columns
 from forgeml.models.hf import TextModel, load_tokenizer
 from forgeml.tasks.base import Target, TargetTask
@@ -24,7 +25,9 @@ class TokenizedSplit:
     """Token ids in Arrow, padded per batch to the longest row (dynamic padding)."""
 
     def __init__(self, columns: dict[str, list[list[int]]], targets: np.ndarray | None, pad_id: int):
-        self.data = Dataset.from_dict(columns)
+        self.data = table_dataset(
+            pa.table({name: pa.array(ids, pa.list_(pa.int32())) for name, ids in columns.items()})
+        )
         self.targets = None if targets is None else torch.as_tensor(targets)
         self.lengths = np.fromiter((len(ids) for ids in columns["input_ids"]), dtype=np.int64)
         self.pad_id = pad_id
