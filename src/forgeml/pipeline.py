@@ -75,6 +75,7 @@ def execute(
     config_text = dump_config(config)
     if resume_dir is None:
         run = RunDir.create(workspace, config.name)
+        mark_running(run.path)  # before the store says "running": `forgeml runs` must find it alive
         atomic_write_text(run.config, config_text)
         store.start_run(
             id=run.id,
@@ -86,8 +87,8 @@ def execute(
         )
     else:
         run = RunDir.open(resume_dir)
+        mark_running(run.path)
         store.update_run(run.id, status="running", error=None)
-    mark_running(run.path)
     durations: dict[str, float] = {}
     try:
         clock = time.perf_counter()
