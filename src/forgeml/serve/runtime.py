@@ -9,9 +9,10 @@ from typing import Any
 
 from forgeml.api import Predictor
 from forgeml.encryption import plaintext_view
-from forgeml.workspace import RunDir, read_json
+from forgeml.workspace import MANIFEST, RunDir, read_json
 
 # Where the run's own exports are, for comparisons written before entries named their files.
+COMPARISON = "compress/compression.json"
 ONNX_FILES = {"onnx_int8": "export/model.int8.onnx", "onnx_fp32": "export/model.onnx"}
 
 
@@ -27,42 +28,46 @@ class ModelRuntime:
         self.name, self.version = run.name, run.id
         self.engine = "pytorch"
         if engine in ("auto", "onnx", "onnx_fp32"):
-            # An encrypted run's files are decrypted into a private folder just long enough to load them.
-            with plaintext_view(run.path, only=("manifest.json", "compress/", "export/")) as plain:
-                self._load_variant(RunDir(plain), engine)
+            chosen = _variant_to_serve(run.path, engine)
+            if chosen is not None:
+                self._load_variant(run.path, chosen)
         self.input_columns = list(self.predictor.input_columns)
         self.classes = list(getattr(self.predictor.task.target, "classes", []))
         self.explainable = bool(getattr(self.predictor.task, "text_columns", None))
 
-    def _load_variant(self, run: RunDir, engine: str) -> None:
-        """Swap in the variant `forgeml compress` selected (engine auto), or the int8 export (engine onnx)."""
-        chosen = _selected_variant(run.path) if engine == "auto" else None
-        if chosen is None:  # no comparison ran (or engine onnx): the run's own ONNX export, if there is one
-            chosen = {"name": "onnx_int8" if engine == "onnx" else "onnx_fp32"} if engine != "auto" else None
-        if chosen is None or chosen["name"] == "pytorch_fp32":
+    def _load_variant(self, run_dir: Path, chosen: dict[str, Any]) -> None:
+        """Swap in the chosen variant, checking (and for an encrypted run, decrypting) only its own files."""
+        name = chosen["name"]
+        if name == "pytorch_fp32":
             return
-        if chosen["name"] == "pytorch_int8":  # made at load time, as compress made it (never saved)
+        if name == "pytorch_int8":  # made at load time, as compress made it (never saved)
             from forgeml.compress.variants import pytorch_int8
 
             self.predictor.model = pytorch_int8(self.predictor.model)
             self.engine = "pytorch (pytorch_int8)"
             return
-        file = run.path / (chosen.get("file") or ONNX_FILES.get(chosen["name"], ""))
-        if not file.exists():
+        relative = chosen.get("file") or ONNX_FILES.get(name)
+        if relative is None:
             return
-        run.verify(f"{file.relative_to(run.path).parts[0]}/")  # artefacts like the others: checked before use
-        if chosen.get("source"):  # a student or a pruned model: explanations come from its PyTorch weights
-            from forgeml.tasks import load_task
+        needed = (relative, f"{chosen['source']}/") if chosen.get("source") else (relative,)
+        # An encrypted run's files are decrypted into a private folder just long enough to load them.
+        with plaintext_view(run_dir, only=(MANIFEST, *needed)) as plain:
+            if not (plain / relative).exists():
+                return
+            for under in needed:  # artefacts like the others: checked before use
+                RunDir(plain).verify(under)
+            if chosen.get("source"):  # a student or a pruned model: explanations come from its PyTorch weights
+                from forgeml.tasks import load_task
 
-            self.predictor.torch_model = load_task(run.path / chosen["source"])[1].eval()
-        if file.suffix == ".onnx":
-            from forgeml.export import OnnxModel
+                self.predictor.torch_model = load_task(plain / chosen["source"])[1].eval()
+            if relative.endswith(".onnx"):
+                from forgeml.export import OnnxModel
 
-            self.predictor.model = OnnxModel(file)
-            self.engine = f"onnxruntime ({chosen['name']})"
-        else:
-            self.predictor.model = self.predictor.torch_model
-            self.engine = f"pytorch ({chosen['name']})"
+                self.predictor.model = OnnxModel(plain / relative)
+                self.engine = f"onnxruntime ({name})"
+            else:
+                self.predictor.model = self.predictor.torch_model
+                self.engine = f"pytorch ({name})"
 
     @property
     def explains_with_the_predicting_model(self) -> bool:
@@ -130,10 +135,14 @@ def record_values(record: Any) -> list[Any]:
     return list(record) if isinstance(record, list) else [record]
 
 
-def _selected_variant(run_dir: Path) -> dict[str, Any] | None:
-    """The entry of the variant `forgeml compress` selected for serving, if it ran."""
-    report = run_dir / "compress" / "compression.json"
-    if not report.is_file():
-        return None
-    comparison = read_json(report)
+def _variant_to_serve(run_dir: Path, engine: str) -> dict[str, Any] | None:
+    """The comparison entry of what to serve: the run's own export for engine onnx or onnx_fp32, else the
+    variant `forgeml compress` selected (None when it never ran)."""
+    if engine != "auto":
+        return {"name": "onnx_int8" if engine == "onnx" else "onnx_fp32"}
+    with plaintext_view(run_dir, only=(MANIFEST, COMPARISON)) as plain:
+        if not (plain / COMPARISON).is_file():
+            return None
+        RunDir(plain).verify(COMPARISON)  # it decides what answers requests: checked like the model
+        comparison = read_json(plain / COMPARISON)
     return next(entry for entry in comparison["variants"] if entry["name"] == comparison["selected"])
