@@ -307,14 +307,14 @@ def serve(
     options = {"host": host, "port": port, "engine": engine, "max_batch": max_batch, "max_wait_ms": max_wait_ms}
     options["rate_limit"] = rate_limit
     with_changes(ServeConfig(), "serve", **options)  # bad options fail before the model loads
-    if no_auth and (host or "127.0.0.1") not in LOOPBACK:
-        raise ForgeError(f"serve: --no-auth is allowed only on 127.0.0.1, not on {host}; create a key instead")
+    if no_auth and host is not None:
+        _refuse_open_without_keys(host)  # before the model loads, when the option says where
     keys = None if no_auth else _key_store(workspace, db)
     run_dir = Path(run) if Path(run).is_dir() else Store(_database(workspace, db)).locate(run)
     runtime = ModelRuntime(run_dir, engine)  # engine None: the run's serve.engine
     settings = with_changes(runtime.predictor.config.serve, "serve", **options)
-    if keys is None and settings.host not in LOOPBACK:
-        raise ForgeError(f"serve: --no-auth is allowed only on 127.0.0.1, not on {settings.host}; create a key instead")
+    if no_auth:
+        _refuse_open_without_keys(settings.host)  # the run's serve.host may name another address
     address = f"{settings.host}:{settings.port}"
     if keys is None:
         errors.print(f"authentication is OFF: anyone who can reach {address} may call the API")
@@ -327,6 +327,11 @@ def serve(
     records = RecordStore(_database(workspace, db))  # predictions and feedback
     app = create_app(runtime, keys, settings, records)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=30)
+
+
+def _refuse_open_without_keys(host: str) -> None:
+    if host not in LOOPBACK:
+        raise ForgeError(f"serve: --no-auth is allowed only on 127.0.0.1, not on {host}; create a key instead")
 
 
 @keys_app.command("create")
