@@ -206,6 +206,25 @@ def test_user_errors_exit_2_with_a_message_and_no_traceback(change: dict, expect
     assert debug.returncode != 0 and "Traceback" in debug.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["nosuchverb"], "No such command 'nosuchverb'"),
+        (["run", "--bogus"], "No such option: --bogus"),
+        (["serve"], "Missing argument"),
+        (["predict", "runs/x", "input.csv"], "Missing option '--output'"),
+        (["serve", "runs/x", "--port", "eighty"], "Invalid value for '--port'"),
+        (["keys", "create", "--scope"], "requires an argument"),
+    ],
+)
+def test_usage_errors_exit_2_with_click_usage_and_no_traceback(args: list[str], expected: str) -> None:
+    """Unknown verb, unknown option, missing argument or option, bad value: the real console script."""
+    result = forgeml_cli(*args)
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr
+    assert "Error:" in result.stderr and expected in result.stderr, result.stderr
+
+
 def test_failed_run_is_recorded_as_failed(tmp_path: Path) -> None:
     write_csv(tmp_path / "one.csv", [{"text": f"t{i}", "label": "only"} for i in range(10)])
     config = {"name": "onecls", "task": "text-classification", "data": {"train": str(tmp_path / "one.csv")}}

@@ -217,6 +217,7 @@ def export(
 ) -> None:
     """Export the model (ONNX with dynamic axes, int8 too; TorchScript) and check it against PyTorch."""
     from forgeml import api
+    from forgeml.export import int8_finding
 
     report = api.export(run_dir, formats or ["onnx"], data)
     table = Table("export", "file", "MB", "max |diff|", "label agreement", "passed")
@@ -232,6 +233,9 @@ def export(
         )
     console.print(table)
     console.print(f"parity on {report['rows']} rows written to {Path(run_dir) / 'export' / 'parity.json'}")
+    finding = int8_finding(report)
+    if finding:
+        console.print(f"[yellow]note:[/yellow] {finding}", highlight=False)
 
 
 @app.command()
@@ -502,7 +506,7 @@ def _silence_libraries() -> None:
 def entrypoint() -> None:
     """Console script: run the app, turning user errors into exit code 2 without a traceback."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except ForgeError as error:
         if STATE["debug"]:
             raise
@@ -513,13 +517,21 @@ def entrypoint() -> None:
         sys.exit(130)
     except (typer.Abort, typer.Exit) as stop:
         sys.exit(getattr(stop, "exit_code", 1))
-    except Exception as error:  # click usage errors carry their own exit code and message
-        import click
+    except Exception as error:
+        if not _is_usage_error(error):
+            raise
+        error.show()  # click's usage paragraph: "Usage: forgeml run ... Error: No such option: --bogus"
+        sys.exit(error.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
 
-        if isinstance(error, click.ClickException):
-            error.show()
-            sys.exit(error.exit_code)
-        raise
+
+def _is_usage_error(error: Exception) -> bool:
+    """Whether `error` is one of click's usage errors (unknown command or option, missing or bad value).
+
+    Recognised by what they can do, not by class: typer releases differ in whether they use click itself
+    or a vendored copy (`typer._click`), whose exceptions are not `click.ClickException` instances.
+    """
+    return callable(getattr(error, "show", None)) and isinstance(getattr(error, "exit_code", None), int)
 
 
 if __name__ == "__main__":
