@@ -70,6 +70,27 @@ def test_a_run_with_a_compress_section_compresses_its_tabular_model(tmp_path: Pa
     assert all(r["latency_ms"]["calls"] == 20 for r in report["variants"])
 
 
+def test_a_failing_int8_parity_inside_a_run_leaves_a_finished_run_with_int8_marked_and_not_selected(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import forgeml.export
+    from forgeml.store import Store, database_url
+
+    monkeypatch.setattr(forgeml.export, "INT8_AGREEMENT", 1.01)  # no int8 file can pass now
+    path = write_csv(tmp_path / "t.csv", tabular_rows(300))
+    config = tabular_config(path, "tabular-classification", "label")
+    config["train"].update(epochs=3, threads=1)
+    config["compress"] = {"latency_rows": 10, "throughput_rows": 32, "select": {"max_accuracy_drop": 1.0}}
+    result = forgeml.run(config, workspace=tmp_path)
+    report = json.loads((result.run_dir / "compress" / "compression.json").read_text())
+    int8 = next(r for r in report["variants"] if r["name"] == "onnx_int8")
+    assert int8["parity_passed"] is False and "same label as its PyTorch model on" in int8["description"]
+    assert report["selected"] != "onnx_int8"  # even with any accuracy drop allowed
+    assert report["onnx_parity"]["passed"] and report["onnx_parity"]["int8_passed"] is False
+    assert Store(database_url(tmp_path)).run(result.run_id)["status"] == "finished"
+    assert "failed its int8 parity check" in (result.run_dir / "card.md").read_text()
+
+
 def test_compress_config_errors_name_the_key() -> None:
     base = {"task": "text-classification", "data": {"train": "t.csv"}}
     with pytest.raises(ConfigError, match=r"compress\.select\.max_accuracy_drop"):
@@ -251,7 +272,8 @@ def test_an_int8_variant_failing_parity_is_measured_and_marked(sentiment_model, 
     stacked = onnx_int8_of(sentiment_model.task, trained, rows)
     assert not stacked.parity_passed and "same label as its PyTorch model on" in stacked.description
     assert stacked.file == folder / "export" / "model.int8.onnx" and stacked.file.is_file()
-    assert json.loads((folder / "export" / "parity.json").read_text())["passed"] is False
+    parity = json.loads((folder / "export" / "parity.json").read_text())
+    assert parity["passed"] and parity["int8_passed"] is False  # fp32 is fine; only the int8 file is off
 
 
 def test_selection_takes_the_fastest_within_tolerance_and_trusts_parity_unless_told() -> None:

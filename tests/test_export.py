@@ -95,6 +95,24 @@ def test_tabular_model_exports_and_int8_agrees(tmp_path: Path) -> None:
     assert np.abs(shipped_outputs - torch_outputs).max() <= FP32_TOLERANCE
 
 
+def test_a_failing_int8_check_is_reported_and_never_served_while_the_export_succeeds(
+    text_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import forgeml.export
+    from forgeml.export import int8_finding
+    from forgeml.serve.runtime import ModelRuntime
+
+    monkeypatch.setattr(forgeml.export, "INT8_AGREEMENT", 1.01)  # no int8 file can pass now
+    report = forgeml.api.export(text_run, ["onnx"])
+    assert report["passed"] and report["int8_passed"] is False  # fp32, the format asked for, is fine
+    assert (text_run / "export" / "model.int8.onnx").is_file()  # written, for inspection
+    assert "not served" in int8_finding(report) and "--engine onnx_fp32" in int8_finding(report)
+    RunDir.open(text_run).verify()  # the files were recorded in the manifest
+    with pytest.raises(ForgeError, match=r"--engine onnx: int8 gives PyTorch's label on"):
+        ModelRuntime(text_run, engine="onnx")
+    assert ModelRuntime(text_run, engine="onnx_fp32").engine == "onnxruntime (onnx_fp32)"
+
+
 def test_unknown_format_is_refused_by_name(text_run: Path) -> None:
     with pytest.raises(ForgeError, match=r"unknown format.*tflite.*onnx, torchscript"):
         forgeml.api.export(text_run, ["tflite"])

@@ -5,8 +5,10 @@ standardised numbers and category ids), with dynamic batch and sequence axes. Pr
 duplicated into the graph: `OnnxModel` stands where the PyTorch model stood, so the run's own
 `Task.encode` (tokenizer, label map, tabular preprocessing from `model/`) feeds both, by one code path.
 
-Parity (`export/parity.json`): fp32 ONNX must match PyTorch's outputs to 1e-4, and the int8 model
-(onnxruntime dynamic quantization) must give the same label on at least 99 % of the rows.
+Parity (`export/parity.json`): fp32 ONNX (and TorchScript) must match PyTorch's outputs to 1e-4, or the
+export fails. The int8 model is a derived, lossy file: it must give the same label on at least 99 % of
+the rows to be served, and when it does not, that is reported (a less confident model loses more to
+quantization) while the export itself succeeds.
 """
 
 from __future__ import annotations
@@ -177,7 +179,9 @@ def export_model(
 ) -> dict[str, Any]:
     """Export `model` into `folder` in each format, check every export on `rows`; return the parity report.
 
-    Raises ForgeError when a check fails (after writing the report, so it can be read).
+    Raises ForgeError when a format asked for (ONNX fp32, TorchScript) disagrees with PyTorch, after writing
+    the report so it can be read. An int8 file below its label-agreement threshold does not raise: its
+    check is marked failed (`report["int8_passed"]` is False), which keeps it from being served.
     """
     unknown = [name for name in formats if name not in FORMATS]
     if unknown or not formats:
@@ -215,9 +219,24 @@ def export_model(
             check["threshold"] = {"max_abs_diff": FP32_TOLERANCE}
             check["passed"] = check["max_abs_diff"] <= FP32_TOLERANCE
         report["checks"][name] = check
-    report["passed"] = all(check["passed"] for check in report["checks"].values())
+    required = {name: check for name, check in report["checks"].items() if name != "onnx_int8"}
+    report["passed"] = all(check["passed"] for check in required.values())
+    if "onnx_int8" in report["checks"]:
+        report["int8_passed"] = report["checks"]["onnx_int8"]["passed"]
     atomic_write_json(folder / "parity.json", report)
     if not report["passed"]:
-        failed = [name for name, check in report["checks"].items() if not check["passed"]]
+        failed = [name for name, check in required.items() if not check["passed"]]
         raise ForgeError(f"export: parity check failed for {', '.join(failed)}; see {folder / 'parity.json'}")
     return report
+
+
+def int8_finding(report: dict[str, Any]) -> str | None:
+    """One sentence on an int8 file that failed its parity check (None when it passed or was not made)."""
+    check = report.get("checks", {}).get("onnx_int8")
+    if check is None or check["passed"]:
+        return None
+    return (
+        f"int8 gives PyTorch's label on {check['label_agreement']:.1%} of {report['rows']:,} rows "
+        f"(below {INT8_AGREEMENT:.0%}): it is kept for inspection but not served; "
+        "serve the fp32 export (--engine onnx_fp32) or the trained model"
+    )

@@ -12,10 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from forgeml.errors import ForgeError
 from forgeml.export import OnnxModel, export_model
 from forgeml.tasks.base import EncodedSplit, Task
-from forgeml.workspace import read_json
 
 
 @dataclass
@@ -66,8 +64,24 @@ def build_variants(
     variants.append(Variant("onnx_fp32", OnnxModel(fp32), fp32.stat().st_size, "ONNX Runtime", file=fp32))
     if quantize:
         int8 = folder / "model.int8.onnx"
-        variants.append(Variant("onnx_int8", OnnxModel(int8), int8.stat().st_size, "ONNX Runtime dynamic int8", int8))
+        variants.append(
+            Variant(
+                "onnx_int8",
+                OnnxModel(int8),
+                int8.stat().st_size,
+                _int8_description("ONNX Runtime int8", parity),
+                int8,
+                parity_passed=parity["int8_passed"],
+            )
+        )
     return variants, parity
+
+
+def _int8_description(description: str, parity: dict[str, Any]) -> str:
+    check = parity["checks"]["onnx_int8"]
+    if check["passed"]:
+        return description
+    return f"{description} (same label as its PyTorch model on {check['label_agreement']:.1%})"
 
 
 def onnx_int8_of(task: Task, trained: Variant, rows: EncodedSplit) -> Variant:
@@ -76,16 +90,8 @@ def onnx_int8_of(task: Task, trained: Variant, rows: EncodedSplit) -> Variant:
     variant's own outputs, it is still measured (the frontier shows it) and marked, and selected for
     serving only when `compress.select.require_parity` is off."""
     folder = trained.file / "export"
-    description = f"{trained.description}, ONNX Runtime int8"
-    parity_passed = True
-    try:
-        export_model(task, trained.runtime, rows, folder, ("onnx",))
-    except ForgeError:
-        check = read_json(folder / "parity.json")["checks"]["onnx_int8"]
-        if "label_agreement" not in check:
-            raise
-        description += f" (same label as its PyTorch model on {check['label_agreement']:.1%})"
-        parity_passed = False
+    parity = export_model(task, trained.runtime, rows, folder, ("onnx",))
     int8 = folder / "model.int8.onnx"
+    description = _int8_description(f"{trained.description}, ONNX Runtime int8", parity)
     name = f"{trained.name}_onnx_int8"
-    return Variant(name, OnnxModel(int8), int8.stat().st_size, description, int8, trained.file, parity_passed)
+    return Variant(name, OnnxModel(int8), int8.stat().st_size, description, int8, trained.file, parity["int8_passed"])

@@ -14,6 +14,7 @@ from forgeml.workspace import MANIFEST, RunDir, read_json
 # Where the run's own exports are, for comparisons written before entries named their files.
 COMPARISON = "compress/compression.json"
 ONNX_FILES = {"onnx_int8": "export/model.int8.onnx", "onnx_fp32": "export/model.onnx"}
+PARITY = "export/parity.json"
 
 
 class ModelRuntime:
@@ -50,12 +51,16 @@ class ModelRuntime:
         if relative is None:
             return
         needed = (relative, f"{chosen['source']}/") if chosen.get("source") else (relative,)
+        if chosen.get("forced") == "onnx":  # asked for by name: it must have passed its parity check
+            needed += (PARITY,)
         # An encrypted run's files are decrypted into a private folder just long enough to load them.
         with plaintext_view(run_dir, only=(MANIFEST, *needed)) as plain:
             if not (plain / relative).exists():
                 return
             for under in needed:  # artefacts like the others: checked before use
                 RunDir(plain).verify(under)
+            if PARITY in needed:
+                _refuse_failed_int8(plain / PARITY)
             if chosen.get("source"):  # a student or a pruned model: explanations come from its PyTorch weights
                 from forgeml.tasks import load_task
 
@@ -139,10 +144,20 @@ def _variant_to_serve(run_dir: Path, engine: str) -> dict[str, Any] | None:
     """The comparison entry of what to serve: the run's own export for engine onnx or onnx_fp32, else the
     variant `forgeml compress` selected (None when it never ran)."""
     if engine != "auto":
-        return {"name": "onnx_int8" if engine == "onnx" else "onnx_fp32"}
+        return {"name": "onnx_int8" if engine == "onnx" else "onnx_fp32", "forced": engine}
     with plaintext_view(run_dir, only=(MANIFEST, COMPARISON)) as plain:
         if not (plain / COMPARISON).is_file():
             return None
         RunDir(plain).verify(COMPARISON)  # it decides what answers requests: checked like the model
         comparison = read_json(plain / COMPARISON)
     return next(entry for entry in comparison["variants"] if entry["name"] == comparison["selected"])
+
+
+def _refuse_failed_int8(parity_file: Path) -> None:
+    """`--engine onnx` on an int8 export that gives PyTorch's label too rarely is refused, not served."""
+    from forgeml.errors import ForgeError
+    from forgeml.export import int8_finding
+
+    finding = int8_finding(read_json(parity_file)) if parity_file.is_file() else None
+    if finding:
+        raise ForgeError(f"serve: --engine onnx: {finding}")
