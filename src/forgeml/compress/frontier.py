@@ -58,7 +58,9 @@ def compress_model(
             if path is not None
         }
         result = {"name": variant.name, "description": variant.description, "bytes": variant.bytes, **where}
-        results.append({**result, **measured, "parity_passed": variant.parity_passed})
+        results.append(
+            {**result, **measured, "parity_passed": variant.parity_passed, "batch_invariant": variant.batch_invariant}
+        )
     original = results[0]
     for result in results:
         change = result["metrics"][metric] - original["metrics"][metric]
@@ -85,8 +87,9 @@ def compress_model(
 
 def select_variant(results: list[dict[str, Any]], tolerance: float, require_parity: bool = True) -> dict[str, Any]:
     """The fastest variant at batch 1 whose quality drop is within `tolerance` (and, with `require_parity`,
-    whose int8 file passed its parity check). The original (first) always qualifies."""
-    trusted = [r for r in results if r["parity_passed"] or not require_parity]
+    whose int8 file passed its parity check). A variant whose answers depend on the rows batched with it
+    (PyTorch dynamic int8) is never chosen: a server batches requests. The original always qualifies."""
+    trusted = [r for r in results if (r["parity_passed"] or not require_parity) and r.get("batch_invariant", True)]
     eligible = [r for r in trusted if r["drop"] <= tolerance]
     return min(eligible, key=lambda r: r["latency_ms"]["p50"])
 
