@@ -279,3 +279,25 @@ def test_chromium_renders_card(run_dir: Path, tmp_path: Path) -> None:
 
     shot = chromium.screenshot(html_path, tmp_path / "card.png")
     assert shot.is_file() and shot.stat().st_size > 10_000
+
+
+def test_training_settings_name_family_defaults_and_the_watched_metric(tmp_path: Path) -> None:
+    config = _config()
+    config["task"] = "tabular-classification"
+    config["model"] = {"backbone": "mlp", "hidden_sizes": [128, 64], "dropout": 0.1}
+    config["train"].update(lr=1.0e-3, batch_size=256, epochs=100, scheduler="constant", warmup_ratio=0.0)
+    config["train"]["early_stopping"] = {"patience": 5, "metric": "loss"}
+    _write_yaml(tmp_path / "config.yaml", config)
+    markdown = write_card(tmp_path)[0].read_text(encoding="utf-8")
+    assert "| Learning rate | 0.001 (default for mlp) |" in markdown
+    assert "| Epochs | 100 (default for mlp) |" in markdown
+    assert "| Batch size | 256 |" in markdown  # set in the config: no family mark
+    assert "| Early stopping | patience 5 (default for mlp) on validation loss (default for mlp) |" in markdown
+
+    # No metric named: the card says which one training watched, never "on None".
+    config["train"]["early_stopping"] = {"patience": 2, "metric": None}
+    _write_yaml(tmp_path / "config.yaml", config)
+    _write_json(tmp_path / "metrics.json", _metrics())
+    markdown = write_card(tmp_path)[0].read_text(encoding="utf-8")
+    assert "| Early stopping | patience 2 on validation f1 (the task's primary metric) |" in markdown
+    assert "None" not in markdown

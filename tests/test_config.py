@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from forgeml.config import ForgeConfig, config_schema, dump_config, load_config
+from forgeml.config import FAMILY_DEFAULTS, ForgeConfig, config_schema, dump_config, family_defaults_used, load_config
 from forgeml.errors import ConfigError
 from forgeml.starter import starter_config
 
@@ -138,3 +138,69 @@ def test_starter_configs_are_valid_and_annotated(task: str, tmp_path: Path) -> N
 def test_starter_for_unknown_task_lists_choices() -> None:
     with pytest.raises(ConfigError, match="text-classification"):
         starter_config("nope")
+
+
+TABULAR = {"name": "t", "task": "tabular-classification", "data": {"train": "train.csv", "label": "y"}}
+
+
+def test_training_defaults_come_from_the_model_family(tmp_path: Path) -> None:
+    mlp = load_config(config_file(tmp_path, TABULAR))
+    encoder = load_config(config_file(tmp_path, BASE))
+    for config, family in ((mlp, "mlp"), (encoder, "encoder")):
+        assert config.family == family
+        for key, value in FAMILY_DEFAULTS[family].items():
+            section, name = (config.train.early_stopping, key.split(".")[1]) if "." in key else (config.train, key)
+            assert getattr(section, name) == value, (family, key)
+        assert set(config.family_defaults) == set(FAMILY_DEFAULTS[family])
+    # The two families really differ where it matters: a from-scratch MLP takes far larger, more steps.
+    assert mlp.train.lr == pytest.approx(1e-3) and encoder.train.lr == pytest.approx(5e-5)
+    assert mlp.train.epochs > encoder.train.epochs and mlp.train.early_stopping.patience > 2
+    assert mlp.train.early_stopping.metric == "loss" and encoder.train.early_stopping.metric is None
+    hub = load_config({**BASE, "model": {"backbone": "some-org/some-encoder"}})
+    assert hub.family == "encoder" and hub.train.lr == pytest.approx(5e-5)
+
+
+def test_explicit_training_values_are_kept_and_not_called_defaults(tmp_path: Path) -> None:
+    body = {**TABULAR, "train": {"lr": 0.01, "batch_size": 64, "early_stopping": {"metric": "roc_auc"}}}
+    config = load_config(config_file(tmp_path, body), ["train.scheduler=cosine"])
+    assert (config.train.lr, config.train.batch_size, config.train.scheduler) == (0.01, 64, "cosine")
+    assert config.train.early_stopping.metric == "roc_auc"
+    assert config.train.early_stopping.patience == FAMILY_DEFAULTS["mlp"]["early_stopping.patience"]
+    assert config.train.epochs == FAMILY_DEFAULTS["mlp"]["epochs"]
+    assert not {"lr", "batch_size", "scheduler", "early_stopping.metric"} & set(config.family_defaults)
+    assert {"epochs", "early_stopping.patience"} <= set(config.family_defaults)
+    # Disabled early stopping stays disabled; an explicit null asks for the family default again.
+    off = load_config(config_file(tmp_path, TABULAR), ["train.early_stopping=null", "train.lr=null"])
+    assert off.train.early_stopping is None and off.train.lr == FAMILY_DEFAULTS["mlp"]["lr"]
+
+
+@pytest.mark.parametrize("body", [BASE, TABULAR])
+def test_family_defaults_round_trip_through_the_saved_config(body: dict, tmp_path: Path) -> None:
+    config = load_config(config_file(tmp_path, body))
+    text = dump_config(config)
+    saved = yaml.safe_load(text)["train"]
+    assert saved["lr"] is not None and saved["early_stopping"]["patience"] is not None  # concrete values on disk
+    (tmp_path / "config.yaml").write_text(text)
+    again = load_config(tmp_path / "config.yaml")  # what `forgeml run --resume` reads
+    assert again == config and again.family_defaults == config.family_defaults
+    assert dump_config(again) == text
+    # The card reads the saved values, not the validated config: it finds the same family defaults.
+    assert family_defaults_used(saved, config.model.backbone) == config.family_defaults
+
+
+def test_schema_says_which_training_keys_follow_the_family() -> None:
+    train = config_schema()["$defs"]["TrainConfig"]["properties"]
+    for key in ("lr", "epochs", "batch_size", "scheduler", "warmup_ratio", "weight_decay"):
+        assert train[key]["default"] is None
+        assert "mlp" in train[key]["description"] and "encoder" in train[key]["description"], key
+
+
+@pytest.mark.parametrize(("task", "family"), [("tabular-classification", "mlp"), ("text-classification", "encoder")])
+def test_starter_shows_the_family_defaults(task: str, family: str, tmp_path: Path) -> None:
+    text = starter_config(task)
+    assert f"show the {family} defaults" in text
+    train = yaml.safe_load(text)["train"]
+    for key, value in FAMILY_DEFAULTS[family].items():
+        shown = train["early_stopping"][key.split(".")[1]] if "." in key else train[key]
+        assert shown == pytest.approx(value) if isinstance(value, float) else shown == value, key
+    assert load_config(config_file(tmp_path, text)).family_defaults.keys() == FAMILY_DEFAULTS[family].keys()

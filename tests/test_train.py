@@ -21,6 +21,7 @@ import forgeml
 from forgeml.config import TrainConfig
 from forgeml.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from forgeml.train.loop import epoch_batches, make_optimizer, make_scheduler
+from forgeml.train.progress import ProgressBar, progress_enabled, progress_mode
 
 from conftest import write_csv
 
@@ -187,7 +188,7 @@ def test_length_grouped_batches_cover_every_row_with_less_padding() -> None:
 
 def test_checkpoint_round_trip_restores_optimizer_scheduler_and_rng(tmp_path: Path) -> None:
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
-    config = TrainConfig()
+    config = TrainConfig().fill_family_defaults("encoder")  # a bare TrainConfig leaves family keys null
     optimizer, scheduler = make_optimizer(model, config), None
     scheduler = make_scheduler(optimizer, config, total_steps=10)
     for _ in range(3):
@@ -254,3 +255,60 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(text_config:
     assert metrics["training"]["steps"] == reference.metrics["training"]["steps"]
     statuses = {r["id"]: r["status"] for r in forgeml.runs(workspace)}
     assert statuses[run_dir.name] == "finished"
+
+
+def test_progress_is_a_bar_on_a_terminal_plain_lines_in_logs_and_nothing_when_quiet(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    assert (progress_mode(), progress_mode(quiet=True)) == ("bar", "off")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    assert (progress_mode(), progress_mode(quiet=True)) == ("lines", "off")
+    assert progress_enabled() and not progress_enabled(quiet=True)  # --quiet alone silences it
+
+    with ProgressBar("training", 200, enabled=True) as bar:
+        for step in range(200):
+            bar.advance(1, {"loss": f"{1 / (step + 1):.4f}", "samples/s": "900"})
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 20  # every 5 %
+    assert lines[0].startswith("training 10/200 (5%)  loss 0.1000  samples/s 900  elapsed 0:00:00  eta ")
+    assert lines[-1].startswith("training 200/200 (100%)  loss 0.0050") and "eta" not in lines[-1]
+
+    with ProgressBar("training", 1000, enabled=True, completed=400) as bar:  # resumed, then stopped early
+        bar.advance(30, {"loss": "0.2"})
+    assert capsys.readouterr().err.splitlines() == ["training 430/1000 (43%)  loss 0.2  elapsed 0:00:00  eta 0:00:00"]
+
+    with ProgressBar("training", 200, enabled=False) as bar:
+        bar.advance(200, {"loss": "0.1"})
+    assert capsys.readouterr().err == ""
+
+
+def test_training_progress_reaches_a_log_unless_quiet(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    path = write_csv(tmp_path / "t.csv", tabular_rows(300))
+    config = tabular_config(path, "tabular-classification", "label")
+    config["train"]["epochs"] = 4
+    forgeml.run(config, workspace=tmp_path, quiet=False)
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("training ")]
+    assert len(lines) >= 10 and lines[-1].startswith("training 28/28 (100%)  loss "), lines
+    assert "samples/s" in lines[0] and "elapsed" in lines[0] and "eta" in lines[0]
+
+    forgeml.run(config, workspace=tmp_path, quiet=True)
+    assert "training " not in capfd.readouterr().err
+
+
+def test_cli_run_logs_progress_and_points_at_the_card_and_next_commands(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "t.csv", tabular_rows(300))
+    config = tabular_config(path, "tabular-classification", "label")
+    config["train"]["epochs"] = 2
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config))
+    command = [sys.executable, "-m", "forgeml.cli", "run", str(tmp_path / "cfg.yaml"), "--workspace", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)  # stderr is a pipe, not a TTY
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "training 14/14 (100%)" in result.stderr
+    run_dir = result.stdout.split("run directory:")[1].split()[0]
+    assert f"model card: {run_dir}/card.html" in result.stdout and Path(run_dir, "card.html").is_file()
+    assert f"forgeml serve {run_dir}" in result.stdout
+    assert f"forgeml predict {run_dir} FILE -o out.csv" in result.stdout
+
+    quiet = subprocess.run([*command, "--quiet"], capture_output=True, text=True, timeout=600)
+    assert quiet.returncode == 0 and "training " not in quiet.stderr, quiet.stderr[-3000:]

@@ -118,6 +118,19 @@ def run(
         result = api.run(resolved, workspace=workspace, quiet=not show, encrypt=encrypted)
     _print_metrics(result.metrics)
     console.print(f"run directory: {result.run_dir}")
+    # Where to look next, and the commands that use the run (paths quoted for copy-paste).
+    import shlex
+
+    run_arg = shlex.quote(str(result.run_dir))
+    card = Path(result.run_dir) / "card.html"
+    if card.is_file():
+        console.print(f"model card: {card}", soft_wrap=True, markup=False)
+    elif card.with_name(card.name + ".enc").is_file():
+        message = f"model card: {card}.enc (encrypted; read it after: forgeml decrypt {run_arg})"
+        console.print(message, soft_wrap=True, markup=False)
+    console.print("next:")
+    console.print(f"  forgeml serve {run_arg}", soft_wrap=True, markup=False)
+    console.print(f"  forgeml predict {run_arg} FILE -o out.csv", soft_wrap=True, markup=False)
 
 
 @app.command()
@@ -295,6 +308,9 @@ def serve(
     rate_limit: Annotated[
         float | None, typer.Option(help="requests per minute per API key, 429 beyond (serve.rate_limit)")
     ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="batches scored at once (serve.workers; default one per core for ONNX)")
+    ] = None,
     workspace: Workspace = None,
     db: Database = None,
 ) -> None:
@@ -309,13 +325,13 @@ def serve(
     from forgeml.store import Store
 
     options = {"host": host, "port": port, "engine": engine, "max_batch": max_batch, "max_wait_ms": max_wait_ms}
-    options["rate_limit"] = rate_limit
+    options |= {"rate_limit": rate_limit, "workers": workers}
     with_changes(ServeConfig(), "serve", **options)  # bad options fail before the model loads
     if no_auth and host is not None:
         _refuse_open_without_keys(host)  # before the model loads, when the option says where
     keys = None if no_auth else _key_store(workspace, db)
     run_dir = Path(run) if Path(run).is_dir() else Store(_database(workspace, db)).locate(run)
-    runtime = ModelRuntime(run_dir, engine)  # engine None: the run's serve.engine
+    runtime = ModelRuntime(run_dir, engine, workers)  # None: the run's serve.engine and serve.workers
     settings = with_changes(runtime.predictor.config.serve, "serve", **options)
     if no_auth:
         _refuse_open_without_keys(settings.host)  # the run's serve.host may name another address
@@ -326,7 +342,8 @@ def serve(
         errors.print("no API keys yet: create one with `forgeml keys create --scope predict`")
     errors.print(
         f"serving {runtime.name} {runtime.version} with {runtime.engine} on http://{address} "
-        f"(batches of up to {settings.max_batch}, waiting at most {settings.max_wait_ms:g} ms)"
+        f"(batches of up to {settings.max_batch}, waiting at most {settings.max_wait_ms:g} ms, "
+        f"{runtime.workers} at once)"
     )
     records = RecordStore(_database(workspace, db))  # predictions and feedback
     app = create_app(runtime, keys, settings, records)
@@ -478,7 +495,7 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
 
     for split in ("validation", "test", *[k for k in metrics if k not in ("validation", "test")]):
         values = metrics.get(split)
-        if not isinstance(values, dict) or split in ("training", "cross_validation"):
+        if not isinstance(values, dict) or split in ("training", "cross_validation", "baselines"):
             continue
         table = Table(title=f"{split} metrics", title_justify="left")
         scalars = scalar_metrics(values)
@@ -486,6 +503,18 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
             table.add_column(name)
         table.add_row(*(f"{v:.4f}" for v in scalars.values()))
         console.print(table)
+    baselines = metrics.get("baselines") or {}
+    model = scalar_metrics(metrics.get(baselines.get("split"), {}) if baselines.get("split") else {})
+    if baselines.get("models") and model:
+        # The model's scores first, then the simple baselines' on the same split (evaluate/baseline.py).
+        table = Table("model", *model, title=f"baselines ({baselines['split']})", title_justify="left")
+        table.add_row("this model", *(f"{v:.4f}" for v in model.values()))
+        for entry in baselines["models"].values():
+            scores = entry.get("metrics") or {}
+            table.add_row(entry["label"], *(f"{scores[k]:.4f}" if k in scores else "—" for k in model))
+        console.print(table)
+    elif baselines.get("skipped"):
+        console.print(f"no baselines: {baselines['skipped']}")
     folds = metrics.get("cross_validation")
     if folds:
         text = ", ".join(f"{k} {v['mean']:.4f} ± {v['std']:.4f}" for k, v in folds["metrics"].items())

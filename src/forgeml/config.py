@@ -35,6 +35,64 @@ CLASSIFICATION_METRICS = ("f1", "accuracy", "precision", "recall", "roc_auc", "l
 REGRESSION_METRICS = ("rmse", "mae", "mse", "r2", "loss")
 LOWER_IS_BETTER = frozenset({"loss", "log_loss", "mae", "rmse", "mse"})
 
+# Training settings whose best value depends on the kind of network, keyed by model family (see
+# `model_family`); a `train` key left out (or null) takes its family's value. A small network trained
+# from scratch on standardised columns wants a far larger step and many more passes than a pre-trained
+# encoder being fine-tuned (measured in benchmarks/tabular_baselines.py, results in benchmarks/RESULTS.md).
+# A future causal-LM family ("gpt") gets its own entry here.
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mlp": {
+        "lr": 1.0e-3,
+        "epochs": 100,
+        "batch_size": 128,
+        "scheduler": "constant",
+        "warmup_ratio": 0.0,
+        "weight_decay": 1.0e-4,
+        "early_stopping.patience": 5,
+        "early_stopping.metric": "loss",
+    },
+    "encoder": {
+        "lr": 5.0e-5,
+        "epochs": 3,
+        "batch_size": 32,
+        "scheduler": "linear",
+        "warmup_ratio": 0.06,
+        "weight_decay": 0.01,
+        "early_stopping.patience": 2,
+    },
+}
+
+
+def model_family(backbone: str | None) -> str:
+    """The FAMILY_DEFAULTS key of a `model.backbone`: 'mlp', else a pre-trained 'encoder'."""
+    return "mlp" if backbone == "mlp" else "encoder"
+
+
+def family_defaults_used(train: dict[str, Any], backbone: str | None) -> dict[str, str]:
+    """Train keys (dotted below `train`) whose value in `train` is its family's default -> the family.
+
+    Works on plain dicts (a run's config.yaml) as on a validated config (`model_dump()`), so the card
+    can say "lr 0.001 (default for mlp)" for any run directory.
+    """
+    family = model_family(backbone)
+    used = {}
+    for key, default in FAMILY_DEFAULTS[family].items():
+        value: Any = train
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is not None and value == default:
+            used[key] = family
+    return used
+
+
+def _family_note(key: str) -> str:
+    values = ", ".join(
+        f"{family} {value if isinstance(value, str) else format(value, 'g')}"
+        for family, defaults in FAMILY_DEFAULTS.items()
+        if (value := defaults.get(key)) is not None
+    )
+    return f"default by model family: {values}"
+
 
 class Section(BaseModel):
     """Base for every config section: unknown keys are errors, values are re-validated on set."""
@@ -154,8 +212,15 @@ class ModelConfig(Section):
 
 
 class EarlyStoppingConfig(Section):
-    patience: int = Field(2, ge=1, description="evaluations without improvement before stopping")
-    metric: str | None = Field(None, description="validation metric to watch; default: the task's primary metric")
+    patience: int | None = Field(
+        None,
+        ge=1,
+        description="evaluations without improvement before stopping; " + _family_note("early_stopping.patience"),
+    )
+    metric: str | None = Field(
+        None,
+        description="validation metric to watch; default: loss for an mlp, the task's primary metric for an encoder",
+    )
 
 
 class DifferentialPrivacyConfig(Section):
@@ -187,18 +252,26 @@ class AdversarialConfig(Section):
 
 
 class TrainConfig(Section):
-    """Optimisation. One readable loop (train/loop.py) uses every field here."""
+    """Optimisation. One readable loop (train/loop.py) uses every field here.
 
-    epochs: int = Field(3, ge=1, le=10_000)
+    Keys left null take the model family's value from FAMILY_DEFAULTS when the whole config is
+    validated (`ForgeConfig`), so a loaded config always holds concrete numbers.
+    """
+
+    epochs: int | None = Field(None, ge=1, le=10_000, description="maximum passes; " + _family_note("epochs"))
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
-    batch_size: int = Field(32, ge=1)
+    batch_size: int | None = Field(None, ge=1, description=_family_note("batch_size"))
     eval_batch_size: int = Field(64, ge=1)
-    lr: float = Field(5.0e-5, gt=0.0, le=10.0)
+    lr: float | None = Field(None, gt=0.0, le=10.0, description="peak learning rate; " + _family_note("lr"))
     optimizer: Literal["adamw", "sgd"] = "adamw"
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum")
-    scheduler: Literal["linear", "cosine", "constant"] = "linear"
-    warmup_ratio: float = Field(0.06, ge=0.0, lt=1.0)
-    weight_decay: float = Field(0.01, ge=0.0)
+    scheduler: Literal["linear", "cosine", "constant"] | None = Field(
+        None, description="learning-rate decay after warm-up; " + _family_note("scheduler")
+    )
+    warmup_ratio: float | None = Field(
+        None, ge=0.0, lt=1.0, description="share of steps warming up; " + _family_note("warmup_ratio")
+    )
+    weight_decay: float | None = Field(None, ge=0.0, description=_family_note("weight_decay"))
     l1: float = Field(0.0, ge=0.0, description="L1 penalty on weights (not biases or norms)")
     max_grad_norm: float | None = Field(1.0, gt=0.0, description="gradient clipping; null disables")
     grad_accum_steps: int = Field(1, ge=1)
@@ -212,10 +285,26 @@ class TrainConfig(Section):
     privacy: DifferentialPrivacyConfig | None = Field(None, description="differentially private training (DP-SGD)")
     adversarial: AdversarialConfig | None = Field(None, description="adversarial training on word embeddings")
 
+    def fill_family_defaults(self, family: str) -> TrainConfig:
+        """Keys left null take `family`'s value from FAMILY_DEFAULTS; values the user gave stay. Returns self."""
+        for key, value in FAMILY_DEFAULTS[family].items():
+            *parents, name = key.split(".")
+            section: Any = self
+            for part in parents:
+                section = getattr(section, part)
+            if section is not None and getattr(section, name) is None:
+                setattr(section, name, value)
+        return self
+
 
 class EvaluateConfig(Section):
     cross_validation: int | None = Field(None, ge=2, le=50, description="k for stratified k-fold; null disables")
     batch_size: int = Field(64, ge=1)
+    baseline: bool = Field(
+        True,
+        description="also fit simple baselines on the same splits (majority class or mean; TF-IDF or linear "
+        "model + logistic/ridge regression) and show their scores beside the model's",
+    )
 
 
 class FairnessAuditConfig(Section):
@@ -335,11 +424,18 @@ class ServeConfig(Section):
     port: int = Field(8000, ge=1, le=65535)
     engine: Literal["auto", "onnx", "onnx_fp32", "pytorch"] = Field(
         "auto",
-        description="auto: the variant `forgeml compress` selected; onnx: the int8 ONNX export; onnx_fp32: "
-        "the fp32 one (dynamic int8 scales activations per batch, so ~1 % of labels depend on batch neighbours)",
+        description="auto: the variant `forgeml compress` selected; onnx: the int8 ONNX export (per-token "
+        "scales: an answer does not depend on the batch); onnx_fp32: the fp32 export; pytorch: the trained model",
     )
     max_batch: int = Field(32, ge=1, le=1024, description="records scored together in one model call")
     max_wait_ms: float = Field(5.0, ge=0.0, le=1000.0, description="how long a batch waits to fill up")
+    workers: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="batches scored at once, each on its own inference thread; default: one per CPU core for "
+        "ONNX engines (each session single-threaded), 1 for PyTorch (each call uses every core)",
+    )
     max_inputs: int = Field(64, ge=1, le=10_000, description="records per request (413 beyond)")
     max_chars: int = Field(10_000, ge=1, description="characters per text (413 beyond)")
     max_body_bytes: int = Field(1 << 20, ge=1_024, description="request body size (413 beyond)")
@@ -375,6 +471,7 @@ class ForgeConfig(Section):
             raise ValueError(f"model.backbone: task {self.task!r} needs 'mlp', got {self.model.backbone!r}")
         if not tabular and self.model.backbone == "mlp":
             raise ValueError(f"model.backbone: 'mlp' works for tabular tasks only; task is {self.task!r}")
+        self.train.fill_family_defaults(self.family)
         stopping = self.train.early_stopping
         allowed = CLASSIFICATION_METRICS if self.is_classification else REGRESSION_METRICS
         if stopping and stopping.metric and stopping.metric not in allowed:
@@ -392,6 +489,16 @@ class ForgeConfig(Section):
         if self.task == "text-pair-classification" and not self.data.text_pair:
             raise ValueError("data.text_pair: task 'text-pair-classification' needs a second text column")
         return self
+
+    @property
+    def family(self) -> str:
+        """The model family whose training defaults apply: 'mlp' or 'encoder' (see FAMILY_DEFAULTS)."""
+        return model_family(self.model.backbone)
+
+    @property
+    def family_defaults(self) -> dict[str, str]:
+        """`train` keys (dotted) holding their family's default value -> the family, e.g. {'lr': 'mlp'}."""
+        return family_defaults_used(self.train.model_dump(), self.model.backbone)
 
     def _check_training_modes(self) -> None:
         """DP-SGD and adversarial training each change how a step is taken; some settings cannot go with them."""

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import platform
 import time
 from dataclasses import dataclass
@@ -21,9 +22,10 @@ from forgeml import __version__
 from forgeml.config import ForgeConfig, dump_config, load_config
 from forgeml.data.io import table_dataset
 from forgeml.data.prepare import PreparedData, prepare
-from forgeml.data.profile import length_percentiles
+from forgeml.data.profile import length_percentiles, vocabulary_warning
 from forgeml.errors import DataError
 from forgeml.evaluate import plots
+from forgeml.evaluate.baseline import fit_baselines
 from forgeml.evaluate.cross_validation import cross_validate
 from forgeml.evaluate.metrics import scalar_metrics
 from forgeml.evaluate.outputs import model_outputs
@@ -32,6 +34,8 @@ from forgeml.store import Store, database_url
 from forgeml.tasks import Task, build_task
 from forgeml.train.loop import TrainResult, seed_everything, train
 from forgeml.workspace import RunDir, atomic_write_json, atomic_write_text, clear_running, mark_running, read_json
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -102,7 +106,7 @@ def execute(
         task = build_task(config, data.input_columns)
         task.fit(data.train)
         encoded = {name: task.encode(split, name) for name, split in data.splits.items() if split is not None}
-        _write_profile(run, data, encoded, config)
+        _write_profile(run, data, encoded, config, task)
         model = task.build_model()
         result = train(
             task,
@@ -118,6 +122,12 @@ def execute(
         task.save(run.model, model)
         durations["train_s"] = time.perf_counter() - clock
 
+        baselines = None
+        if config.evaluate.baseline:
+            clock = time.perf_counter()
+            baselines = fit_baselines(task, data.splits, config.data.split.seed)
+            durations["baseline_s"] = time.perf_counter() - clock
+
         clock = time.perf_counter()
         metrics: dict[str, Any] = {"task": config.task, "primary_metric": task.primary_metric}
         for name in ("validation", "test"):
@@ -130,6 +140,8 @@ def execute(
                     run.plots,
                     plot=(name == "test" or "test" not in encoded),
                 )
+        if baselines is not None:
+            metrics["baselines"] = baselines
         metrics["training"] = _training_summary(result)
         plots.training_curves(result.history, result.watched_metric, run.plots / "curves.png")
         if config.evaluate.cross_validation:
@@ -215,7 +227,9 @@ def _training_summary(result: TrainResult) -> dict[str, Any]:
     }
 
 
-def _write_profile(run: RunDir, data: PreparedData, encoded: dict[str, Any], config: ForgeConfig) -> None:
+def _write_profile(
+    run: RunDir, data: PreparedData, encoded: dict[str, Any], config: ForgeConfig, task: Task | None = None
+) -> None:
     profile = dict(data.profile)
     if data.text_columns:
         profile["tokens"] = {
@@ -225,6 +239,14 @@ def _write_profile(run: RunDir, data: PreparedData, encoded: dict[str, Any], con
             }
             for name, split in encoded.items()
         }
+        unknown_share = getattr(task, "unknown_token_share", None)
+        if unknown_share is not None:
+            # Vocabulary coverage: a backbone whose tokenizer lacks the text's script trains "fine" on [UNK]s.
+            profile["unknown_token_share"] = {name: unknown_share(split) for name, split in encoded.items()}
+            warning = vocabulary_warning(profile["unknown_token_share"], config.model.backbone)
+            if warning:
+                logger.warning(warning)
+                profile["warnings"] = [*profile.get("warnings", []), warning]
         plots.lengths({name: split.lengths.tolist() for name, split in encoded.items()}, run.plots / "lengths.png")
     if config.is_classification:
         plots.class_balance(

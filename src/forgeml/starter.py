@@ -17,9 +17,11 @@ STARTERS: dict[str, dict[str, Any]] = {
         "data": {"train": "train.csv", "text": "premise", "text_pair": "hypothesis", "label": "label"}
     },
     "regression": {"data": {"train": "train.csv", "text": "text", "label": "score"}},
-    "tabular-classification": {"data": {"train": "train.csv", "label": "label"}, "train": {"lr": 1e-3, "epochs": 20}},
-    "tabular-regression": {"data": {"train": "train.csv", "label": "target"}, "train": {"lr": 1e-3, "epochs": 20}},
+    "tabular-classification": {"data": {"train": "train.csv", "label": "label"}},
+    "tabular-regression": {"data": {"train": "train.csv", "label": "target"}},
 }
+# Training settings (lr, epochs, ...) are not set here: validation fills them from the model family's
+# defaults (config.FAMILY_DEFAULTS), and the comments below name the family each value came from.
 TEXT_ONLY = {"text", "text_pair", "max_length", "pooling", "max_chars", "overlong"}
 TABULAR_ONLY = {"features", "hidden_sizes", "categorical", "embedding_dim"}
 
@@ -35,6 +37,8 @@ def starter_config(task: str) -> str:
         f"# forgeml config for {task}. Paths are relative to this file.",
         "# Run it with: forgeml run THIS.yaml   (override any key: train.lr=3e-5)",
         "# Every key below shows its default; delete what you do not change.",
+        f"# Training keys marked 'default by model family' show the {config.family} defaults "
+        f"(model.backbone {config.model.backbone}).",
     ]
     return "\n".join(header + _emit(config, 0, skip)) + "\n"
 
@@ -62,4 +66,9 @@ def _scalar(value: Any) -> str:
         return json.dumps(value) if value == "" or ":" in value or value.strip() != value else value
     if hasattr(value, "as_posix"):
         return value.name
-    return json.dumps(value)
+    text = json.dumps(value)
+    if isinstance(value, float) and "e" in text and "." not in text:
+        # YAML 1.1 (PyYAML) reads 5e-05 as a string; 5.0e-05 is a float.
+        mantissa, exponent = text.split("e")
+        return f"{mantissa}.0e{exponent}"
+    return text

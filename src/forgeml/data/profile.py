@@ -1,4 +1,4 @@
-"""The data report: class balance, input lengths and what cleaning removed."""
+"""The data report: class balance, input lengths, what cleaning removed and vocabulary coverage."""
 
 from __future__ import annotations
 
@@ -40,3 +40,22 @@ def profile_split(dataset: Dataset, text_columns: list[str], label: str, classif
         summary[f"{name}_chars"] = length_percentiles([len(t or "") for t in texts])
         summary[f"{name}_words"] = length_percentiles([len((t or "").split()) for t in texts])
     return summary
+
+
+UNKNOWN_TOKEN_WARNING = 0.05  # above this share of [UNK] tokens the backbone does not cover the text
+
+
+def vocabulary_warning(shares: dict[str, float | None], backbone: str) -> str | None:
+    """One sentence for the user when a split's share of unknown tokens is above 5 %, else None."""
+    measured = {name: share for name, share in shares.items() if share is not None}
+    if not measured:
+        return None
+    worst = max(measured, key=lambda name: measured[name])
+    if measured[worst] <= UNKNOWN_TOKEN_WARNING:
+        return None
+    return (
+        f"{100 * measured[worst]:.1f} % of the {worst} split's tokens are unknown ([UNK]) to the tokenizer of "
+        f"model.backbone {backbone!r}, so it does not cover the text's language or domain and the model sees "
+        "little of it: set model.backbone to a checkpoint whose vocabulary covers this text (a multilingual or "
+        "domain model), or to one pre-trained on your own corpus."
+    )

@@ -12,12 +12,14 @@ from __future__ import annotations
 import base64
 import html
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from forgeml.config import family_defaults_used
 from forgeml.errors import ArtifactError
 from forgeml.workspace import atomic_write_text, read_json
 
@@ -61,6 +63,9 @@ LABELS = {"lr": "Learning rate", "grad_accum_steps": "Gradient accumulation step
 TEXT_MODEL_KEYS = ("backbone", "max_length", "pooling", "dropout")
 TABULAR_MODEL_KEYS = ("backbone", "hidden_sizes", "dropout", "categorical", "embedding_dim")
 WEIGHTS = "model/model.safetensors"
+BASELINE_METRICS = ("accuracy", "f1", "mae", "rmse", "r2")  # shown beside the primary metric
+LOWER_IS_BETTER = ("mae", "rmse", "mse", "log_loss")
+FRACTION_METRICS = ("accuracy", "f1", "precision", "recall", "roc_auc", "r2")  # differences read as points
 METRIC_MEANINGS = {
     "f1": "macro-averaged F1: every class counts equally, however rare",
     "accuracy": "share of correct predictions",
@@ -308,7 +313,16 @@ def _data(profile: dict[str, Any]) -> Section:
             [split, *(_format_value(tokens[split].get(key)) for key in ("p50", "p95", "p100", "truncated"))]
             for split in _ordered(tokens)
         ]
-        blocks.append(Table(["split", "tokens p50", "p95", "max", "truncated"], rows, "Tokens per input."))
+        header, caption = ["split", "tokens p50", "p95", "max", "truncated"], "Tokens per input."
+        unknown = profile.get("unknown_token_share") or {}
+        if unknown:
+            # Vocabulary coverage: the share of tokens the backbone's tokenizer could only call [UNK].
+            for row in rows:
+                share = unknown.get(row[0])
+                row.append("—" if share is None else f"{100 * share:.1f} %")
+            header.append("unknown tokens")
+            caption = "Tokens per input, and the share of tokens unknown to the backbone's tokenizer ([UNK])."
+        blocks.append(Table(header, rows, caption))
     return Section("Training and evaluation data", blocks)
 
 
@@ -373,14 +387,20 @@ def _training(config: dict[str, Any], metrics: dict[str, Any]) -> Section:
     blocks: list[Block] = []
     # DP-SGD samples its own batches and clips per example: those two settings did nothing.
     unused = {"max_grad_norm", "group_by_length"} if train.get("privacy") else set()
+    # Values that are their model family's default say so: "0.001 (default for mlp)".
+    defaults = family_defaults_used(train, (config.get("model") or {}).get("backbone"))
+
+    def shown(key: str, text: str) -> str:
+        return f"{text} (default for {defaults[key]})" if key in defaults else text
+
     settings = [
-        (_humanize(key), _format_value(train[key]))
+        (_humanize(key), shown(key, _format_value(train[key])))
         for key in HYPERPARAMETERS
         if train.get(key) is not None and key not in unused
     ]
     stopping = train.get("early_stopping")
     if stopping:
-        settings.append(("Early stopping", f"patience {stopping.get('patience')} on {stopping.get('metric')}"))
+        settings.append(("Early stopping", _early_stopping(stopping, metrics, shown)))
     adversarial = train.get("adversarial")
     if adversarial:
         method = str(adversarial.get("method", "fgm")).upper()
@@ -393,6 +413,18 @@ def _training(config: dict[str, Any], metrics: dict[str, Any]) -> Section:
     if outcome.get("privacy"):
         blocks += _differential_privacy(outcome["privacy"], str(config.get("task", "")).startswith("tabular"))
     return Section("Training set-up", blocks)
+
+
+def _early_stopping(stopping: dict[str, Any], metrics: dict[str, Any], shown: Callable[[str, str], str]) -> str:
+    """The patience and the metric actually watched, e.g. 'patience 5 (default for mlp) on validation f1'."""
+    patience = shown("early_stopping.patience", f"patience {stopping.get('patience')}")
+    if stopping.get("metric"):
+        return f"{patience} on validation {shown('early_stopping.metric', str(stopping['metric']))}"
+    # No metric named: training watched the task's primary metric (recorded in the training summary).
+    watched = (metrics.get("training") or {}).get("watched_metric") or metrics.get("primary_metric")
+    if watched:
+        return f"{patience} on validation {watched} (the task's primary metric)"
+    return f"{patience} on the task's primary validation metric"
 
 
 def _differential_privacy(privacy: dict[str, Any], tabular: bool) -> list[Block]:
@@ -462,10 +494,78 @@ def _evaluation(metrics: dict[str, Any]) -> Section:
                 for cls, scores in per_class.items()
             ]
             blocks.append(Table(["class", "precision", "recall", "f1", "support"], rows, f"Per class ({name})."))
+    blocks.extend(_baselines(metrics))
     cross_validation = metrics.get("cross_validation") or {}
     if cross_validation.get("metrics"):
         blocks.append(_cross_validation_table(cross_validation))
     return Section("Quantitative analyses", blocks)
+
+
+def _baselines(metrics: dict[str, Any]) -> list[Block]:
+    """The simple baselines (evaluate/baseline.py) beside the model, on the same split, and what the model adds."""
+    baselines = metrics.get("baselines") or {}
+    if baselines.get("skipped"):
+        return [Paragraph(f"No baselines: {baselines['skipped']}.")]
+    split, models = baselines.get("split"), baselines.get("models") or {}
+    model_scores = metrics.get(split) if split else None
+    if not models or not isinstance(model_scores, dict):
+        return []
+    primary = metrics.get("primary_metric")
+    keys = [key for key in (primary, *BASELINE_METRICS) if key and key in model_scores]
+    keys = list(dict.fromkeys(keys))
+    rows = [["this model", *(_format_metric(model_scores.get(key)) for key in keys)]]
+    skipped = []
+    for entry in models.values():
+        scores = entry.get("metrics") or {}
+        rows.append([str(entry.get("label")), *(_format_metric(scores.get(key)) for key in keys)])
+        if entry.get("skipped"):
+            skipped.append(f"{entry.get('label')} could not be fitted ({entry['skipped']})")
+    header = ["model", *(f"{key} (primary)" if key == primary else key for key in keys)]
+    rows_used, seconds = _format_value(baselines.get("train_rows")), _format_duration(baselines.get("seconds") or 0.0)
+    caption = (
+        f"Baselines on the {split} split: simple models fitted on {rows_used} rows of the same training split "
+        f"in {seconds}, scored like this model."
+    )
+    how = [(str(entry.get("label")), str(entry.get("description"))) for entry in models.values()]
+    blocks: list[Block] = [Table(header, rows, caption), Facts(how)]
+    gain = _gain_over_baselines(model_scores, models, primary, split)
+    if gain:
+        blocks.append(Paragraph(gain))
+    if skipped:
+        text = "; ".join(skipped)
+        blocks.append(Paragraph(text[:1].upper() + text[1:] + "."))
+    return blocks
+
+
+def _gain_over_baselines(
+    model_scores: dict[str, Any], models: dict[str, Any], primary: str | None, split: str
+) -> str | None:
+    """One sentence: the model's primary metric against the best baseline's."""
+    mine = model_scores.get(primary) if primary else None
+    scored = {
+        entry.get("label"): (entry.get("metrics") or {}).get(primary)
+        for entry in models.values()
+        if _is_scalar((entry.get("metrics") or {}).get(primary))
+    }
+    if not _is_scalar(mine) or not scored:
+        return None
+    lower_is_better = primary in LOWER_IS_BETTER
+    best = (min if lower_is_better else max)(scored, key=lambda label: scored[label])
+    theirs = scored[best]
+    if not (mine < theirs if lower_is_better else mine > theirs):
+        return (
+            f"On the {split} split the model ({primary} {mine:.4f}) does not beat the best baseline, {best} "
+            f"({theirs:.4f}): the model adds nothing measurable over it here."
+        )
+    if lower_is_better:
+        gain = f"{(theirs - mine) / theirs * 100:.1f} % lower {primary} than"
+    elif primary in FRACTION_METRICS:
+        gain = f"+{(mine - theirs) * 100:.1f} points {primary} over"
+    else:
+        gain = f"+{mine - theirs:.4g} {primary} over"
+    return (
+        f"On the {split} split the model scores {primary} {mine:.4f}, {gain} the best baseline, {best} ({theirs:.4f})."
+    )
 
 
 def _evaluated_splits(metrics: dict[str, Any]) -> list[str]:
@@ -473,7 +573,7 @@ def _evaluated_splits(metrics: dict[str, Any]) -> list[str]:
     return [
         name
         for name in _ordered(metrics)
-        if name not in ("training", "cross_validation", "audit") and _is_split(metrics[name])
+        if name not in ("training", "cross_validation", "audit", "baselines") and _is_split(metrics[name])
     ]
 
 
@@ -664,6 +764,7 @@ def _limitations(metrics: dict[str, Any], profile: dict[str, Any]) -> Section:
             "adversarial input, and calibration on data like production's, then keep monitoring it once it is live."
         )
     ]
+    blocks.extend(Paragraph(warning) for warning in profile.get("warnings") or [])
     truncated = ((profile.get("tokens") or {}).get("train") or {}).get("truncated")
     if truncated:
         blocks.append(

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from datasets import Dataset
 from safetensors.torch import load_model, save_model
@@ -93,6 +94,18 @@ class TextTask(TargetTask):
         split = TokenizedSplit(columns, targets, self.tokenizer.pad_token_id or 0)
         self.truncated = int((split.lengths >= max_length).sum())
         return split
+
+    def unknown_token_share(self, split: TokenizedSplit) -> float | None:
+        """Share of a split's tokens that are the tokenizer's unknown token ([UNK]), special tokens
+        ([CLS], [SEP], ...) left out; counted on the ids already encoded. None when the tokenizer has no
+        unknown token (byte-level tokenizers cover any text) or the split has no tokens."""
+        unknown = self.tokenizer.unk_token_id
+        if unknown is None:
+            return None
+        ids = pc.list_flatten(split.data.data.table.column("input_ids")).to_numpy()
+        special = [i for i in self.tokenizer.all_special_ids if i != unknown]
+        counted = int(ids.size - np.isin(ids, special).sum())
+        return int((ids == unknown).sum()) / counted if counted else None
 
     def state(self) -> dict[str, Any]:
         return {
