@@ -112,3 +112,43 @@ def test_stop_answers_everything_submitted_and_refuses_more() -> None:
 def test_bad_settings_are_refused(max_batch: int, max_wait_ms: float) -> None:
     with pytest.raises(ValueError, match="max_batch"):
         MicroBatcher(Model(), max_batch, max_wait_ms)
+
+
+def test_several_workers_score_batches_at_once_and_stop_answers_everything() -> None:
+    """Two workers: two model calls overlap (each waits until the other has started), and `stop` still
+    answers every request submitted before it."""
+    both_started = threading.Barrier(2, timeout=30)
+    calls: list[list[str]] = []
+
+    def model(records: list[str], contexts: list[tuple[object, int]]) -> list[str]:
+        if len(calls) < 2:
+            calls.append(list(records))
+            both_started.wait()  # breaks (and fails the test) unless a second call runs meanwhile
+        return [record.upper() for record in records]
+
+    async def scenario() -> list[list[str]]:
+        batcher = MicroBatcher(model, max_batch=2, max_wait_ms=0, workers=2)
+        await batcher.start()
+        pending = [asyncio.create_task(batcher.submit([f"r{i}"], i)) for i in range(20)]
+        await asyncio.sleep(0)
+        await batcher.stop()
+        return await asyncio.gather(*pending)
+
+    assert asyncio.run(scenario()) == [[f"R{i}"] for i in range(20)]
+    assert len(calls) == 2
+
+
+def test_a_micro_batch_of_scattered_lengths_is_split_to_bound_padding() -> None:
+    import numpy as np
+
+    from forgeml.evaluate.outputs import _batches
+
+    lengths = np.array([60, 10, 58, 12, 11, 30, 59])
+    order = np.argsort(-lengths, kind="stable")
+    batches = _batches(order, lengths, batch_size=32, max_padding=0.25)
+    assert sorted(row for batch in batches for row in batch) == list(range(7))
+    for batch in batches:  # each padded to its longest row, with at most a quarter of its tokens padding
+        padded = lengths[batch].max() * len(batch)
+        assert padded - lengths[batch].sum() <= 0.25 * padded
+    assert [sorted(lengths[b].tolist()) for b in batches] == [[30, 58, 59, 60], [10, 11, 12]]
+    assert _batches(order, lengths, batch_size=4, max_padding=None) == [order[:4].tolist(), order[4:].tolist()]

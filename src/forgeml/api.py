@@ -95,7 +95,11 @@ class Predictor:
         return getattr(self.task, "text_columns", None) or self.task.features
 
     def predict(
-        self, inputs: list[Any] | Dataset, batch_size: int = 64, show_progress: bool = False
+        self,
+        inputs: list[Any] | Dataset,
+        batch_size: int = 64,
+        show_progress: bool = False,
+        max_padding: float | None = None,
     ) -> list[dict[str, Any]]:
         """Answers for raw inputs: strings, (premise, hypothesis) pairs, dicts of columns, or a Dataset.
 
@@ -109,7 +113,7 @@ class Predictor:
             if group and rows and all(isinstance(row, dict) and group in row for row in rows):
                 columns.append(group)  # lets the fairness thresholds apply
             inputs = dataset_from_rows(rows, columns)
-        answers = self._answers(inputs, batch_size, show_progress)
+        answers = self._answers(inputs, batch_size, show_progress, max_padding)
         if "probabilities" in answers:
             classes = self.task.target.classes
             return [
@@ -144,10 +148,14 @@ class Predictor:
         items = texts[0] if len(columns) == 1 else list(zip(*texts, strict=True))
         return explain_texts(self.task, self.torch_model, items, steps=steps)
 
-    def _answers(self, dataset: Dataset, batch_size: int, show_progress: bool) -> dict[str, Any]:
+    def _answers(
+        self, dataset: Dataset, batch_size: int, show_progress: bool, max_padding: float | None = None
+    ) -> dict[str, Any]:
         dataset = self.prepare_inputs(dataset)
         encoded = self.task.encode(dataset, "input", with_targets=False)
-        outputs, _ = model_outputs(self.model, encoded, batch_size, show_progress=show_progress)
+        outputs, _ = model_outputs(
+            self.model, encoded, batch_size, show_progress=show_progress, max_padding=max_padding
+        )
         answers = self.task.predictions(outputs)
         if self.thresholds and self.thresholds["column"] in dataset.column_names:
             answers["label"] = self._fair_labels(answers, column(dataset, self.thresholds["column"]))

@@ -8,6 +8,11 @@ hands each request its answers. Under load the queue fills while a batch is scor
 the load and nothing waits longer than one batch. When more than `max_batch` records are waiting, the
 worker takes several batches' worth and the model scores them sorted by length, so short texts are not
 padded to the length of long ones.
+
+With `workers` > 1, that many batches are scored at once, each on its own inference thread: for a
+model that runs single-threaded per call (an ONNX session with one intra-op thread), one batch per
+core keeps every core on useful work, where splitting each small matrix multiply across cores costs
+more in synchronisation than it gains.
 """
 
 from __future__ import annotations
@@ -46,35 +51,40 @@ class MicroBatcher:
         max_batch: int = 32,
         max_wait_ms: float = 5.0,
         on_batch: Callable[[int], None] | None = None,
+        workers: int = 1,
     ):
-        if max_batch < 1 or max_wait_ms < 0:
-            raise ValueError(f"max_batch must be >= 1 and max_wait_ms >= 0, not {max_batch} and {max_wait_ms}")
+        if max_batch < 1 or max_wait_ms < 0 or workers < 1:
+            raise ValueError(
+                f"max_batch and workers must be >= 1 and max_wait_ms >= 0, not {max_batch}, {workers}, {max_wait_ms}"
+            )
         self.handle, self.max_batch, self.max_wait = handle, max_batch, max_wait_ms / 1000
         self.on_batch = on_batch
         self._queue: asyncio.Queue[_Pending] | None = None
         self._carried: deque[_Pending] = deque()  # taken from the queue but left for the next batch
-        self._worker: asyncio.Task | None = None
+        self._workers: list[asyncio.Task] = []
         self._stopping = False
-        # One inference thread: the model's own threads use the cores; two calls at once would fight over them.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forgeml-inference")
+        # One inference thread per worker: with one worker the model's own threads use the cores, and two
+        # calls at once would fight over them.
+        self.workers = workers
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="forgeml-inference")
 
     async def start(self) -> None:
         self._queue, self._stopping = asyncio.Queue(), False
-        self._worker = asyncio.create_task(self._run(), name="forgeml-batcher")
+        self._workers = [asyncio.create_task(self._run(), name=f"forgeml-batcher-{i}") for i in range(self.workers)]
 
     async def stop(self) -> None:
         """Answer everything already submitted, then stop."""
-        if self._worker is None or self._queue is None:
+        if not self._workers or self._queue is None:
             return
         self._stopping = True
-        self._queue.put_nowait(_STOP)  # behind everything submitted so far
-        await self._worker
+        self._queue.put_nowait(_STOP)  # behind everything submitted so far; each worker passes it on
+        await asyncio.gather(*self._workers)
         self._executor.shutdown(wait=True)
-        self._worker = None
+        self._workers = []
 
     async def submit(self, records: list[Any], context: Any = None) -> list[Any]:
         """The answers for `records`, computed together with whatever else is waiting."""
-        if self._queue is None or self._worker is None or self._worker.done() or self._stopping:
+        if self._queue is None or not self._workers or any(w.done() for w in self._workers) or self._stopping:
             raise RuntimeError("the batcher is not running")
         future = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Pending(records, context, future))
@@ -94,6 +104,8 @@ class MicroBatcher:
                 if self.on_batch:
                     self.on_batch(sum(len(item.records) for item in batch))
                 await self._answer(loop, batch)
+        assert self._queue is not None
+        self._queue.put_nowait(_STOP)  # for the next worker: nothing submitted is left behind it
 
     async def _collect(self) -> tuple[list[_Pending], bool]:
         """The next batch: everything waiting (several batches' worth at most), else what arrives in time;

@@ -15,17 +15,23 @@ from forgeml.workspace import MANIFEST, RunDir, read_json
 COMPARISON = "compress/compression.json"
 ONNX_FILES = {"onnx_int8": "export/model.int8.onnx", "onnx_fp32": "export/model.onnx"}
 PARITY = "export/parity.json"
+# Largest share of padding tokens in one model call: on the SST-2 model in int8, a call on rows of similar
+# lengths costs 5 ms per row, one on 8 rows of scattered lengths 8 ms per row, one row alone 7 ms.
+MAX_PADDING = 0.25
 
 
 class ModelRuntime:
     """A loaded model plus its name and version; `predict` takes raw inputs as `Predictor.predict` does."""
 
-    def __init__(self, run_dir: str | Path, engine: str | None = None):
+    def __init__(self, run_dir: str | Path, engine: str | None = None, workers: int | None = None):
         """`engine`: auto (the variant `forgeml compress` selected), onnx (the int8 export), onnx_fp32 or
-        pytorch; None: the run's `serve.engine`."""
+        pytorch; None: the run's `serve.engine`. `workers`: batches scored at once (None: the run's
+        `serve.workers`, else one per core for ONNX and one for PyTorch)."""
         self.predictor = Predictor(run_dir)
         run = self.predictor.run
         engine = engine or self.predictor.config.serve.engine
+        self._workers = workers or self.predictor.config.serve.workers
+        self.workers = self._workers or 1
         self.name, self.version = run.name, run.id
         self.engine = "pytorch"
         if engine in ("auto", "onnx", "onnx_fp32"):
@@ -66,9 +72,15 @@ class ModelRuntime:
 
                 self.predictor.torch_model = load_task(plain / chosen["source"])[1].eval()
             if relative.endswith(".onnx"):
+                import torch
+
                 from forgeml.export import OnnxModel
 
-                self.predictor.model = OnnxModel(plain / relative)
+                # One batch per core, each on a single-threaded session: splitting the small matrix multiplies
+                # of one request's batch across cores costs more in synchronisation than it gains.
+                cores = torch.get_num_threads()
+                self.workers = self._workers or cores
+                self.predictor.model = OnnxModel(plain / relative, threads=max(1, cores // self.workers))
                 self.engine = f"onnxruntime ({name})"
             else:
                 self.predictor.model = self.predictor.torch_model
@@ -80,7 +92,8 @@ class ModelRuntime:
         return self.predictor.model is self.predictor.torch_model
 
     def predict(self, inputs: list[Any], batch_size: int = 64) -> list[dict[str, Any]]:
-        return self.predictor.predict(inputs, batch_size=batch_size)
+        # A micro-batch holds requests of scattered lengths: split it rather than pad the short ones a lot.
+        return self.predictor.predict(inputs, batch_size=batch_size, max_padding=MAX_PADDING)
 
     def explain(self, inputs: list[Any], steps: int = 20) -> list[dict[str, Any]]:
         """Word attributions from the PyTorch model (gradients), whichever engine answers predictions."""
@@ -127,6 +140,7 @@ class ModelRuntime:
             "version": self.version,
             "task": self.predictor.task.name,
             "engine": self.engine,
+            "workers": self.workers,
             "inputs": self.input_columns,
             "labels": self.classes,
             "explainable": self.explainable,
