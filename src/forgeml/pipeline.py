@@ -227,9 +227,7 @@ def _training_summary(result: TrainResult) -> dict[str, Any]:
     }
 
 
-def _write_profile(
-    run: RunDir, data: PreparedData, encoded: dict[str, Any], config: ForgeConfig, task: Task | None = None
-) -> None:
+def _write_profile(run: RunDir, data: PreparedData, encoded: dict[str, Any], config: ForgeConfig, task: Task) -> None:
     profile = dict(data.profile)
     if data.text_columns:
         profile["tokens"] = {

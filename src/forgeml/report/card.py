@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from forgeml.config import family_defaults_used
+from forgeml.config import LOWER_IS_BETTER, family_defaults_used
 from forgeml.errors import ArtifactError
 from forgeml.workspace import atomic_write_text, read_json
 
@@ -64,7 +64,6 @@ TEXT_MODEL_KEYS = ("backbone", "max_length", "pooling", "dropout")
 TABULAR_MODEL_KEYS = ("backbone", "hidden_sizes", "dropout", "categorical", "embedding_dim")
 WEIGHTS = "model/model.safetensors"
 BASELINE_METRICS = ("accuracy", "f1", "mae", "rmse", "r2")  # shown beside the primary metric
-LOWER_IS_BETTER = ("mae", "rmse", "mse", "log_loss")
 FRACTION_METRICS = ("accuracy", "f1", "precision", "recall", "roc_auc", "r2")  # differences read as points
 METRIC_MEANINGS = {
     "f1": "macro-averaged F1: every class counts equally, however rare",
