@@ -161,6 +161,34 @@ def test_early_stopping_stops_and_keeps_the_best_checkpoint(text_config: dict, t
 
 
 @pytest.mark.parametrize(
+    "train",
+    [
+        {"epochs": 2},  # the best evaluation is the last one: the weights in memory are kept as they are
+        {"epochs": 4, "lr": 2e-2, "eval_every": 2},  # an earlier best is restored at the end
+    ],
+)
+def test_reported_validation_metrics_are_those_of_the_weights_kept(
+    text_config: dict, train: dict, tmp_path: Path
+) -> None:
+    # The report reuses the loop's validation outputs of the best evaluation instead of running
+    # validation again: they must be exactly what the saved model gives on the validation split.
+    from forgeml.config import load_config
+    from forgeml.data.prepare import prepare
+    from forgeml.evaluate.metrics import scalar_metrics
+    from forgeml.pipeline import evaluate_split
+
+    text_config["train"].update(train)
+    result = forgeml.run(text_config, workspace=tmp_path)
+    training = result.metrics["training"]
+    assert (training["best_step"] == training["steps"]) == ("eval_every" not in train)
+    saved = forgeml.load(result.run_dir)
+    validation = prepare(load_config(result.run_dir / "config.yaml")).splits["validation"]
+    fresh = evaluate_split(saved.task, saved.model, saved.task.encode(validation, "validation"), 64, None)
+    reported = scalar_metrics(result.metrics["validation"])
+    assert scalar_metrics(fresh) == pytest.approx(reported, abs=1e-5)
+
+
+@pytest.mark.parametrize(
     "options",
     [
         {"optimizer": "sgd", "lr": 0.1, "scheduler": "cosine", "grad_accum_steps": 3},
@@ -312,3 +340,25 @@ def test_cli_run_logs_progress_and_points_at_the_card_and_next_commands(tmp_path
 
     quiet = subprocess.run([*command, "--quiet"], capture_output=True, text=True, timeout=600)
     assert quiet.returncode == 0 and "training " not in quiet.stderr, quiet.stderr[-3000:]
+
+
+def test_the_matmul_peak_leaves_the_random_stream_and_a_low_one_is_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from forgeml.train import peak
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    torch.manual_seed(0)
+    expected = torch.rand(1).item()
+    torch.manual_seed(0)
+    measured = peak.matmul_peak_flops(size=256, repeats=3)
+    # Measuring leaves the global random stream alone: a run must not depend on whether the peak was cached.
+    assert torch.rand(1).item() == expected
+    cache = json.loads(peak.cache_file().read_text())
+    (key,) = cache
+    peak.cache_file().write_text(json.dumps({key: 1.0}))  # as if measured while other work held the cores
+    assert peak.matmul_peak_flops(size=256) == 1.0  # cached figures are trusted ...
+    refreshed = peak.matmul_peak_flops(size=256, repeats=3, refresh=True)  # ... until utilisation says otherwise
+    assert refreshed > 1e6 and json.loads(peak.cache_file().read_text())[key] == refreshed
+    peak.cache_file().write_text(json.dumps({key: measured * 100}))
+    assert peak.matmul_peak_flops(size=256, repeats=3, refresh=True) == measured * 100  # never lowered

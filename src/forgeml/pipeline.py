@@ -107,6 +107,9 @@ def execute(
         task.fit(data.train)
         encoded = {name: task.encode(split, name) for name, split in data.splits.items() if split is not None}
         _write_profile(run, data, encoded, config, task)
+        durations["encode_s"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
         model = task.build_model()
         result = train(
             task,
@@ -139,6 +142,7 @@ def execute(
                     config.evaluate.batch_size,
                     run.plots,
                     plot=(name == "test" or "test" not in encoded),
+                    outputs=result.validation_outputs if name == "validation" else None,
                 )
         if baselines is not None:
             metrics["baselines"] = baselines
@@ -165,10 +169,12 @@ def execute(
             folders = (run.path / "compress", run.path / "export")
             compress_model(task, model, encoded[name], parity_rows, *folders, config.compress, training)
             durations["compress_s"] = time.perf_counter() - clock
-        atomic_write_json(run.metrics, metrics)
 
+        clock = time.perf_counter()
+        atomic_write_json(run.metrics, metrics)
         write_card(run.path)
         run.write_manifest()
+        durations["report_s"] = time.perf_counter() - clock
         store.update_run(
             run.id,
             status="finished",
@@ -196,9 +202,14 @@ def evaluate_split(
     batch_size: int,
     plot_dir: Path | None,
     plot: bool = True,
+    outputs: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, Any]:
-    """Metrics of `model` on an encoded split, plus its plots (confusion, calibration or scatter)."""
-    outputs, targets = model_outputs(model, split, batch_size)
+    """Metrics of `model` on an encoded split, plus its plots (confusion, calibration or scatter).
+
+    `outputs` are the model's (outputs, targets) on this split when already computed (the training
+    loop's last validation of the final weights).
+    """
+    outputs, targets = outputs if outputs is not None else model_outputs(model, split, batch_size)
     metrics = task.metrics(outputs, targets)
     if plot and plot_dir is not None:
         answers = task.predictions(outputs)

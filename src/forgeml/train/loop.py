@@ -13,7 +13,7 @@ import math
 import random
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,13 +48,22 @@ class TrainResult:
     mfu: float
     seconds: float
     privacy: dict[str, Any] | None = None  # DP-SGD: the plan and the epsilon spent
+    # (outputs, targets) on validation of the weights the model ends with, when this process evaluated
+    # them (not after a resume): the final report reuses them instead of running validation again.
+    validation_outputs: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    # torch.use_deterministic_algorithms also imports torch._inductor (1.5 s) just to set a flag for
+    # torch.compile, which forgeml does not use: set the eager flag alone when torch offers it.
+    set_deterministic = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if set_deterministic is None:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        set_deterministic(True, warn_only=True)
 
 
 def epoch_batches(lengths: np.ndarray, batch_size: int, seed: int, group_by_length: bool) -> list[np.ndarray]:
@@ -196,6 +205,7 @@ def _train(
     totals = {"samples": 0, "seconds": 0.0, "flops": 0.0}
     started = time.perf_counter()
     best_in_memory: dict[str, torch.Tensor] = {}
+    best_outputs: dict[str, np.ndarray] = {}
 
     def record(event: dict[str, Any]) -> None:
         state["history"].append(event)
@@ -219,7 +229,10 @@ def _train(
         best = state["best"]
         if best is None or (value < best if lower_is_better else value > best):
             state.update(best=value, best_step=state["step"], bad_evals=0)
-            if checkpoints:
+            best_outputs.update(outputs=outputs, targets=targets)
+            if state["step"] >= total_steps:
+                pass  # the last evaluation: the weights in memory are the ones to keep, no copy needed
+            elif checkpoints:
                 save_weights(raw_model, checkpoints / BEST_WEIGHTS)
             else:
                 best_in_memory.update({k: v.detach().clone() for k, v in raw_model.state_dict().items()})
@@ -304,7 +317,8 @@ def _train(
                 state["epoch"], state["batch"] = state["epoch"] + 1, 0
                 if validation_split is not None and not config.eval_every:
                     stop = evaluate()
-                checkpoint_now()
+                if not (stop or state["step"] >= total_steps or state["epoch"] >= config.epochs):
+                    checkpoint_now()  # otherwise the finished checkpoint below follows at once
         evaluated_last = state["history"] and state["history"][-1]["event"] == "eval"
         if validation_split is not None and not state["finished"] and not evaluated_last:
             evaluate()
@@ -316,11 +330,15 @@ def _train(
         privacy.release(model)
     if adversary:
         adversary.remove()
+    # The best weights were copied aside only when a later evaluation could still beat them.
     best_path = checkpoints / BEST_WEIGHTS if checkpoints else None
-    if best_path is not None and best_path.is_file():
+    restore = state["best_step"] is not None and state["best_step"] < state["step"]
+    if restore and best_path is not None and best_path.is_file():
         load_model(raw_model, str(best_path))
-    elif best_in_memory:
+    elif restore and best_in_memory:
         raw_model.load_state_dict(best_in_memory)
+    if totals["flops"] > totals["seconds"] * peak:  # over 100 %: the cached peak was measured on busy cores
+        peak = matmul_peak_flops(accelerator.device, refresh=True)
     return TrainResult(
         history=state["history"],
         steps=state["step"],
@@ -332,4 +350,5 @@ def _train(
         mfu=totals["flops"] / max(totals["seconds"], 1e-9) / peak,
         seconds=time.perf_counter() - started,
         privacy=plan.summary(state["step"]) if plan else None,
+        validation_outputs=(best_outputs["outputs"], best_outputs["targets"]) if best_outputs else None,
     )
