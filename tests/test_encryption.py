@@ -73,7 +73,8 @@ def encrypted(plain_run: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
 
 def test_encrypt_leaves_no_plaintext(encrypted: dict) -> None:
     run, before = encrypted["run"], encrypted["before"]
-    assert "checkpoints/best.safetensors" in before and "manifest.json" in before  # everything is covered
+    checkpoint_weights = [name for name in before if name.startswith("checkpoints/step-")]
+    assert checkpoint_weights and "manifest.json" in before  # everything is covered
     remaining = {path.relative_to(run).as_posix() for path in run.rglob("*") if path.is_file()}
     assert remaining == {METADATA} | {name + ".enc" for name in before}
     # Windows of every original file, and well-known plaintext markers, appear in no file on disk.
@@ -281,6 +282,7 @@ def test_run_encrypt_writes_an_encrypted_run(
     assert code == 0, output
     run = Path(output.split("run directory:")[1].split()[0])
     names = {path.relative_to(run).as_posix() for path in run.rglob("*") if path.is_file()}
-    assert {"model/model.safetensors.enc", "checkpoints/best.safetensors.enc", "manifest.json.enc"} <= names
+    assert {"model/model.safetensors.enc", "manifest.json.enc"} <= names
+    assert any(name.startswith("checkpoints/step-") and name.endswith("/model.safetensors.enc") for name in names)
     assert all(name.endswith(".enc") for name in names - {METADATA})
     assert len(forgeml.load(run).predict(TEXTS)) == len(TEXTS)
