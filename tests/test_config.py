@@ -126,7 +126,14 @@ def test_schema_describes_every_section() -> None:
 
 @pytest.mark.parametrize(
     "task",
-    ["text-classification", "text-pair-classification", "regression", "tabular-classification", "tabular-regression"],
+    [
+        "text-classification",
+        "text-pair-classification",
+        "regression",
+        "tabular-classification",
+        "tabular-regression",
+        "language-modeling",
+    ],
 )
 def test_starter_configs_are_valid_and_annotated(task: str, tmp_path: Path) -> None:
     text = starter_config(task)
@@ -195,7 +202,10 @@ def test_schema_says_which_training_keys_follow_the_family() -> None:
         assert "mlp" in train[key]["description"] and "encoder" in train[key]["description"], key
 
 
-@pytest.mark.parametrize(("task", "family"), [("tabular-classification", "mlp"), ("text-classification", "encoder")])
+@pytest.mark.parametrize(
+    ("task", "family"),
+    [("tabular-classification", "mlp"), ("text-classification", "encoder"), ("language-modeling", "gpt")],
+)
 def test_starter_shows_the_family_defaults(task: str, family: str, tmp_path: Path) -> None:
     text = starter_config(task)
     assert f"show the {family} defaults" in text

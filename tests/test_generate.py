@@ -234,11 +234,20 @@ def test_prompt_longer_than_context_is_refused_or_cut_from_the_left(gpt2, tokeni
     assert result.text == generate(gpt2, tokenizer, prompt[-(CONTEXT - 5) :], options).text
 
 
-def test_generation_stops_when_the_context_is_full(gpt2, tokenizer):
+def test_generation_stops_when_the_context_is_full_unless_the_window_slides(gpt2, tokenizer):
     prompt = (string.ascii_lowercase * 3)[:60]
-    result = generate(gpt2, tokenizer, prompt, GenerationOptions(max_new_tokens=10, temperature=0))
+    options = GenerationOptions(max_new_tokens=10, temperature=0, slide=False)
+    result = generate(gpt2, tokenizer, prompt, options)
     assert result.completion_tokens == CONTEXT - 60
     assert result.finish_reason == "length"
+
+    # Sliding (the default, nanoGPT's cropped context) goes on: each token from at most the last CONTEXT tokens.
+    slid = generate(gpt2, tokenizer, prompt, GenerationOptions(max_new_tokens=10, temperature=0))
+    ids = tokenizer(prompt)["input_ids"]
+    with torch.no_grad():
+        for _ in range(10):
+            ids.append(int(gpt2(torch.tensor([ids[-CONTEXT:]])).logits[0, -1].argmax()))
+    assert slid.completion_tokens == 10 and slid.text == tokenizer.decode(ids[len(prompt) :])
 
 
 @pytest.mark.parametrize(

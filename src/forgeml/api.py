@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from datasets import Dataset
@@ -30,6 +30,9 @@ from forgeml.report.card import write_card
 from forgeml.store import Store, database_url
 from forgeml.tasks import load_task
 from forgeml.workspace import RunDir, atomic_write_bytes, atomic_write_json, read_json, workspace_root
+
+if TYPE_CHECKING:  # generation loads only for language models
+    from forgeml.generate import GenerationOptions
 
 __all__ = [
     "Predictor",
@@ -122,6 +125,31 @@ class Predictor:
             ]
         return [{"value": float(v)} for v in answers["value"]]
 
+    def generate(self, prompt: str, options: GenerationOptions | None = None, **settings: Any) -> str:
+        """The continuation of `prompt` from a language-modeling run, e.g.
+        `generate("ROMEO:", max_new_tokens=100, temperature=0.8, seed=1)`; settings as `GenerationOptions`."""
+        from forgeml.generate import generate
+
+        return generate(*self._language_model(), prompt, _options(options, settings)).text
+
+    def stream(self, prompt: str, options: GenerationOptions | None = None, **settings: Any) -> Iterator[str]:
+        """The continuation of `prompt`, piece by piece as it is generated (same settings as `generate`)."""
+        from forgeml.generate import stream
+
+        return stream(*self._language_model(), prompt, _options(options, settings))
+
+    def perplexity(self, texts: list[str], stride: int | None = None) -> dict[str, Any]:
+        """Loss and perplexity of the model on `texts` (longer ones scored with a sliding window)."""
+        from forgeml.generate import perplexity
+
+        return perplexity(*self._language_model(), texts, stride=stride)
+
+    def _language_model(self) -> tuple[Any, Any]:
+        lm = getattr(self.model, "lm", None)
+        if lm is None:
+            raise ForgeError(f"{self.run.path}: a {self.task.name} model predicts, it does not generate text")
+        return lm, self.task.tokenizer
+
     def prepare_inputs(self, dataset: Dataset) -> Dataset:
         """The text transforms training applied (Unicode normalisation, PII redaction), applied to inputs."""
         text_columns = getattr(self.task, "text_columns", [])
@@ -169,6 +197,14 @@ class Predictor:
         index = classes.index(rule["positive_label"])
         decisions = apply_thresholds(rule, answers["probabilities"][:, index], groups)
         return [classes[index] if decided else classes[1 - index] for decided in decisions]
+
+
+def _options(options: GenerationOptions | None, settings: dict[str, Any]) -> GenerationOptions:
+    from forgeml.generate import GenerationOptions
+
+    if options is not None and settings:
+        raise ForgeError("give generation settings either as options or as keywords, not both")
+    return options or GenerationOptions(**settings)
 
 
 def load(run_dir: str | Path) -> Predictor:

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -129,8 +130,12 @@ def run(
         message = f"model card: {card}.enc (encrypted; read it after: forgeml decrypt {run_arg})"
         console.print(message, soft_wrap=True, markup=False)
     console.print("next:")
-    console.print(f"  forgeml serve {run_arg}", soft_wrap=True, markup=False)
-    console.print(f"  forgeml predict {run_arg} FILE -o out.csv", soft_wrap=True, markup=False)
+    if result.metrics.get("task") == "language-modeling":
+        next_commands = [f"forgeml generate {run_arg} PROMPT --max-new-tokens 200 --seed 1"]
+    else:
+        next_commands = [f"forgeml serve {run_arg}", f"forgeml predict {run_arg} FILE -o out.csv"]
+    for command in next_commands:
+        console.print(f"  {command}", soft_wrap=True, markup=False)
 
 
 @app.command()
@@ -160,6 +165,45 @@ def predict(
 
     written = api.predict(run_dir, data, output, batch_size, show_progress=progress_enabled(quiet))
     console.print(f"predictions written to {written}")
+
+
+@app.command()
+def generate(
+    run_dir: Annotated[Path, typer.Argument(help="a language-modeling run directory")],
+    prompt: Annotated[str, typer.Argument(help="the text to continue")],
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="most tokens to add")] = 100,
+    temperature: Annotated[float, typer.Option(help="0 picks the likeliest token (greedy)")] = 1.0,
+    top_k: Annotated[int | None, typer.Option("--top-k", help="sample among the k likeliest tokens")] = None,
+    top_p: Annotated[float, typer.Option("--top-p", help="sample among the likeliest tokens holding this mass")] = 1.0,
+    repetition_penalty: Annotated[float, typer.Option("--repetition-penalty", help="1 is off")] = 1.0,
+    stop: Annotated[list[str] | None, typer.Option("--stop", help="end before this text (repeatable)")] = None,
+    seed: Annotated[int | None, typer.Option(help="the same seed gives the same text")] = None,
+    num_samples: Annotated[int, typer.Option("--num-samples", min=1, help="continuations to write")] = 1,
+    truncate: Annotated[str, typer.Option(help="a prompt longer than the context: refuse or left (cut)")] = "refuse",
+) -> None:
+    """Continue PROMPT with a trained language model, streaming the text as it is generated."""
+    from forgeml import api
+    from forgeml.generate import GenerationOptions
+
+    options = GenerationOptions(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        stop=tuple(stop or ()),
+        seed=seed,
+        truncate=truncate,
+    )
+    model = api.load(run_dir)
+    for index in range(num_samples):
+        if num_samples > 1:
+            print(f"--- sample {index + 1} ---", flush=True)
+        sample_options = options if options.seed is None else replace(options, seed=options.seed + index)
+        print(prompt, end="", flush=True)
+        for piece in model.stream(prompt, sample_options):
+            print(piece, end="", flush=True)  # plain print: rich would hold pieces back to wrap lines
+        print(flush=True)
 
 
 @app.command()
@@ -490,18 +534,23 @@ def config_schema() -> None:
     sys.stdout.write(json.dumps(schema(), indent=2) + "\n")
 
 
+def _metric_text(value: float) -> str:
+    """Counts (tokens, rows) as whole numbers, scores to four decimals."""
+    return f"{value:,.0f}" if float(value).is_integer() and abs(value) >= 1000 else f"{value:.4f}"
+
+
 def _print_metrics(metrics: dict[str, Any]) -> None:
     from forgeml.evaluate.metrics import scalar_metrics
 
     for split in ("validation", "test", *[k for k in metrics if k not in ("validation", "test")]):
         values = metrics.get(split)
-        if not isinstance(values, dict) or split in ("training", "cross_validation", "baselines"):
+        if not isinstance(values, dict) or split in ("training", "cross_validation", "baselines", "model"):
             continue
         table = Table(title=f"{split} metrics", title_justify="left")
         scalars = scalar_metrics(values)
         for name in scalars:
             table.add_column(name)
-        table.add_row(*(f"{v:.4f}" for v in scalars.values()))
+        table.add_row(*(_metric_text(v) for v in scalars.values()))
         console.print(table)
     baselines = metrics.get("baselines") or {}
     model = scalar_metrics(metrics.get(baselines.get("split"), {}) if baselines.get("split") else {})

@@ -22,6 +22,7 @@ TASKS = (
     "regression",
     "tabular-classification",
     "tabular-regression",
+    "language-modeling",
 )
 TaskName = Literal[
     "text-classification",
@@ -29,17 +30,25 @@ TaskName = Literal[
     "regression",
     "tabular-classification",
     "tabular-regression",
+    "language-modeling",
 ]
 # Validation metrics early stopping can watch, and those where a smaller value is better.
 CLASSIFICATION_METRICS = ("f1", "accuracy", "precision", "recall", "roc_auc", "log_loss", "loss")
 REGRESSION_METRICS = ("rmse", "mae", "mse", "r2", "loss")
-LOWER_IS_BETTER = frozenset({"loss", "log_loss", "mae", "rmse", "mse"})
+LANGUAGE_MODEL_METRICS = ("loss", "perplexity", "bits_per_character")
+LOWER_IS_BETTER = frozenset({"loss", "log_loss", "mae", "rmse", "mse", "perplexity", "bits_per_character"})
+# `model.backbone` naming a new causal LM built from `model.architecture` (not a pre-trained one).
+NEW_GPT = "gpt"
+# nanoGPT's small CPU model for character-level Shakespeare ("baby GPT" scaled down).
+DEFAULT_GPT_ARCHITECTURE = {"n_layer": 4, "n_head": 4, "n_embd": 128, "context": 64, "dropout": 0.0}
+DEFAULT_BPE_VOCAB = 4096
 
 # Training settings whose best value depends on the kind of network, keyed by model family (see
 # `model_family`); a `train` key left out (or null) takes its family's value. A small network trained
 # from scratch on standardised columns wants a far larger step and many more passes than a pre-trained
 # encoder being fine-tuned (measured in benchmarks/tabular_baselines.py, results in benchmarks/RESULTS.md).
-# A future causal-LM family ("gpt") gets its own entry here.
+# A GPT trained from scratch follows nanoGPT's recipe (lr 1e-3, cosine to a tenth of it, AdamW beta2 0.99,
+# weight decay 0.1); a pre-trained causal LM is fine-tuned like an encoder.
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "mlp": {
         "lr": 1.0e-3,
@@ -50,6 +59,8 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "weight_decay": 1.0e-4,
         "early_stopping.patience": 5,
         "early_stopping.metric": "loss",
+        "min_lr_ratio": 0.0,
+        "adam_beta2": 0.999,
     },
     "encoder": {
         "lr": 5.0e-5,
@@ -59,22 +70,53 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "warmup_ratio": 0.06,
         "weight_decay": 0.01,
         "early_stopping.patience": 2,
+        "min_lr_ratio": 0.0,
+        "adam_beta2": 0.999,
+    },
+    "gpt": {
+        "lr": 1.0e-3,
+        "epochs": 10,
+        "batch_size": 32,
+        "scheduler": "cosine",
+        "warmup_ratio": 0.05,
+        "weight_decay": 0.1,
+        "early_stopping.patience": 3,
+        "early_stopping.metric": "loss",
+        "min_lr_ratio": 0.1,
+        "adam_beta2": 0.99,
+    },
+    "causal-lm": {
+        "lr": 5.0e-5,
+        "epochs": 3,
+        "batch_size": 8,
+        "scheduler": "linear",
+        "warmup_ratio": 0.06,
+        "weight_decay": 0.01,
+        "early_stopping.patience": 2,
+        "early_stopping.metric": "loss",
+        "min_lr_ratio": 0.0,
+        "adam_beta2": 0.999,
     },
 }
 
 
-def model_family(backbone: str | None) -> str:
-    """The FAMILY_DEFAULTS key of a `model.backbone`: 'mlp', else a pre-trained 'encoder'."""
-    return "mlp" if backbone == "mlp" else "encoder"
+def model_family(backbone: str | None, task: str | None = None) -> str:
+    """The FAMILY_DEFAULTS key of a `model.backbone` for `task`: 'mlp'; 'gpt' (a new causal LM);
+    'causal-lm' (a pre-trained one, for language modeling); else a pre-trained 'encoder'."""
+    if backbone == "mlp":
+        return "mlp"
+    if task == "language-modeling":
+        return "gpt" if backbone == NEW_GPT else "causal-lm"
+    return "encoder"
 
 
-def family_defaults_used(train: dict[str, Any], backbone: str | None) -> dict[str, str]:
+def family_defaults_used(train: dict[str, Any], backbone: str | None, task: str | None = None) -> dict[str, str]:
     """Train keys (dotted below `train`) whose value in `train` is its family's default -> the family.
 
     Works on plain dicts (a run's config.yaml) as on a validated config (`model_dump()`), so the card
     can say "lr 0.001 (default for mlp)" for any run directory.
     """
-    family = model_family(backbone)
+    family = model_family(backbone, task)
     used = {}
     for key, default in FAMILY_DEFAULTS[family].items():
         value: Any = train
@@ -189,13 +231,25 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    """The network: a pre-trained text backbone with a head, or an MLP for tabular data."""
+    """The network: a pre-trained text backbone with a head, an MLP for tabular data, or a causal LM."""
 
     backbone: str | None = Field(
         None,
-        description="'minilm' (bundled), a Hugging Face id or local path, or 'mlp'; "
-        "default: minilm for text, mlp for tabular",
+        description="'minilm' (bundled), a Hugging Face id or local path, 'mlp', or 'gpt' (a new causal LM "
+        "from model.architecture); default: minilm for text, mlp for tabular, gpt for language modeling",
     )
+    architecture: dict[str, Any] | None = Field(
+        None,
+        description="backbone gpt: nanoGPT's sizes {n_layer, n_head, n_embd, context, dropout, bias}; "
+        "default {n_layer: 4, n_head: 4, n_embd: 128, context: 64}",
+    )
+    style: Literal["gpt2", "llama"] = Field("gpt2", description="backbone gpt: GPT-2 or Llama blocks")
+    tokenizer: Literal["char", "bpe", "backbone"] | None = Field(
+        None,
+        description="language modeling: 'char' or 'bpe' trained on the training split, or the backbone's own; "
+        "default: char for gpt, backbone otherwise",
+    )
+    vocab_size: int | None = Field(None, ge=257, description="tokenizer bpe: vocabulary size (default 4096)")
     max_length: int = Field(128, ge=8, le=8192, description="tokens per input (longer inputs are truncated)")
     pooling: Literal["mean", "cls"] = "mean"
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
@@ -263,6 +317,10 @@ class TrainConfig(Section):
     batch_size: int | None = Field(None, ge=1, description=_family_note("batch_size"))
     eval_batch_size: int = Field(64, ge=1)
     lr: float | None = Field(None, gt=0.0, le=10.0, description="peak learning rate; " + _family_note("lr"))
+    min_lr_ratio: float | None = Field(
+        None, ge=0.0, le=1.0, description="the schedule decays to lr * this; " + _family_note("min_lr_ratio")
+    )
+    adam_beta2: float | None = Field(None, gt=0.0, lt=1.0, description="AdamW beta2; " + _family_note("adam_beta2"))
     optimizer: Literal["adamw", "sgd"] = "adamw"
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum")
     scheduler: Literal["linear", "cosine", "constant"] | None = Field(
@@ -465,8 +523,15 @@ class ForgeConfig(Section):
     @model_validator(mode="after")
     def _backbone_fits_task(self) -> ForgeConfig:
         tabular = self.task.startswith("tabular")
+        if self.task == "language-modeling":
+            return self._check_language_modeling()
         if self.model.backbone is None:
             self.model.backbone = "mlp" if tabular else "minilm"
+        if self.model.backbone == NEW_GPT or self.model.architecture or self.model.tokenizer or self.model.vocab_size:
+            raise ValueError(
+                f"model.backbone gpt, model.architecture, model.tokenizer and model.vocab_size are for task "
+                f"'language-modeling'; task is {self.task!r}"
+            )
         if tabular and self.model.backbone != "mlp":
             raise ValueError(f"model.backbone: task {self.task!r} needs 'mlp', got {self.model.backbone!r}")
         if not tabular and self.model.backbone == "mlp":
@@ -490,15 +555,73 @@ class ForgeConfig(Section):
             raise ValueError("data.text_pair: task 'text-pair-classification' needs a second text column")
         return self
 
+    def _check_language_modeling(self) -> ForgeConfig:
+        """Backbone, architecture and tokenizer of a causal LM; what does not apply to one is refused."""
+        model = self.model
+        if model.backbone is None:
+            model.backbone = NEW_GPT
+        if model.backbone in ("mlp", "minilm"):
+            raise ValueError(
+                f"model.backbone: task 'language-modeling' needs 'gpt' (a new model) or a causal LM "
+                f"(Hugging Face id or local folder), got {model.backbone!r}"
+            )
+        if model.backbone == NEW_GPT:
+            model.architecture = {**DEFAULT_GPT_ARCHITECTURE, **(model.architecture or {})}
+            from forgeml.models.gpt import validate_architecture  # names the bad key and what is allowed
+
+            validate_architecture(model.architecture, model.style)
+            model.tokenizer = model.tokenizer or "char"
+            if model.tokenizer == "backbone":
+                raise ValueError("model.tokenizer: a new gpt has no backbone tokenizer; use char or bpe")
+        else:
+            if model.architecture:
+                raise ValueError("model.architecture: sizes apply to backbone gpt; a pre-trained model has its own")
+            model.tokenizer = model.tokenizer or "backbone"
+            if model.tokenizer != "backbone":
+                raise ValueError(
+                    "model.tokenizer: a pre-trained causal LM keeps its own tokenizer (backbone), "
+                    f"got {model.tokenizer!r}"
+                )
+        if model.tokenizer == "bpe":
+            model.vocab_size = model.vocab_size or DEFAULT_BPE_VOCAB
+        elif model.vocab_size is not None:
+            raise ValueError("model.vocab_size: applies to model.tokenizer bpe only")
+        self.train.fill_family_defaults(self.family)
+        stopping = self.train.early_stopping
+        if stopping and stopping.metric and stopping.metric not in LANGUAGE_MODEL_METRICS:
+            raise ValueError(
+                f"train.early_stopping.metric: {stopping.metric!r} is not a language-modeling metric; "
+                f"choose one of {', '.join(LANGUAGE_MODEL_METRICS)}"
+            )
+        for key, value in (
+            ("audit", self.audit),
+            ("compress", self.compress),
+            ("evaluate.cross_validation", self.evaluate.cross_validation),
+            ("train.privacy", self.train.privacy),
+            ("train.adversarial", self.train.adversarial),
+            ("data.sensitive", self.data.sensitive),
+            ("data.sample", self.data.sample),
+            ("data.text_pair", self.data.text_pair),
+            ("data.features", self.data.features),
+        ):
+            if value:
+                raise ValueError(f"{key}: not available for task 'language-modeling' yet; remove it")
+        return self
+
     @property
     def family(self) -> str:
-        """The model family whose training defaults apply: 'mlp' or 'encoder' (see FAMILY_DEFAULTS)."""
-        return model_family(self.model.backbone)
+        """The model family whose training defaults apply (see FAMILY_DEFAULTS)."""
+        return model_family(self.model.backbone, self.task)
+
+    @property
+    def block_size(self) -> int:
+        """Language modeling: tokens per training block (the architecture's context, else model.max_length)."""
+        return int((self.model.architecture or {}).get("context") or self.model.max_length)
 
     @property
     def family_defaults(self) -> dict[str, str]:
         """`train` keys (dotted) holding their family's default value -> the family, e.g. {'lr': 'mlp'}."""
-        return family_defaults_used(self.train.model_dump(), self.model.backbone)
+        return family_defaults_used(self.train.model_dump(), self.model.backbone, self.task)
 
     def _check_training_modes(self) -> None:
         """DP-SGD and adversarial training each change how a step is taken; some settings cannot go with them."""

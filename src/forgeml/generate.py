@@ -24,7 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from forgeml.errors import ConfigError, DataError
 
 FINISH_STOP = "stop"  # an end-of-sequence token or a stop string
-FINISH_LENGTH = "length"  # max_new_tokens reached, or the model's context is full
+FINISH_LENGTH = "length"  # max_new_tokens reached, or the model's context is full (without `slide`)
 TRUNCATE_CHOICES = ("refuse", "left")
 # Text that ends in the replacement character is an incomplete multi-byte character: the next
 # token may complete it, so it is not sent yet.
@@ -41,7 +41,9 @@ class GenerationOptions:
     the text before their first occurrence (a single string is taken as a list of one); `seed` None
     draws a fresh seed; `truncate` says what to do with a prompt that does not fit the model's context:
     "refuse" it, or drop tokens from its "left" until max_new_tokens fit after it (at most half the
-    context is given to the output).
+    context is given to the output). When the text reaches the end of the context, `slide` (the default)
+    keeps generating from the last `context` tokens, as nanoGPT's `generate` crops its input (each such
+    step recomputes that window: the cache cannot drop its first token); without it, generation ends there.
     """
 
     max_new_tokens: int = 100
@@ -52,6 +54,7 @@ class GenerationOptions:
     stop: Sequence[str] = field(default_factory=tuple)
     seed: int | None = None
     truncate: str = "refuse"
+    slide: bool = True
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
@@ -70,6 +73,8 @@ class GenerationOptions:
         object.__setattr__(self, "stop", tuple(stop))  # a tuple keeps the frozen options hashable
         if self.seed is not None and not _is_int(self.seed):
             raise ConfigError(f"seed: must be an integer or null, got {self.seed!r}")
+        if not isinstance(self.slide, bool):
+            raise ConfigError(f"slide: must be true or false, got {self.slide!r}")
         if self.truncate not in TRUNCATE_CHOICES:
             raise ConfigError(f"truncate: must be one of {', '.join(TRUNCATE_CHOICES)}, got {self.truncate!r}")
 
@@ -157,10 +162,14 @@ def _decode(
         generated: list[int] = []
         sent = ""  # the text yielded so far
         while True:
-            if len(generated) == options.max_new_tokens or (context is not None and seen.shape[1] >= context):
+            full = context is not None and seen.shape[1] >= context
+            if len(generated) == options.max_new_tokens or (full and not options.slide):
                 progress.finish_reason = FINISH_LENGTH
                 break
-            if generated:
+            if generated and context is not None and seen.shape[1] > context:
+                # The window slides: positions shift by one, so the cached keys and values no longer apply.
+                logits, cache = _forward(model, seen[:, -context:], cache=None)
+            elif generated:
                 logits, cache = _forward(model, seen[:, -1:], cache)
             token = _next_token(logits, seen, options, generator)
             if token in end_ids:

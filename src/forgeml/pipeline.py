@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import platform
 import time
@@ -21,7 +22,7 @@ from datasets import Dataset
 from forgeml import __version__
 from forgeml.config import ForgeConfig, dump_config, load_config
 from forgeml.data.io import table_dataset
-from forgeml.data.prepare import PreparedData, prepare
+from forgeml.data.prepare import PreparedData
 from forgeml.data.profile import length_percentiles, vocabulary_warning
 from forgeml.errors import DataError
 from forgeml.evaluate import plots
@@ -31,11 +32,12 @@ from forgeml.evaluate.metrics import scalar_metrics
 from forgeml.evaluate.outputs import model_outputs
 from forgeml.report.card import write_card
 from forgeml.store import Store, database_url
-from forgeml.tasks import Task, build_task
+from forgeml.tasks import Task, build_task, prepare_data
 from forgeml.train.loop import TrainResult, seed_everything, train
 from forgeml.workspace import RunDir, atomic_write_json, atomic_write_text, clear_running, mark_running, read_json
 
 logger = logging.getLogger(__name__)
+SAMPLES = "samples.jsonl"  # a generative run's sample generations, one JSON object per line
 
 
 @dataclass
@@ -96,7 +98,7 @@ def execute(
     durations: dict[str, float] = {}
     try:
         clock = time.perf_counter()
-        data = prepare(config)
+        data = prepare_data(config)
         if resume_dir is not None:
             _check_same_data(run, data)
         durations["data_s"] = time.perf_counter() - clock
@@ -126,7 +128,7 @@ def execute(
         durations["train_s"] = time.perf_counter() - clock
 
         baselines = None
-        if config.evaluate.baseline:
+        if config.evaluate.baseline and getattr(task, "target", None) is not None:  # label-based yardsticks
             clock = time.perf_counter()
             baselines = fit_baselines(task, data.splits, config.data.split.seed)
             durations["baseline_s"] = time.perf_counter() - clock
@@ -147,7 +149,12 @@ def execute(
         if baselines is not None:
             metrics["baselines"] = baselines
         metrics["training"] = _training_summary(result)
+        metrics["model"] = {"parameters": sum(p.numel() for p in model.parameters())}
         plots.training_curves(result.history, result.watched_metric, run.plots / "curves.png")
+        if hasattr(task, "samples"):  # generative tasks: seeded generations for the card
+            held_out = next(data.splits[n] for n in ("test", "validation", "train") if data.splits[n] is not None)
+            samples = task.samples(model, held_out, config.train.seed)
+            atomic_write_text(run.path / SAMPLES, "".join(json.dumps(sample) + "\n" for sample in samples))
         if config.evaluate.cross_validation:
             metrics["cross_validation"] = cross_validate(config, data, show_progress)
         durations["evaluate_s"] = time.perf_counter() - clock
@@ -212,15 +219,7 @@ def evaluate_split(
     outputs, targets = outputs if outputs is not None else model_outputs(model, split, batch_size)
     metrics = task.metrics(outputs, targets)
     if plot and plot_dir is not None:
-        answers = task.predictions(outputs)
-        if "confusion_matrix" in metrics:
-            plots.confusion_matrix(metrics["confusion_matrix"], metrics["classes"], plot_dir / "confusion_matrix.png")
-            plots.calibration(targets, answers["probabilities"], plot_dir / "calibration.png")
-        else:
-            truth = task.predictions(targets.reshape(-1, 1))["value"]
-            plots.regression_scatter(
-                np.asarray(truth), np.asarray(answers["value"]), plot_dir / "predicted_vs_true.png"
-            )
+        task.evaluation_plots(outputs, targets, metrics, plot_dir)
     return metrics
 
 
@@ -240,7 +239,10 @@ def _training_summary(result: TrainResult) -> dict[str, Any]:
 
 def _write_profile(run: RunDir, data: PreparedData, encoded: dict[str, Any], config: ForgeConfig, task: Task) -> None:
     profile = dict(data.profile)
-    if data.text_columns:
+    token_profile = getattr(task, "token_profile", None)
+    if token_profile is not None:  # packed blocks: totals, not lengths per row
+        profile["tokens"] = {name: token_profile(split) for name, split in encoded.items()}
+    elif data.text_columns:
         profile["tokens"] = {
             name: {
                 **length_percentiles(split.lengths),
@@ -248,15 +250,15 @@ def _write_profile(run: RunDir, data: PreparedData, encoded: dict[str, Any], con
             }
             for name, split in encoded.items()
         }
-        unknown_share = getattr(task, "unknown_token_share", None)
-        if unknown_share is not None:
-            # Vocabulary coverage: a backbone whose tokenizer lacks the text's script trains "fine" on [UNK]s.
-            profile["unknown_token_share"] = {name: unknown_share(split) for name, split in encoded.items()}
-            warning = vocabulary_warning(profile["unknown_token_share"], config.model.backbone)
-            if warning:
-                logger.warning(warning)
-                profile["warnings"] = [*profile.get("warnings", []), warning]
         plots.lengths({name: split.lengths.tolist() for name, split in encoded.items()}, run.plots / "lengths.png")
+    unknown_share = getattr(task, "unknown_token_share", None)
+    if data.text_columns and unknown_share is not None:
+        # Vocabulary coverage: a backbone whose tokenizer lacks the text's script trains "fine" on [UNK]s.
+        profile["unknown_token_share"] = {name: unknown_share(split) for name, split in encoded.items()}
+        warning = vocabulary_warning(profile["unknown_token_share"], config.model.backbone)
+        if warning:
+            logger.warning(warning)
+            profile["warnings"] = [*profile.get("warnings", []), warning]
     if config.is_classification:
         plots.class_balance(
             {n: s["class_counts"] for n, s in profile["splits"].items()}, run.plots / "class_balance.png"

@@ -19,11 +19,31 @@ STARTERS: dict[str, dict[str, Any]] = {
     "regression": {"data": {"train": "train.csv", "text": "text", "label": "score"}},
     "tabular-classification": {"data": {"train": "train.csv", "label": "label"}},
     "tabular-regression": {"data": {"train": "train.csv", "label": "target"}},
+    "language-modeling": {"data": {"train": "corpus.txt"}, "train": {"max_steps": 2000, "eval_every": 250}},
 }
 # Training settings (lr, epochs, ...) are not set here: validation fills them from the model family's
 # defaults (config.FAMILY_DEFAULTS), and the comments below name the family each value came from.
 TEXT_ONLY = {"text", "text_pair", "max_length", "pooling", "max_chars", "overlong"}
 TABULAR_ONLY = {"features", "hidden_sizes", "categorical", "embedding_dim"}
+LANGUAGE_MODEL_ONLY = {"architecture", "style", "tokenizer", "vocab_size"}
+# What a language model has no use for: labels, row cleaning, groups of people, label-based audits.
+NOT_FOR_LANGUAGE_MODELS = {
+    *TABULAR_ONLY,
+    "text_pair",
+    "label",
+    "pooling",
+    "dropout",
+    "clean",
+    "sensitive",
+    "stratify",
+    "group_by_length",
+    "privacy",
+    "adversarial",
+    "cross_validation",
+    "baseline",
+    "audit",
+    "compress",
+}
 
 
 def starter_config(task: str) -> str:
@@ -32,7 +52,10 @@ def starter_config(task: str) -> str:
         raise ConfigError(f"init: unknown task {task!r}; choose one of {', '.join(TASKS)}")
     raw = {"name": task.replace("-", "_"), "task": task, **STARTERS[task]}
     config = ForgeConfig.model_validate(raw)
-    skip = TEXT_ONLY if task.startswith("tabular") else TABULAR_ONLY
+    if task == "language-modeling":
+        skip = NOT_FOR_LANGUAGE_MODELS
+    else:
+        skip = (TEXT_ONLY if task.startswith("tabular") else TABULAR_ONLY) | LANGUAGE_MODEL_ONLY
     header = [
         f"# forgeml config for {task}. Paths are relative to this file.",
         "# Run it with: forgeml run THIS.yaml   (override any key: train.lr=3e-5)",

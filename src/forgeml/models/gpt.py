@@ -52,7 +52,7 @@ def gpt_from_architecture(
         raise ConfigError(f"model.style must be one of {allowed}, got {style!r}")
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
         raise ValueError(f"vocab_size must be a positive integer, got {vocab_size!r}")
-    sizes = _validated(architecture, style)
+    sizes = validate_architecture(architecture, style)
     n_layer, n_head, n_embd, context = (sizes[key] for key in SIZE_KEYS)
     dropout, bias = sizes["dropout"], sizes["bias"]
 
@@ -129,7 +129,7 @@ def training_flops_per_token(model: PreTrainedModel) -> float:
     return float(6 * parameter_count(model, non_embedding=True) + attention)
 
 
-def _validated(architecture: dict[str, Any], style: str) -> dict[str, Any]:
+def validate_architecture(architecture: dict[str, Any], style: str = "gpt2") -> dict[str, Any]:
     """The architecture with defaults filled in, or a ConfigError naming the first bad key."""
     unknown = sorted(set(architecture) - set(ARCHITECTURE_KEYS))
     if unknown:

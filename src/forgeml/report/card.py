@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -62,6 +63,8 @@ LABELS = {"lr": "Learning rate", "grad_accum_steps": "Gradient accumulation step
 # The model settings that mean something for each family of task (the config carries them all).
 TEXT_MODEL_KEYS = ("backbone", "max_length", "pooling", "dropout")
 TABULAR_MODEL_KEYS = ("backbone", "hidden_sizes", "dropout", "categorical", "embedding_dim")
+LANGUAGE_MODEL_KEYS = ("backbone", "style", "architecture", "tokenizer", "vocab_size")
+SAMPLES = "samples.jsonl"
 WEIGHTS = "model/model.safetensors"
 BASELINE_METRICS = ("accuracy", "f1", "mae", "rmse", "r2")  # shown beside the primary metric
 FRACTION_METRICS = ("accuracy", "f1", "precision", "recall", "roc_auc", "r2")  # differences read as points
@@ -142,7 +145,7 @@ def write_card(run_dir: str | Path) -> tuple[Path, Path]:
     title = f"Model card: {config.get('name') or run.name}"
     # The headings of Mitchell et al. (2019), "Model Cards for Model Reporting", in their order.
     sections = [
-        _task_and_model(config, profile, manifest),
+        _task_and_model(config, profile, manifest, metrics),
         _intended_use(config),
         _factors(config, run),
         _metrics_used(metrics),
@@ -150,6 +153,7 @@ def write_card(run_dir: str | Path) -> tuple[Path, Path]:
         _training(config, metrics),
         _evaluation(metrics),
         _plots(run / "plots"),
+        _samples(run / SAMPLES),
         *_trust(run),
         _compression(run),
         _exports(run),
@@ -179,21 +183,32 @@ def _intended_use(config: dict[str, Any]) -> Section:
     return Section("Intended use", [Paragraph(part) for part in paragraphs])
 
 
-def _task_and_model(config: dict[str, Any], profile: dict[str, Any], manifest: dict[str, Any]) -> Section:
+def _task_and_model(
+    config: dict[str, Any], profile: dict[str, Any], manifest: dict[str, Any], metrics: dict[str, Any]
+) -> Section:
     facts = [("Task", str(config.get("task") or profile.get("task") or "unknown"))]
     inputs = profile.get("inputs") or _configured_inputs(config.get("data") or {})
     if inputs:
         facts.append(("Inputs", ", ".join(map(str, inputs))))
-    label = profile.get("label") or (config.get("data") or {}).get("label")
+    # The profile names the label of a labelled task (a language model has none); a run without one, the config.
+    label = profile.get("label") if profile else (config.get("data") or {}).get("label")
     if label:
         facts.append(("Label", str(label)))
     model = config.get("model") or {}
-    tabular = str(config.get("task", "")).startswith("tabular")
-    for key in TABULAR_MODEL_KEYS if tabular else TEXT_MODEL_KEYS:
+    task = str(config.get("task", ""))
+    keys = TEXT_MODEL_KEYS
+    if task.startswith("tabular"):
+        keys = TABULAR_MODEL_KEYS
+    elif task == "language-modeling":
+        keys = LANGUAGE_MODEL_KEYS if model.get("backbone") == "gpt" else ("backbone", "tokenizer", "max_length")
+    for key in keys:
         if key == "hidden_sizes" and model.get(key) == []:
             facts.append(("Hidden sizes", "none (a linear model)"))
         elif model.get(key) is not None:
             facts.append((_humanize(key), _format_value(model[key])))
+    parameters = (metrics.get("model") or {}).get("parameters")
+    if parameters:
+        facts.append(("Parameters", f"{parameters:,}"))
     weights_hash = (manifest.get("files") or {}).get(WEIGHTS)
     if weights_hash:
         # The full hash, not a prefix: this is the value someone verifies a deployed file against.
@@ -295,7 +310,14 @@ def _data(profile: dict[str, Any]) -> Section:
         )
     splits = profile.get("splits") or {}
     hashes = profile.get("sha256") or {}
-    if splits:
+    if splits and any("documents" in splits[split] for split in splits):  # unlabelled text for a language model
+        counts = ("documents", "characters")
+        rows = [
+            [split, *(_format_value(splits[split].get(key)) for key in counts), _short_hash(hashes.get(split))]
+            for split in _ordered(splits)
+        ]
+        blocks.append(Table(["split", "documents", "characters", "SHA-256"], rows, "Text per split."))
+    elif splits:
         rows = [
             [split, _format_value(splits[split].get("rows")), _short_hash(hashes.get(split))]
             for split in _ordered(splits)
@@ -307,12 +329,15 @@ def _data(profile: dict[str, Any]) -> Section:
     if cleaning:
         blocks.append(_cleaning_table(cleaning))
     tokens = profile.get("tokens") or {}
+    packed = any("blocks" in tokens[split] for split in tokens)
+    if packed:  # documents joined into one stream and cut into blocks (language modeling)
+        keys, header = ("tokens", "blocks", "dropped_tokens"), ["split", "tokens", "blocks", "tokens in no block"]
+        caption = "Tokens per split, cut into training blocks; the stream's tail that fills no block is not used."
+    else:
+        keys, header = ("p50", "p95", "p100", "truncated"), ["split", "tokens p50", "p95", "max", "truncated"]
+        caption = "Tokens per input."
     if tokens:
-        rows = [
-            [split, *(_format_value(tokens[split].get(key)) for key in ("p50", "p95", "p100", "truncated"))]
-            for split in _ordered(tokens)
-        ]
-        header, caption = ["split", "tokens p50", "p95", "max", "truncated"], "Tokens per input."
+        rows = [[split, *(_format_value(tokens[split].get(key)) for key in keys)] for split in _ordered(tokens)]
         unknown = profile.get("unknown_token_share") or {}
         if unknown:
             # Vocabulary coverage: the share of tokens the backbone's tokenizer could only call [UNK].
@@ -320,9 +345,25 @@ def _data(profile: dict[str, Any]) -> Section:
                 share = unknown.get(row[0])
                 row.append("—" if share is None else f"{100 * share:.1f} %")
             header.append("unknown tokens")
-            caption = "Tokens per input, and the share of tokens unknown to the backbone's tokenizer ([UNK])."
+            caption += " Unknown tokens: the share the tokenizer could only call unknown ([UNK])."
         blocks.append(Table(header, rows, caption))
     return Section("Training and evaluation data", blocks)
+
+
+def _samples(path: Path) -> Section:
+    """A generative model's seeded sample generations (samples.jsonl), prompt beside continuation."""
+    if not path.is_file():
+        return Section("Sample generations")
+    samples = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not samples:
+        return Section("Sample generations")
+    first = samples[0]
+    caption = (
+        f"Seed {first.get('seed')}, temperature {first.get('temperature')}, top-k {first.get('top_k')}; "
+        "the same settings give the same text again (forgeml generate RUN PROMPT --seed ...)."
+    )
+    rows = [[repr(sample["prompt"]), sample["text"]] for sample in samples]
+    return Section("Sample generations", [Table(["prompt", "continuation"], rows, caption)])
 
 
 def _describe_source(source: Any) -> str:
@@ -387,7 +428,7 @@ def _training(config: dict[str, Any], metrics: dict[str, Any]) -> Section:
     # DP-SGD samples its own batches and clips per example: those two settings did nothing.
     unused = {"max_grad_norm", "group_by_length"} if train.get("privacy") else set()
     # Values that are their model family's default say so: "0.001 (default for mlp)".
-    defaults = family_defaults_used(train, (config.get("model") or {}).get("backbone"))
+    defaults = family_defaults_used(train, (config.get("model") or {}).get("backbone"), config.get("task"))
 
     def shown(key: str, text: str) -> str:
         return f"{text} (default for {defaults[key]})" if key in defaults else text
@@ -572,7 +613,7 @@ def _evaluated_splits(metrics: dict[str, Any]) -> list[str]:
     return [
         name
         for name in _ordered(metrics)
-        if name not in ("training", "cross_validation", "audit", "baselines") and _is_split(metrics[name])
+        if name not in ("training", "cross_validation", "audit", "baselines", "model") and _is_split(metrics[name])
     ]
 
 

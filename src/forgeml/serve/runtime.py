@@ -9,6 +9,7 @@ from typing import Any
 
 from forgeml.api import Predictor
 from forgeml.encryption import plaintext_view
+from forgeml.errors import ForgeError
 from forgeml.workspace import MANIFEST, RunDir, read_json
 
 # Where the run's own exports are, for comparisons written before entries named their files.
@@ -29,6 +30,11 @@ class ModelRuntime:
         `serve.workers`, else one per core for ONNX and one for PyTorch)."""
         self.predictor = Predictor(run_dir)
         run = self.predictor.run
+        if getattr(self.predictor.task, "target", None) is None:
+            raise ForgeError(
+                f"serve: {run.path} is a {self.predictor.task.name} run; serving generated text over HTTP is not "
+                "available yet: use forgeml generate RUN PROMPT (or Predictor.generate)"
+            )
         engine = engine or self.predictor.config.serve.engine
         self._workers = workers or self.predictor.config.serve.workers
         self.workers = self._workers or 1
@@ -169,7 +175,6 @@ def _variant_to_serve(run_dir: Path, engine: str) -> dict[str, Any] | None:
 
 def _refuse_failed_int8(parity_file: Path) -> None:
     """`--engine onnx` on an int8 export that gives PyTorch's label too rarely is refused, not served."""
-    from forgeml.errors import ForgeError
     from forgeml.export import int8_finding
 
     finding = int8_finding(read_json(parity_file)) if parity_file.is_file() else None

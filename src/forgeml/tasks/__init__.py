@@ -11,17 +11,31 @@ from pathlib import Path
 from torch import nn
 
 from forgeml.config import ForgeConfig
+from forgeml.data.prepare import PreparedData, prepare
 from forgeml.errors import ArtifactError
 from forgeml.tasks.base import EncodedSplit, Task
+from forgeml.tasks.language_modeling import LanguageModelingTask
 from forgeml.tasks.tabular import TabularTask
 from forgeml.tasks.targets import ClassLabels, NumericTarget, target_from_state
 from forgeml.tasks.text import TextTask
 from forgeml.workspace import read_json
 
-__all__ = ["EncodedSplit", "Task", "build_task", "load_task"]
+__all__ = ["EncodedSplit", "Task", "build_task", "load_task", "prepare_data"]
+
+
+def prepare_data(config: ForgeConfig) -> PreparedData:
+    """The run's splits: labelled tables for prediction tasks, unlabelled documents for language modeling."""
+    if config.task == "language-modeling":
+        from forgeml.data.corpus import prepare_corpus
+
+        return prepare_corpus(config)
+    return prepare(config)
 
 
 def build_task(config: ForgeConfig, input_columns: list[str]) -> Task:
+    if config.task == "language-modeling":
+        model = config.model.model_dump(include={"backbone", "architecture", "style", "tokenizer", "vocab_size"})
+        return LanguageModelingTask(model, config.block_size)
     label = config.data.label
     target = ClassLabels(label) if config.is_classification else NumericTarget(label)
     if config.task.startswith("tabular"):
@@ -35,7 +49,7 @@ def load_task(folder: str | Path) -> tuple[Task, nn.Module]:
     """Rebuild the task and its trained model from a `model/` folder written by `Task.save`."""
     folder = Path(folder)
     state = read_json(folder / "task.json")
-    return _task_class(folder, state).load(folder, state, target_from_state(state["target"]))
+    return _task_class(folder, state).load(folder, state, _target(state))
 
 
 def load_task_inputs(folder: str | Path) -> Task:
@@ -43,10 +57,16 @@ def load_task_inputs(folder: str | Path) -> Task:
     `Task.save_inputs`, e.g. an `export/` folder beside its ONNX files."""
     folder = Path(folder)
     state = read_json(folder / "task.json")
-    return _task_class(folder, state).from_saved(folder, state, target_from_state(state["target"]))
+    return _task_class(folder, state).from_saved(folder, state, _target(state))
 
 
-def _task_class(folder: Path, state: dict) -> type[TextTask] | type[TabularTask]:
+def _target(state: dict):
+    return target_from_state(state["target"]) if "target" in state else None
+
+
+def _task_class(folder: Path, state: dict) -> type[TextTask] | type[TabularTask] | type[LanguageModelingTask]:
+    if state.get("task") == LanguageModelingTask.name:
+        return LanguageModelingTask
     architecture = state.get("model", {}).get("architecture")
     if architecture == "text":
         return TextTask

@@ -49,6 +49,9 @@ class Task(Protocol):
 
     def metrics(self, outputs: np.ndarray, targets: np.ndarray) -> dict[str, Any]: ...
 
+    def evaluation_plots(self, outputs: np.ndarray, targets: np.ndarray, metrics: dict[str, Any], folder: Path) -> None:
+        """Plots of one evaluated split into `folder` (confusion matrix, calibration, scatter, ...)."""
+
     def save(self, folder: Path, model: nn.Module) -> None:
         """Write weights (safetensors) and everything needed to rebuild the task (JSON)."""
 
@@ -94,6 +97,18 @@ class TargetTask:
 
     def metrics(self, outputs: np.ndarray, targets: np.ndarray) -> dict[str, Any]:
         return self.target.metrics(outputs, targets)
+
+    def evaluation_plots(self, outputs: np.ndarray, targets: np.ndarray, metrics: dict[str, Any], folder: Path) -> None:
+        """Confusion matrix and calibration for classes; predicted against true values for a number."""
+        from forgeml.evaluate import plots
+
+        answers = self.predictions(outputs)
+        if "confusion_matrix" in metrics:
+            plots.confusion_matrix(metrics["confusion_matrix"], metrics["classes"], folder / "confusion_matrix.png")
+            plots.calibration(targets, answers["probabilities"], folder / "calibration.png")
+        else:
+            truth = self.predictions(targets.reshape(-1, 1))["value"]
+            plots.regression_scatter(np.asarray(truth), np.asarray(answers["value"]), folder / "predicted_vs_true.png")
 
 
 class TensorSplit:
