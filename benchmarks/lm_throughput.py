@@ -7,8 +7,8 @@ warm-up, cosine decay to 1e-4, AdamW beta2 0.99, weight decay 0.1, gradient clip
 ``--steps`` optimizer steps:
 
 - ``forgeml``: `forgeml.train.loop.train` as `forgeml run` wires it (no evaluation during training);
-- ``trainer``: `transformers.Trainer` (`GPT2LMHeadModel`, blocks pre-packed as `input_ids` with
-  `labels`/`shift_labels` = the next characters, `default_data_collator`, its default optimizer), with
+- ``trainer``: `transformers.Trainer` (`GPT2LMHeadModel`, the same blocks pre-packed as `input_ids` with
+  `labels` a copy, as `run_clm.py` does; `default_data_collator`, its default optimizer), with
   `cosine_with_min_lr`.
 
 Tokens/s = steps * batch * 64 / the training call's wall time (for the Trainer: building it plus
@@ -67,9 +67,9 @@ def train_forgeml(task: Any, model: Any, blocks: Any, config: Any) -> float:
 
 def train_trainer(model: Any, blocks: Any, config: Any, steps: int, folder: Path) -> float:
     rows = blocks.blocks.numpy()
-    dataset = Dataset.from_dict(
-        {"input_ids": rows[:, :-1].tolist(), "labels": rows[:, 1:].tolist(), "shift_labels": rows[:, 1:].tolist()}
-    )
+    # As run_clm.py does: labels are a copy of the inputs and the model shifts them (the Trainer would drop
+    # a `shift_labels` column as unused), so it predicts 63 of each block's 64 next characters.
+    dataset = Dataset.from_dict({"input_ids": rows[:, :-1].tolist(), "labels": rows[:, :-1].tolist()})
     settings = config.train
     arguments = TrainingArguments(
         output_dir=str(folder),
