@@ -119,6 +119,20 @@ def test_forgeml_generate_is_seeded_and_refuses_bad_options(
     assert code == 0
 
 
+def test_evaluate_gives_the_perplexity_of_a_text_file_and_predict_points_to_generate(
+    trained: forgeml.RunResult, tmp_path: Path
+) -> None:
+    seen, unseen = tmp_path / "seen.txt", tmp_path / "unseen.txt"
+    seen.write_text(corpus(40, seed=9), encoding="utf-8")
+    unseen.write_text("zzq xxv qqz vvx " * 20, encoding="utf-8")  # letters the grammar never puts together
+    from forgeml import api  # `forgeml.evaluate` is also the name of a subpackage
+
+    on_seen, on_unseen = api.evaluate(trained.run_dir, seen), api.evaluate(trained.run_dir, unseen)
+    assert on_seen["perplexity"] < 2.0 < on_unseen["perplexity"] and on_seen["tokens"] == len(seen.read_text()) - 1
+    with pytest.raises(forgeml.ForgeError, match="forgeml generate"):
+        api.predict(trained.run_dir, seen, tmp_path / "out.csv")
+
+
 @pytest.mark.parametrize("style", ["llama", "qwen2"])
 def test_a_saved_pretrained_causal_lm_continues_training_with_its_own_tokenizer(style: str, tmp_path: Path) -> None:
     text = tmp_path / "corpus.txt"

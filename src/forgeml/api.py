@@ -144,11 +144,22 @@ class Predictor:
 
         return perplexity(*self._language_model(), texts, stride=stride)
 
+    @property
+    def generates(self) -> bool:
+        """Whether this is a language model (it generates text rather than predicting a label or value)."""
+        return getattr(self.model, "lm", None) is not None
+
+    def _require_predictions(self) -> None:
+        if self.generates:
+            raise ForgeError(
+                f"{self.run.path}: a language model generates text rather than predicting: use forgeml "
+                "generate RUN PROMPT (or Predictor.generate), or forgeml evaluate RUN --data FILE for perplexity"
+            )
+
     def _language_model(self) -> tuple[Any, Any]:
-        lm = getattr(self.model, "lm", None)
-        if lm is None:
+        if not self.generates:
             raise ForgeError(f"{self.run.path}: a {self.task.name} model predicts, it does not generate text")
-        return lm, self.task.tokenizer
+        return self.model.lm, self.task.tokenizer
 
     def prepare_inputs(self, dataset: Dataset) -> Dataset:
         """The text transforms training applied (Unicode normalisation, PII redaction), applied to inputs."""
@@ -179,6 +190,7 @@ class Predictor:
     def _answers(
         self, dataset: Dataset, batch_size: int, show_progress: bool, max_padding: float | None = None
     ) -> dict[str, Any]:
+        self._require_predictions()
         dataset = self.prepare_inputs(dataset)
         encoded = self.task.encode(dataset, "input", with_targets=False)
         outputs, _ = model_outputs(
@@ -221,6 +233,11 @@ def evaluate(run_dir: str | Path, data: str | Path, batch_size: int = 64) -> dic
     """
     predictor = Predictor(run_dir)
     config = predictor.config
+    if predictor.generates:  # a language model: loss and perplexity of the file's documents
+        from forgeml.data.corpus import read_documents
+
+        scores = predictor.perplexity(read_documents(Path(data), config.data.text, config.data.format))
+        return {key: value for key, value in scores.items() if key != "texts"}
     dataset = read_split(Path(data), config, predictor.input_columns)
     text_columns = getattr(predictor.task, "text_columns", [])
     dataset, cleaning = clean(dataset, text_columns, predictor.input_columns, config.data.label, config.data.clean)
@@ -242,6 +259,7 @@ def predict(
 ) -> Path:
     """Predict every row of a file; write its rows plus `prediction` (and `p_<class>`) to CSV or JSONL."""
     predictor = Predictor(run_dir)
+    predictor._require_predictions()
     dataset = read_table(Path(data), predictor.config.data.format)
     answers = predictor._answers(dataset, batch_size, show_progress)
     columns = dataset.to_dict()
