@@ -7,7 +7,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from forgeml.config import FAMILY_DEFAULTS, ForgeConfig, config_schema, dump_config, family_defaults_used, load_config
+from forgeml.config import (
+    FAMILY_DEFAULTS,
+    TASKS,
+    ForgeConfig,
+    config_schema,
+    dump_config,
+    family_defaults_used,
+    load_config,
+)
 from forgeml.errors import ConfigError
 from forgeml.starter import starter_config
 
@@ -124,17 +132,7 @@ def test_schema_describes_every_section() -> None:
     assert schema["additionalProperties"] is False
 
 
-@pytest.mark.parametrize(
-    "task",
-    [
-        "text-classification",
-        "text-pair-classification",
-        "regression",
-        "tabular-classification",
-        "tabular-regression",
-        "language-modeling",
-    ],
-)
+@pytest.mark.parametrize("task", TASKS)
 def test_starter_configs_are_valid_and_annotated(task: str, tmp_path: Path) -> None:
     text = starter_config(task)
     assert "# " in text and f"task: {task}" in text
