@@ -5,7 +5,12 @@ and corpora come from a text file, a folder of files or a table column."""
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -217,3 +222,42 @@ def test_language_modeling_config_errors_name_the_key(change: dict, named: str, 
         config[section] = {**config.get(section, {}), **values}
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
         load_config(yaml.safe_load(yaml.safe_dump(config)))
+
+
+def test_a_language_model_killed_mid_training_resumes_to_the_same_result(tmp_path: Path) -> None:
+    # ~1,000 blocks of 32 characters, batch 16 -> 63 steps an epoch; killed in epoch 1, resumed into epoch 2.
+    text = tmp_path / "corpus.txt"
+    text.write_text(corpus(1500), encoding="utf-8")
+    config = lm_config(text, max_steps=120, eval_every=40, checkpoint_every=10)
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    reference = forgeml.run(config, workspace=tmp_path / "reference")
+
+    workspace = tmp_path / "killed"
+    command = [sys.executable, "-m", "forgeml.cli", "run", str(config_path), "--quiet", "--workspace", str(workspace)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    checkpoints = None
+    while time.monotonic() < deadline and process.poll() is None:
+        found = list(workspace.glob("runs/tiny_lm/*/checkpoints/step-00000050"))
+        if found:
+            checkpoints = found[0].parent
+            break
+        time.sleep(0.02)  # polling for the checkpoint file, not timing anything
+    assert process.poll() is None, f"run ended before it could be killed: {process.stderr.read().decode()[-2000:]}"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    run_dir = checkpoints.parent
+    assert not (run_dir / "metrics.json").exists()
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "forgeml.cli", "run", "--resume", str(run_dir), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["validation"] == reference.metrics["validation"]
+    assert metrics["training"]["steps"] == reference.metrics["training"]["steps"] == 120
+    assert (run_dir / "samples.jsonl").read_text() == (reference.run_dir / "samples.jsonl").read_text()
