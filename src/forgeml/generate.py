@@ -156,9 +156,10 @@ def _decode(
         generator.manual_seed(options.seed)
     was_training = model.training
     model.eval()
+    arguments = _forward_arguments(model)  # read from the signature once, not at every token
     try:
         seen = torch.tensor([prompt_ids], device=model.device)
-        logits, cache = _forward(model, seen, cache=None)
+        logits, cache = _forward(model, seen, None, arguments)
         generated: list[int] = []
         sent = ""  # the text yielded so far
         while True:
@@ -168,9 +169,9 @@ def _decode(
                 break
             if generated and context is not None and seen.shape[1] > context:
                 # The window slides: positions shift by one, so the cached keys and values no longer apply.
-                logits, cache = _forward(model, seen[:, -context:], cache=None)
+                logits, cache = _forward(model, seen[:, -context:], None, arguments)
             elif generated:
-                logits, cache = _forward(model, seen[:, -1:], cache)
+                logits, cache = _forward(model, seen[:, -1:], cache, arguments)
             token = _next_token(logits, seen, options, generator)
             if token in end_ids:
                 progress.finish_reason = FINISH_STOP
@@ -235,23 +236,28 @@ def _end_of_sequence_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
 
 
 @torch.inference_mode()
-def _forward(model: PreTrainedModel, input_ids: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+def _forward(
+    model: PreTrainedModel, input_ids: torch.Tensor, cache: Any, arguments: tuple[str, dict[str, Any]]
+) -> tuple[torch.Tensor, Any]:
     """The float32 next-token logits after `input_ids` (appended to `cache`), and the updated cache.
 
-    Inference mode is entered here rather than around the decoding loop, which yields: a `with` block
-    held across a `yield` would leave the caller's own code in inference mode between pieces.
+    `arguments` is `_forward_arguments(model)`. Inference mode is entered here rather than around the
+    decoding loop, which yields: a `with` block held across a `yield` would leave the caller's own code
+    in inference mode between pieces.
     """
-    cache_argument = _cache_argument_name(model)
-    extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    cache_argument, extra = arguments
     outputs = model(input_ids=input_ids, use_cache=True, **{cache_argument: cache}, **extra)
     # transformers 5.x renamed the cache output `past_key_values` to `cache` (the old name warns).
     cache = outputs["cache"] if "cache" in outputs else outputs["past_key_values"]
     return outputs.logits[0, -1].float(), cache
 
 
-def _cache_argument_name(model: PreTrainedModel) -> str:
-    """`cache` in recent transformers 5.x; `past_key_values` before (and in models not yet renamed)."""
-    return "cache" if _accepts(model, "cache") else "past_key_values"
+def _forward_arguments(model: PreTrainedModel) -> tuple[str, dict[str, Any]]:
+    """The name of the cache argument (`cache` in recent transformers 5.x; `past_key_values` before and in
+    models not yet renamed), and `logits_to_keep=1` where the model takes it (only the last position's
+    logits are needed)."""
+    cache_argument = "cache" if _accepts(model, "cache") else "past_key_values"
+    return cache_argument, ({"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {})
 
 
 def _accepts(model: PreTrainedModel, argument: str) -> bool:

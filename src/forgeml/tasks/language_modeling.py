@@ -22,14 +22,14 @@ import torch
 from datasets import Dataset
 from torch import nn
 from torch.nn import functional
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from forgeml.config import NEW_GPT
 from forgeml.data.io import column
 from forgeml.data.packing import pack_documents
 from forgeml.errors import ConfigError, DataError, ForgeError
 from forgeml.models.gpt import gpt_from_architecture, parameter_count
-from forgeml.models.hf import quiet_loading, resolve_backbone
+from forgeml.models.hf import load_tokenizer, quiet_loading, resolve_backbone
 from forgeml.models.tokenizers import train_tokenizer
 from forgeml.workspace import atomic_write_json
 
@@ -91,7 +91,7 @@ class LanguageModelingTask:
         self.block_size = block_size
         self.tokenizer = tokenizer
         if tokenizer is None and self.model_options["tokenizer"] == "backbone":
-            self.tokenizer = _load_tokenizer(self.model_options["backbone"])
+            self.tokenizer = load_tokenizer(self.model_options["backbone"])
 
     @property
     def text_columns(self) -> list[str]:
@@ -190,20 +190,12 @@ class LanguageModelingTask:
 
     @classmethod
     def from_saved(cls, folder: Path, state: dict[str, Any], target: Any = None) -> LanguageModelingTask:
-        return cls(dict(state["model"]), int(state["block_size"]), _load_tokenizer(str(folder)))
+        return cls(dict(state["model"]), int(state["block_size"]), load_tokenizer(str(folder)))
 
     @classmethod
     def load(cls, folder: Path, state: dict[str, Any], target: Any = None) -> tuple[LanguageModelingTask, CausalLM]:
         task = cls.from_saved(folder, state)
         return task, CausalLM(_load_causal_lm(str(folder)))
-
-
-def _load_tokenizer(location: str) -> PreTrainedTokenizerBase:
-    try:
-        with quiet_loading():
-            return AutoTokenizer.from_pretrained(resolve_backbone(location))
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"model.backbone: cannot load a tokenizer from {location!r}: {error}") from None
 
 
 def _load_causal_lm(location: str) -> PreTrainedModel:
