@@ -522,23 +522,14 @@ class ForgeConfig(Section):
 
     @model_validator(mode="after")
     def _backbone_fits_task(self) -> ForgeConfig:
-        tabular = self.task.startswith("tabular")
         if self.task == "language-modeling":
-            return self._check_language_modeling()
-        if self.model.backbone is None:
-            self.model.backbone = "mlp" if tabular else "minilm"
-        if self.model.backbone == NEW_GPT or self.model.architecture or self.model.tokenizer or self.model.vocab_size:
-            raise ValueError(
-                f"model.backbone gpt, model.architecture, model.tokenizer and model.vocab_size are for task "
-                f"'language-modeling'; task is {self.task!r}"
-            )
-        if tabular and self.model.backbone != "mlp":
-            raise ValueError(f"model.backbone: task {self.task!r} needs 'mlp', got {self.model.backbone!r}")
-        if not tabular and self.model.backbone == "mlp":
-            raise ValueError(f"model.backbone: 'mlp' works for tabular tasks only; task is {self.task!r}")
+            self._check_language_modeling()
+            allowed = LANGUAGE_MODEL_METRICS
+        else:
+            self._check_predictive_backbone()
+            allowed = CLASSIFICATION_METRICS if self.is_classification else REGRESSION_METRICS
         self.train.fill_family_defaults(self.family)
         stopping = self.train.early_stopping
-        allowed = CLASSIFICATION_METRICS if self.is_classification else REGRESSION_METRICS
         if stopping and stopping.metric and stopping.metric not in allowed:
             raise ValueError(
                 f"train.early_stopping.metric: {stopping.metric!r} is not a {self.task} metric; "
@@ -555,7 +546,22 @@ class ForgeConfig(Section):
             raise ValueError("data.text_pair: task 'text-pair-classification' needs a second text column")
         return self
 
-    def _check_language_modeling(self) -> ForgeConfig:
+    def _check_predictive_backbone(self) -> None:
+        """An encoder for text tasks, an MLP for tabular ones; the language-model keys are refused."""
+        tabular = self.task.startswith("tabular")
+        if self.model.backbone is None:
+            self.model.backbone = "mlp" if tabular else "minilm"
+        if self.model.backbone == NEW_GPT or self.model.architecture or self.model.tokenizer or self.model.vocab_size:
+            raise ValueError(
+                f"model.backbone gpt, model.architecture, model.tokenizer and model.vocab_size are for task "
+                f"'language-modeling'; task is {self.task!r}"
+            )
+        if tabular and self.model.backbone != "mlp":
+            raise ValueError(f"model.backbone: task {self.task!r} needs 'mlp', got {self.model.backbone!r}")
+        if not tabular and self.model.backbone == "mlp":
+            raise ValueError(f"model.backbone: 'mlp' works for tabular tasks only; task is {self.task!r}")
+
+    def _check_language_modeling(self) -> None:
         """Backbone, architecture and tokenizer of a causal LM; what does not apply to one is refused."""
         model = self.model
         if model.backbone is None:
@@ -586,13 +592,6 @@ class ForgeConfig(Section):
             model.vocab_size = model.vocab_size or DEFAULT_BPE_VOCAB
         elif model.vocab_size is not None:
             raise ValueError("model.vocab_size: applies to model.tokenizer bpe only")
-        self.train.fill_family_defaults(self.family)
-        stopping = self.train.early_stopping
-        if stopping and stopping.metric and stopping.metric not in LANGUAGE_MODEL_METRICS:
-            raise ValueError(
-                f"train.early_stopping.metric: {stopping.metric!r} is not a language-modeling metric; "
-                f"choose one of {', '.join(LANGUAGE_MODEL_METRICS)}"
-            )
         for key, value in (
             ("audit", self.audit),
             ("compress", self.compress),
@@ -606,7 +605,6 @@ class ForgeConfig(Section):
         ):
             if value:
                 raise ValueError(f"{key}: not available for task 'language-modeling' yet; remove it")
-        return self
 
     @property
     def family(self) -> str:

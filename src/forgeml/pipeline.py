@@ -34,10 +34,17 @@ from forgeml.report.card import write_card
 from forgeml.store import Store, database_url
 from forgeml.tasks import Task, build_task, prepare_data
 from forgeml.train.loop import TrainResult, seed_everything, train
-from forgeml.workspace import RunDir, atomic_write_json, atomic_write_text, clear_running, mark_running, read_json
+from forgeml.workspace import (
+    SAMPLES,
+    RunDir,
+    atomic_write_json,
+    atomic_write_text,
+    clear_running,
+    mark_running,
+    read_json,
+)
 
 logger = logging.getLogger(__name__)
-SAMPLES = "samples.jsonl"  # a generative run's sample generations, one JSON object per line
 
 
 @dataclass

@@ -15,6 +15,7 @@ from typing import Any
 from forgeml.errors import ArtifactError
 
 MANIFEST = "manifest.json"
+SAMPLES = "samples.jsonl"  # a generative run's sample generations, one JSON object per line
 # Checkpoints are rewritten while training and are only read by `resume`, which checks them itself.
 UNHASHED_DIRS = ("checkpoints",)
 

@@ -22,7 +22,7 @@ import yaml
 
 from forgeml.config import LOWER_IS_BETTER, family_defaults_used
 from forgeml.errors import ArtifactError
-from forgeml.workspace import atomic_write_text, read_json
+from forgeml.workspace import SAMPLES, atomic_write_text, read_json
 
 SPLIT_ORDER = ("train", "validation", "test")
 METRIC_ORDER = ("accuracy", "f1", "precision", "recall", "log_loss", "roc_auc", "mae", "rmse", "mse", "r2")
@@ -64,7 +64,6 @@ LABELS = {"lr": "Learning rate", "grad_accum_steps": "Gradient accumulation step
 TEXT_MODEL_KEYS = ("backbone", "max_length", "pooling", "dropout")
 TABULAR_MODEL_KEYS = ("backbone", "hidden_sizes", "dropout", "categorical", "embedding_dim")
 LANGUAGE_MODEL_KEYS = ("backbone", "style", "architecture", "tokenizer", "vocab_size")
-SAMPLES = "samples.jsonl"
 WEIGHTS = "model/model.safetensors"
 BASELINE_METRICS = ("accuracy", "f1", "mae", "rmse", "r2")  # shown beside the primary metric
 FRACTION_METRICS = ("accuracy", "f1", "precision", "recall", "roc_auc", "r2")  # differences read as points
