@@ -6,7 +6,11 @@ from __future__ import annotations
 import csv
 import os
 import random
+import signal
 import string
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -115,3 +119,32 @@ def shared_datasets() -> Path:
     if not DATASETS.is_dir():
         pytest.skip(f"real datasets not found at {DATASETS} (they live in ../shared/datasets beside the checkout)")
     return DATASETS
+
+
+def kill_at_checkpoint(config_path: Path, workspace: Path, checkpoint: str) -> Path:
+    """Start `forgeml run CONFIG` in a subprocess, SIGKILL it once `checkpoint` (a glob below the workspace,
+    e.g. "runs/tiny/*/checkpoints/step-00000070") exists, and return the killed run's directory."""
+    command = [sys.executable, "-m", "forgeml.cli", "run", str(config_path), "--quiet", "--workspace", str(workspace)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    found: list[Path] = []
+    while time.monotonic() < deadline and process.poll() is None and not found:
+        found = list(workspace.glob(checkpoint))
+        if not found:
+            time.sleep(0.02)  # polling for the checkpoint file, not timing anything
+    assert process.poll() is None, f"run ended before it could be killed: {process.stderr.read().decode()[-2000:]}"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert found, "no checkpoint appeared within 300 s"
+    return found[0].parent.parent
+
+
+def resume_run(run_dir: Path) -> None:
+    """`forgeml run --resume RUN_DIR` in a subprocess; it must succeed."""
+    resumed = subprocess.run(
+        [sys.executable, "-m", "forgeml.cli", "run", "--resume", str(run_dir), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -5,12 +5,7 @@ and corpora come from a text file, a folder of files or a table column."""
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -30,7 +25,7 @@ from forgeml.config import load_config
 from forgeml.errors import ConfigError
 from forgeml.models.tokenizers import char_tokenizer
 
-from conftest import write_csv
+from conftest import kill_at_checkpoint, resume_run, write_csv
 
 SUBJECTS = ["the cat", "a dog", "the bird", "my fox"]
 PLACES = ["on the mat", "in the hall", "by the door", "under a tree"]
@@ -233,30 +228,10 @@ def test_a_language_model_killed_mid_training_resumes_to_the_same_result(tmp_pat
     config_path.write_text(yaml.safe_dump(config))
     reference = forgeml.run(config, workspace=tmp_path / "reference")
 
-    workspace = tmp_path / "killed"
-    command = [sys.executable, "-m", "forgeml.cli", "run", str(config_path), "--quiet", "--workspace", str(workspace)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
-    checkpoints = None
-    while time.monotonic() < deadline and process.poll() is None:
-        found = list(workspace.glob("runs/tiny_lm/*/checkpoints/step-00000050"))
-        if found:
-            checkpoints = found[0].parent
-            break
-        time.sleep(0.02)  # polling for the checkpoint file, not timing anything
-    assert process.poll() is None, f"run ended before it could be killed: {process.stderr.read().decode()[-2000:]}"
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    run_dir = checkpoints.parent
+    run_dir = kill_at_checkpoint(config_path, tmp_path / "killed", "runs/tiny_lm/*/checkpoints/step-00000050")
     assert not (run_dir / "metrics.json").exists()
 
-    resumed = subprocess.run(
-        [sys.executable, "-m", "forgeml.cli", "run", "--resume", str(run_dir), "--quiet"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resume_run(run_dir)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["validation"] == reference.metrics["validation"]
     assert metrics["training"]["steps"] == reference.metrics["training"]["steps"] == 120

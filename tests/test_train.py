@@ -4,12 +4,9 @@ run killed with SIGKILL resumes to the same result as one that was never interru
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +20,7 @@ from forgeml.train.checkpoint import latest_checkpoint, load_checkpoint, save_ch
 from forgeml.train.loop import epoch_batches, make_optimizer, make_scheduler
 from forgeml.train.progress import ProgressBar, progress_enabled, progress_mode
 
-from conftest import write_csv
+from conftest import kill_at_checkpoint, resume_run, write_csv
 
 
 def test_text_classification_learns(text_config: dict, tmp_path: Path) -> None:
@@ -252,31 +249,12 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(text_config:
     reference = forgeml.run(text_config, workspace=tmp_path / "reference")
 
     workspace = tmp_path / "killed"
-    command = [sys.executable, "-m", "forgeml.cli", "run", str(config_path), "--quiet", "--workspace", str(workspace)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
-    checkpoints = None
-    while time.monotonic() < deadline and process.poll() is None:
-        found = list(workspace.glob("runs/tiny/*/checkpoints/step-00000070"))  # mid-epoch 2
-        if found:
-            checkpoints = found[0].parent
-            break
-        time.sleep(0.02)
-    assert process.poll() is None, f"run ended before it could be killed: {process.stderr.read().decode()[-2000:]}"
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    run_dir = checkpoints.parent
+    run_dir = kill_at_checkpoint(config_path, workspace, "runs/tiny/*/checkpoints/step-00000070")  # mid-epoch 2
     assert not (run_dir / "metrics.json").exists()  # killed before it finished
-    step = json.loads((latest_checkpoint(checkpoints) / "state.json").read_text())["trainer"]["step"]
+    step = json.loads((latest_checkpoint(run_dir / "checkpoints") / "state.json").read_text())["trainer"]["step"]
     assert 70 <= step < 106
 
-    resumed = subprocess.run(
-        [sys.executable, "-m", "forgeml.cli", "run", "--resume", str(run_dir), "--quiet"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resume_run(run_dir)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["test"] == reference.metrics["test"]
     assert metrics["validation"] == reference.metrics["validation"]
