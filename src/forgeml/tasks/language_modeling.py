@@ -12,6 +12,7 @@ numbers per block, not a [tokens, vocabulary] array of logits.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -158,10 +159,11 @@ class LanguageModelingTask:
         """Seeded generations from a line break and from the starts of held-out lines (card, samples.jsonl)."""
         from forgeml.generate import GenerationOptions, generate
 
-        lines = [line.strip() for text in column(held_out, "text")[:50] for line in text.splitlines()]
-        candidates = ["\n", *[line[:PROMPT_CHARACTERS] for line in lines if len(line) >= 8]]
-        # A tokenizer may drop some text entirely (a line break, say): only prompts that give tokens.
-        prompts = [prompt for prompt in candidates if self.tokenizer(prompt)["input_ids"]][:SAMPLE_COUNT]
+        lines = (line.strip() for text in column(held_out, "text")[:50] for line in text.splitlines())
+        candidates = itertools.chain(["\n"], (line[:PROMPT_CHARACTERS] for line in lines if len(line) >= 8))
+        # A tokenizer may drop some text entirely (a line break, say): only prompts that give tokens. Lazily:
+        # a held-out text has thousands of lines and three are needed.
+        prompts = list(itertools.islice((p for p in candidates if self.tokenizer(p)["input_ids"]), SAMPLE_COUNT))
         options = GenerationOptions(max_new_tokens=SAMPLE_TOKENS, temperature=0.8, top_k=40, seed=seed)
         samples = []
         for prompt in prompts:
