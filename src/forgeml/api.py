@@ -23,7 +23,7 @@ from forgeml.data.clean import clean, normalize_text
 from forgeml.data.io import column, read_table, replace_column
 from forgeml.data.prepare import read_split, redact_pii
 from forgeml.encryption import MODEL_FILES, on_plaintext, plaintext_view, refuse_encrypted, wants_encryption
-from forgeml.errors import ForgeError
+from forgeml.errors import ConfigError, ForgeError
 from forgeml.evaluate.outputs import model_outputs
 from forgeml.pipeline import RunResult, dataset_from_rows, evaluate_split, execute, rerun_config
 from forgeml.report.card import write_card
@@ -125,18 +125,38 @@ class Predictor:
             ]
         return [{"value": float(v)} for v in answers["value"]]
 
-    def generate(self, prompt: str, options: GenerationOptions | None = None, **settings: Any) -> str:
+    def generate(
+        self, prompt: str | list[dict[str, str]], options: GenerationOptions | None = None, **settings: Any
+    ) -> str:
         """The continuation of `prompt` from a language-modeling run, e.g.
-        `generate("ROMEO:", max_new_tokens=100, temperature=0.8, seed=1)`; settings as `GenerationOptions`."""
+        `generate("ROMEO:", max_new_tokens=100, temperature=0.8, seed=1)`; settings as `GenerationOptions`.
+
+        An instruction-tuned model answers: the prompt is one user turn (or a list of {role, content}
+        messages), rendered with the run's template as in training."""
         from forgeml.generate import generate
 
-        return generate(*self._language_model(), prompt, _options(options, settings)).text
+        model, tokenizer = self._language_model()
+        return generate(model, tokenizer, self._prompt(prompt), _options(options, settings)).text
 
-    def stream(self, prompt: str, options: GenerationOptions | None = None, **settings: Any) -> Iterator[str]:
+    def stream(
+        self, prompt: str | list[dict[str, str]], options: GenerationOptions | None = None, **settings: Any
+    ) -> Iterator[str]:
         """The continuation of `prompt`, piece by piece as it is generated (same settings as `generate`)."""
         from forgeml.generate import stream
 
-        return stream(*self._language_model(), prompt, _options(options, settings))
+        model, tokenizer = self._language_model()
+        return stream(model, tokenizer, self._prompt(prompt), _options(options, settings))
+
+    def _prompt(self, prompt: str | list[dict[str, str]]) -> str | list[int]:
+        """What the model is given: the text as it is, or for an instruction-tuned model the rendered request."""
+        render = getattr(self.task, "prompt_ids", None)
+        if render is None:
+            if not isinstance(prompt, str):
+                raise ForgeError("prompt: a language model continues text; give a string, not messages")
+            return prompt
+        if isinstance(prompt, str) and not prompt:
+            raise ConfigError("prompt: empty; give at least one character")
+        return render(prompt)
 
     def perplexity(self, texts: list[str], stride: int | None = None) -> dict[str, Any]:
         """Loss and perplexity of the model on `texts` (longer ones scored with a sliding window)."""
@@ -147,13 +167,18 @@ class Predictor:
     @property
     def generates(self) -> bool:
         """Whether this is a language model (it generates text rather than predicting a label or value)."""
-        return getattr(self.model, "lm", None) is not None
+        return getattr(self.task, "generates", False)
 
     def _require_predictions(self) -> None:
         if self.generates:
             raise ForgeError(
                 f"{self.run.path}: a language model generates text rather than predicting: use forgeml "
                 "generate RUN PROMPT (or Predictor.generate), or forgeml evaluate RUN --data FILE for perplexity"
+            )
+        if getattr(self.task, "target", None) is None:
+            raise ForgeError(
+                f"{self.run.path}: a {self.task.name} run is a pre-trained encoder, not a predictor: fine-tune it "
+                f"for a text task with model.backbone: {self.run.path}"
             )
 
     def _language_model(self) -> tuple[Any, Any]:
@@ -233,11 +258,23 @@ def evaluate(run_dir: str | Path, data: str | Path, batch_size: int = 64) -> dic
     """
     predictor = Predictor(run_dir)
     config = predictor.config
-    if predictor.generates:  # a language model: loss and perplexity of the file's documents
+    task = predictor.task
+    if config.task == "language-modeling":  # loss and perplexity of the file's documents, however long
         from forgeml.data.corpus import read_documents
 
         scores = predictor.perplexity(read_documents(Path(data), config.data.text, config.data.format))
         return {key: value for key, value in scores.items() if key != "texts"}
+    if task.target is None:  # instruction tuning, masked LM: the run's own loss (and answers) on the file
+        stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+        folder = predictor.run.path / "evaluations" / f"{Path(data).stem}-{stamp}"
+        folder.mkdir(parents=True, exist_ok=True)
+        dataset = task.read_file(Path(data), config)
+        metrics = evaluate_split(task, predictor.model, task.encode(dataset, str(data)), batch_size, folder)
+        generation = config.evaluate.generation
+        if generation and generation.enabled and hasattr(task, "evaluate_generations"):
+            metrics |= task.evaluate_generations(predictor.model, dataset, generation.model_dump(), 0, folder)
+        atomic_write_json(folder / "metrics.json", {"data": str(Path(data).resolve()), **metrics})
+        return metrics
     dataset = read_split(Path(data), config, predictor.input_columns)
     text_columns = getattr(predictor.task, "text_columns", [])
     dataset, cleaning = clean(dataset, text_columns, predictor.input_columns, config.data.label, config.data.clean)

@@ -23,6 +23,8 @@ TASKS = (
     "tabular-classification",
     "tabular-regression",
     "language-modeling",
+    "instruction-tuning",
+    "masked-lm",
 )
 TaskName = Literal[
     "text-classification",
@@ -31,14 +33,19 @@ TaskName = Literal[
     "tabular-classification",
     "tabular-regression",
     "language-modeling",
+    "instruction-tuning",
+    "masked-lm",
 ]
+# Tasks that model text itself (no label): loss and perplexity are their metrics.
+GENERATIVE_TASKS = ("language-modeling", "instruction-tuning", "masked-lm")
 # Validation metrics early stopping can watch, and those where a smaller value is better.
 CLASSIFICATION_METRICS = ("f1", "accuracy", "precision", "recall", "roc_auc", "log_loss", "loss")
 REGRESSION_METRICS = ("rmse", "mae", "mse", "r2", "loss")
 LANGUAGE_MODEL_METRICS = ("loss", "perplexity", "bits_per_character")
 LOWER_IS_BETTER = frozenset({"loss", "log_loss", "mae", "rmse", "mse", "perplexity", "bits_per_character"})
-# `model.backbone` naming a new causal LM built from `model.architecture` (not a pre-trained one).
+# `model.backbone` naming a new causal LM / BERT-style encoder built from `model.architecture` (not a pre-trained one).
 NEW_GPT = "gpt"
+NEW_ENCODER = "bert"
 # nanoGPT's small CPU model for character-level Shakespeare ("baby GPT" scaled down).
 DEFAULT_GPT_ARCHITECTURE = {"n_layer": 4, "n_head": 4, "n_embd": 128, "context": 64, "dropout": 0.0}
 DEFAULT_BPE_VOCAB = 4096
@@ -97,26 +104,49 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "min_lr_ratio": 0.0,
         "adam_beta2": 0.999,
     },
+    # A BERT-style encoder pre-trained from scratch with masked-LM (RoBERTa's small-model recipe, shortened).
+    "bert": {
+        "lr": 5.0e-4,
+        "epochs": 10,
+        "batch_size": 32,
+        "scheduler": "linear",
+        "warmup_ratio": 0.06,
+        "weight_decay": 0.01,
+        "early_stopping.patience": 3,
+        "early_stopping.metric": "loss",
+        "min_lr_ratio": 0.0,
+        "adam_beta2": 0.98,
+    },
 }
+# LoRA trains a few new low-rank matrices from zero, so it wants a larger step than full fine-tuning
+# (Hu et al. 2021 used 4e-4 to 5e-4 for RoBERTa on GLUE; QLoRA 2e-4 for causal LMs); the rest is the family's.
+LORA_LR = {"encoder": 5.0e-4, "causal-lm": 2.0e-4}
+for _family, _lr in LORA_LR.items():
+    FAMILY_DEFAULTS[f"{_family}-lora"] = {**FAMILY_DEFAULTS[_family], "lr": _lr}
 
 
-def model_family(backbone: str | None, task: str | None = None) -> str:
-    """The FAMILY_DEFAULTS key of a `model.backbone` for `task`: 'mlp'; 'gpt' (a new causal LM);
-    'causal-lm' (a pre-trained one, for language modeling); else a pre-trained 'encoder'."""
+def model_family(backbone: str | None, task: str | None = None, lora: bool = False) -> str:
+    """The FAMILY_DEFAULTS key of a `model.backbone` for `task`: 'mlp'; 'gpt' (a new causal LM); 'causal-lm'
+    (a pre-trained one); 'bert' (a new encoder); else a pre-trained 'encoder'. With LoRA adapters on a
+    pre-trained model, '<family>-lora'."""
     if backbone == "mlp":
         return "mlp"
-    if task == "language-modeling":
-        return "gpt" if backbone == NEW_GPT else "causal-lm"
-    return "encoder"
+    if task in ("language-modeling", "instruction-tuning"):
+        family = "gpt" if backbone == NEW_GPT else "causal-lm"
+    else:
+        family = "bert" if task == "masked-lm" and backbone == NEW_ENCODER else "encoder"
+    return f"{family}-lora" if lora and family in LORA_LR else family
 
 
-def family_defaults_used(train: dict[str, Any], backbone: str | None, task: str | None = None) -> dict[str, str]:
+def family_defaults_used(
+    train: dict[str, Any], backbone: str | None, task: str | None = None, lora: bool = False
+) -> dict[str, str]:
     """Train keys (dotted below `train`) whose value in `train` is its family's default -> the family.
 
     Works on plain dicts (a run's config.yaml) as on a validated config (`model_dump()`), so the card
     can say "lr 0.001 (default for mlp)" for any run directory.
     """
-    family = model_family(backbone, task)
+    family = model_family(backbone, task, lora)
     used = {}
     for key, default in FAMILY_DEFAULTS[family].items():
         value: Any = train
@@ -132,6 +162,8 @@ def _family_note(key: str) -> str:
         f"{family} {value if isinstance(value, str) else format(value, 'g')}"
         for family, defaults in FAMILY_DEFAULTS.items()
         if (value := defaults.get(key)) is not None
+        # A LoRA family is named only where it differs from its base family (the learning rate).
+        and not (family.endswith("-lora") and value == FAMILY_DEFAULTS[family.removesuffix("-lora")].get(key))
     )
     return f"default by model family: {values}"
 
@@ -207,10 +239,26 @@ class DataConfig(Section):
     validation: Path | None = None
     test: Path | None = None
     format: Literal["auto", "csv", "tsv", "jsonl", "parquet"] = "auto"
-    text: str = Field("text", description="input text column (premise for NLI)")
+    text: str = Field("text", description="input text column (premise for NLI; the documents for language models)")
     text_pair: str | None = Field(None, description="second text column (hypothesis for NLI)")
     label: str = "label"
     features: list[str] | None = Field(None, description="tabular input columns; default: every column but the label")
+    prompt: str | None = Field(None, description="instruction tuning: the prompt column (with data.response)")
+    response: str | None = Field(None, description="instruction tuning: the response column the model learns to write")
+    messages: str | None = Field(
+        None, description="instruction tuning: a column of conversations, each a list of {role, content}"
+    )
+    template: Literal["auto", "chat", "plain"] = Field(
+        "auto",
+        description="instruction tuning: 'chat' renders examples with the tokenizer's chat template (a built-in "
+        "one when it has none); 'plain' joins prompt and response as they are; 'auto': chat when the tokenizer "
+        "has a template or the data are messages, else plain",
+    )
+    packing: bool = Field(
+        False, description="instruction tuning: pack short examples into full rows (no attention across examples)"
+    )
+    mask_probability: float = Field(0.15, gt=0.0, lt=1.0, description="masked-lm: share of tokens to predict")
+    whole_word_mask: bool = Field(False, description="masked-lm: mask every piece of a chosen word together")
     sample: dict[Literal["train", "validation", "test"], int] | None = Field(
         None, description="seeded random subset size per split, e.g. {train: 4000}"
     )
@@ -230,13 +278,26 @@ class DataConfig(Section):
         return value
 
 
+class LoraConfig(Section):
+    """LoRA adapters (Hu et al. 2021, with PEFT): the pre-trained weights stay frozen, low-rank updates train."""
+
+    r: int = Field(8, ge=1, le=1024, description="rank of each update")
+    alpha: float = Field(16.0, gt=0.0, description="scaling: the update is multiplied by alpha / r")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="dropout on the adapter's input")
+    target_modules: list[str] | None = Field(
+        None, description="names of the Linear layers to adapt; default: PEFT's choice for the architecture"
+    )
+    merge: bool = Field(True, description="also merge the adapter into a full model in model/ (else adapter only)")
+
+
 class ModelConfig(Section):
     """The network: a pre-trained text backbone with a head, an MLP for tabular data, or a causal LM."""
 
     backbone: str | None = Field(
         None,
-        description="'minilm' (bundled), a Hugging Face id or local path, 'mlp', or 'gpt' (a new causal LM "
-        "from model.architecture); default: minilm for text, mlp for tabular, gpt for language modeling",
+        description="'minilm' (bundled), a Hugging Face id, a local folder or a forgeml run directory (name/latest: "
+        "its newest finished run), 'mlp', 'gpt' (a new causal LM) or 'bert' (a new encoder), both sized by "
+        "model.architecture; default: minilm for text and masked-lm, mlp for tabular, gpt for language modeling",
     )
     architecture: dict[str, Any] | None = Field(
         None,
@@ -244,12 +305,15 @@ class ModelConfig(Section):
         "default {n_layer: 4, n_head: 4, n_embd: 128, context: 64}",
     )
     style: Literal["gpt2", "llama"] = Field("gpt2", description="backbone gpt: GPT-2 or Llama blocks")
-    tokenizer: Literal["char", "bpe", "backbone"] | None = Field(
+    tokenizer: Literal["char", "bpe", "wordpiece", "backbone"] | None = Field(
         None,
-        description="language modeling: 'char' or 'bpe' trained on the training split, or the backbone's own; "
-        "default: char for gpt, backbone otherwise",
+        description="language models: 'char', 'bpe' or 'wordpiece' (masked-lm) trained on the training split, or "
+        "the backbone's own; default: char for gpt, wordpiece for bert, backbone otherwise",
     )
-    vocab_size: int | None = Field(None, ge=257, description="tokenizer bpe: vocabulary size (default 4096)")
+    vocab_size: int | None = Field(
+        None, ge=257, description="tokenizer bpe / wordpiece: vocabulary size (default 4096)"
+    )
+    lora: LoraConfig | None = Field(None, description="train LoRA adapters instead of every weight (needs peft)")
     max_length: int = Field(128, ge=8, le=8192, description="tokens per input (longer inputs are truncated)")
     pooling: Literal["mean", "cls"] = "mean"
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
@@ -339,6 +403,9 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(200, ge=1, description="save a resumable checkpoint every N optimizer steps")
     keep_checkpoints: int = Field(2, ge=1)
     seed: int = 42
+    loss_on: Literal["response", "all"] = Field(
+        "response", description="instruction tuning: learn from response tokens only, or from prompts as well"
+    )
     threads: int | None = Field(None, ge=1, description="CPU threads; default: torch's choice")
     privacy: DifferentialPrivacyConfig | None = Field(None, description="differentially private training (DP-SGD)")
     adversarial: AdversarialConfig | None = Field(None, description="adversarial training on word embeddings")
@@ -355,6 +422,19 @@ class TrainConfig(Section):
         return self
 
 
+class GenerationEvalConfig(Section):
+    """Instruction tuning: generate an answer to each test prompt and score it against the reference response."""
+
+    enabled: bool = True
+    metric: Literal["exact_match", "contains", "rouge_l"] = Field(
+        "exact_match",
+        description="exact_match: same text (trimmed, case-folded); contains: the reference occurs in the answer; "
+        "rouge_l: longest-common-subsequence F1 over words",
+    )
+    max_new_tokens: int = Field(64, ge=1, le=4096)
+    max_examples: int | None = Field(500, ge=1, description="test prompts answered (seeded choice); null: all")
+
+
 class EvaluateConfig(Section):
     cross_validation: int | None = Field(None, ge=2, le=50, description="k for stratified k-fold; null disables")
     batch_size: int = Field(64, ge=1)
@@ -362,6 +442,9 @@ class EvaluateConfig(Section):
         True,
         description="also fit simple baselines on the same splits (majority class or mean; TF-IDF or linear "
         "model + logistic/ridge regression) and show their scores beside the model's",
+    )
+    generation: GenerationEvalConfig | None = Field(
+        None, description="instruction tuning: answers generated for test prompts and scored (on by default)"
     )
 
 
@@ -522,12 +605,32 @@ class ForgeConfig(Section):
 
     @model_validator(mode="after")
     def _backbone_fits_task(self) -> ForgeConfig:
-        if self.task == "language-modeling":
-            self._check_language_modeling()
-            allowed = LANGUAGE_MODEL_METRICS
+        if self.task in GENERATIVE_TASKS:
+            checks = {
+                "language-modeling": self._check_language_modeling,
+                "instruction-tuning": self._check_instruction_tuning,
+                "masked-lm": self._check_masked_lm,
+            }
+            checks[self.task]()
+            self._refuse_for_generative()
+            allowed = LANGUAGE_MODEL_METRICS if self.task == "language-modeling" else LANGUAGE_MODEL_METRICS[:2]
         else:
             self._check_predictive_backbone()
             allowed = CLASSIFICATION_METRICS if self.is_classification else REGRESSION_METRICS
+        if self.model.lora and self.model.backbone in ("mlp", NEW_GPT, NEW_ENCODER):
+            raise ValueError(
+                f"model.lora: adapters go on a pre-trained model; backbone {self.model.backbone!r} is built new "
+                "here, so train all of it (remove model.lora)"
+            )
+        if (
+            self.model.lora
+            and not self.model.lora.merge
+            and self.task not in ("language-modeling", "instruction-tuning")
+        ):
+            raise ValueError(
+                f"model.lora.merge: false keeps a causal LM as adapter only; a {self.task} model is always saved "
+                "merged (the adapter is saved beside it as well)"
+            )
         self.train.fill_family_defaults(self.family)
         stopping = self.train.early_stopping
         if stopping and stopping.metric and stopping.metric not in allowed:
@@ -556,6 +659,19 @@ class ForgeConfig(Section):
                 f"model.backbone gpt, model.architecture, model.tokenizer and model.vocab_size are for task "
                 f"'language-modeling'; task is {self.task!r}"
             )
+        data = self.data
+        for key in ("prompt", "response", "messages"):
+            if getattr(data, key):
+                raise ValueError(f"data.{key}: is for task 'instruction-tuning'; task is {self.task!r}")
+        if data.packing or data.template != "auto" or self.evaluate.generation:
+            key = (
+                "data.packing"
+                if data.packing
+                else "data.template"
+                if data.template != "auto"
+                else "evaluate.generation"
+            )
+            raise ValueError(f"{key}: is for task 'instruction-tuning'; task is {self.task!r}")
         if tabular and self.model.backbone != "mlp":
             raise ValueError(f"model.backbone: task {self.task!r} needs 'mlp', got {self.model.backbone!r}")
         if not tabular and self.model.backbone == "mlp":
@@ -588,28 +704,103 @@ class ForgeConfig(Section):
                     "model.tokenizer: a pre-trained causal LM keeps its own tokenizer (backbone), "
                     f"got {model.tokenizer!r}"
                 )
-        if model.tokenizer == "bpe":
+        if model.tokenizer == "wordpiece":
+            raise ValueError("model.tokenizer: wordpiece is for masked-lm encoders; a gpt uses char or bpe")
+        self._check_vocab_size()
+
+    def _check_instruction_tuning(self) -> None:
+        """A pre-trained causal LM with its own tokenizer; prompt + response columns or a messages column."""
+        model, data = self.model, self.data
+        if model.backbone in (None, "mlp", "minilm", NEW_GPT):
+            raise ValueError(
+                "model.backbone: task 'instruction-tuning' fine-tunes a pre-trained causal LM; give its Hugging Face "
+                f"id, a local folder or a language-modeling run directory, got {model.backbone!r}"
+            )
+        if model.architecture or model.vocab_size or model.tokenizer not in (None, "backbone"):
+            raise ValueError(
+                "model.architecture, model.tokenizer and model.vocab_size: a pre-trained causal LM keeps its own "
+                "sizes and tokenizer; remove them"
+            )
+        model.tokenizer = "backbone"
+        if data.messages and (data.prompt or data.response):
+            raise ValueError("data.messages: give either a messages column or data.prompt + data.response, not both")
+        if not data.messages and not (data.prompt and data.response):
+            missing = "data.response" if data.prompt else "data.prompt"
+            raise ValueError(
+                f"{missing}: task 'instruction-tuning' needs data.prompt and data.response columns "
+                "(or data.messages, a column of conversations)"
+            )
+        if data.messages and data.template == "plain":
+            raise ValueError(
+                "data.template: conversations (data.messages) are rendered with a chat template, not plain"
+            )
+        self.evaluate.generation = self.evaluate.generation or GenerationEvalConfig()
+
+    def _check_masked_lm(self) -> None:
+        """A pre-trained encoder (MiniLM by default) keeps its tokenizer; a new one (`bert`) trains its own."""
+        model = self.model
+        if model.backbone is None:
+            model.backbone = "minilm"
+        if model.backbone in ("mlp", NEW_GPT):
+            raise ValueError(
+                f"model.backbone: task 'masked-lm' needs an encoder: 'minilm', a Hugging Face id or local folder, "
+                f"or 'bert' (a new one from model.architecture), got {model.backbone!r}"
+            )
+        if model.backbone == NEW_ENCODER:
+            from forgeml.models.bert import DEFAULT_BERT_ARCHITECTURE, validate_bert_architecture
+
+            # Names the bad key and what is allowed; fills the position table's size (model.max_length).
+            model.architecture = validate_bert_architecture(
+                {**DEFAULT_BERT_ARCHITECTURE, **(model.architecture or {})}, model.max_length
+            )
+            model.tokenizer = model.tokenizer or "wordpiece"
+            if model.tokenizer == "backbone":
+                raise ValueError("model.tokenizer: a new encoder has no backbone tokenizer; use wordpiece, bpe or char")
+        else:
+            if model.architecture:
+                raise ValueError("model.architecture: sizes apply to backbone bert; a pre-trained model has its own")
+            model.tokenizer = model.tokenizer or "backbone"
+            if model.tokenizer != "backbone":
+                raise ValueError(
+                    "model.tokenizer: a pre-trained encoder keeps its own tokenizer (backbone), "
+                    f"got {model.tokenizer!r}"
+                )
+        self._check_vocab_size()
+
+    def _check_vocab_size(self) -> None:
+        model = self.model
+        if model.tokenizer in ("bpe", "wordpiece"):
             model.vocab_size = model.vocab_size or DEFAULT_BPE_VOCAB
         elif model.vocab_size is not None:
-            raise ValueError("model.vocab_size: applies to model.tokenizer bpe only")
-        for key, value in (
+            raise ValueError("model.vocab_size: applies to model.tokenizer bpe or wordpiece only")
+
+    def _refuse_for_generative(self) -> None:
+        """Keys of label-predicting tasks that a text-modelling task cannot use (yet)."""
+        data = self.data
+        refused = [
             ("audit", self.audit),
             ("compress", self.compress),
             ("evaluate.cross_validation", self.evaluate.cross_validation),
             ("train.privacy", self.train.privacy),
             ("train.adversarial", self.train.adversarial),
-            ("data.sensitive", self.data.sensitive),
-            ("data.sample", self.data.sample),
-            ("data.text_pair", self.data.text_pair),
-            ("data.features", self.data.features),
-        ):
+            ("data.sensitive", data.sensitive),
+            ("data.text_pair", data.text_pair),
+            ("data.features", data.features),
+        ]
+        if self.task != "instruction-tuning":
+            refused += [("data.sample", data.sample), ("data.prompt", data.prompt), ("data.response", data.response)]
+            refused += [("data.messages", data.messages), ("data.packing", data.packing)]
+            refused += [("evaluate.generation", self.evaluate.generation)]
+        if self.task == "masked-lm":
+            refused.append(("model.lora", self.model.lora))
+        for key, value in refused:
             if value:
-                raise ValueError(f"{key}: not available for task 'language-modeling' yet; remove it")
+                raise ValueError(f"{key}: not available for task {self.task!r} yet; remove it")
 
     @property
     def family(self) -> str:
         """The model family whose training defaults apply (see FAMILY_DEFAULTS)."""
-        return model_family(self.model.backbone, self.task)
+        return model_family(self.model.backbone, self.task, self.model.lora is not None)
 
     @property
     def block_size(self) -> int:
@@ -619,7 +810,9 @@ class ForgeConfig(Section):
     @property
     def family_defaults(self) -> dict[str, str]:
         """`train` keys (dotted) holding their family's default value -> the family, e.g. {'lr': 'mlp'}."""
-        return family_defaults_used(self.train.model_dump(), self.model.backbone, self.task)
+        return family_defaults_used(
+            self.train.model_dump(), self.model.backbone, self.task, self.model.lora is not None
+        )
 
     def _check_training_modes(self) -> None:
         """DP-SGD and adversarial training each change how a step is taken; some settings cannot go with them."""

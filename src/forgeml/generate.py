@@ -94,10 +94,15 @@ class Generation:
 
 
 def stream(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: str, options: GenerationOptions | None = None
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str | Sequence[int],
+    options: GenerationOptions | None = None,
 ) -> Iterator[str]:
     """Return an iterator over the continuation of `prompt`, yielding text pieces as tokens are produced.
 
+    `prompt` is text (tokenized with the tokenizer's special tokens) or token ids already made, e.g. a
+    conversation rendered with a chat template.
     The prompt is checked here, before the iterator is returned, so a server can refuse a bad request
     before it starts a streamed answer. The pieces joined are exactly `generate(...).text` for the same
     options and seed. The model is in eval mode while the iterator runs; its training mode comes back
@@ -109,9 +114,12 @@ def stream(
 
 
 def generate(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: str, options: GenerationOptions | None = None
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str | Sequence[int],
+    options: GenerationOptions | None = None,
 ) -> Generation:
-    """Generate the continuation of `prompt` and return it with its finish reason and token counts."""
+    """Generate the continuation of `prompt` (text or token ids); return it with its finish reason and token counts."""
     options = options or GenerationOptions()
     prompt_ids = _prompt_ids(tokenizer, prompt, options, context_length(model))
     progress = _Progress(prompt_tokens=len(prompt_ids))
@@ -201,12 +209,17 @@ def _decode(
 
 
 def _prompt_ids(
-    tokenizer: PreTrainedTokenizerBase, prompt: str, options: GenerationOptions, context: int | None
+    tokenizer: PreTrainedTokenizerBase, prompt: str | Sequence[int], options: GenerationOptions, context: int | None
 ) -> list[int]:
-    """The prompt's token ids (with the tokenizer's special tokens), cut or refused when it does not fit."""
-    if not isinstance(prompt, str) or not prompt:
-        raise ConfigError("prompt: empty; give at least one character")
-    ids = list(tokenizer(prompt)["input_ids"])
+    """The prompt's token ids (text gets the tokenizer's special tokens), cut or refused when it does not fit."""
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ConfigError("prompt: empty; give at least one character")
+        ids = list(tokenizer(prompt)["input_ids"])
+    elif isinstance(prompt, Sequence) and prompt and all(_is_int(i) and 0 <= i < len(tokenizer) for i in prompt):
+        ids = [int(i) for i in prompt]
+    else:
+        raise ConfigError(f"prompt: expected text or a non-empty list of token ids, got {prompt!r:.80}")
     if not ids:
         raise ConfigError(f"prompt: {prompt!r} gives no tokens; give some text the tokenizer knows")
     if context is None or len(ids) + 1 <= context:

@@ -120,6 +120,7 @@ def execute(
 
         clock = time.perf_counter()
         model = task.build_model()
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # before LoRA is merged
         result = train(
             task,
             model,
@@ -156,7 +157,14 @@ def execute(
         if baselines is not None:
             metrics["baselines"] = baselines
         metrics["training"] = _training_summary(result)
-        metrics["model"] = {"parameters": sum(p.numel() for p in model.parameters())}
+        metrics["model"] = {"parameters": sum(p.numel() for p in model.parameters()), "trainable_parameters": trainable}
+        generation = config.evaluate.generation
+        if generation and generation.enabled and hasattr(task, "evaluate_generations"):  # answers scored
+            name = "test" if "test" in metrics else "validation"
+            scores = task.evaluate_generations(
+                model, data.splits[name], generation.model_dump(), config.train.seed, run.path
+            )
+            metrics[name].update(scores)
         plots.training_curves(result.history, result.watched_metric, run.plots / "curves.png")
         if hasattr(task, "samples"):  # generative tasks: seeded generations for the card
             held_out = next(data.splits[n] for n in ("test", "validation", "train") if data.splits[n] is not None)

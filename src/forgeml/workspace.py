@@ -151,6 +151,20 @@ class RunDir:
                 )
 
 
+def latest_run(runs: Path) -> Path:
+    """The newest finished run (it has a manifest) in a run name's folder, e.g. runs/sst2_lm."""
+    finished = sorted(p for p in runs.iterdir() if (p / MANIFEST).is_file()) if runs.is_dir() else []
+    if not finished:
+        raise ArtifactError(f"{runs / 'latest'}: no finished run in {runs}; run its config first")
+    return finished[-1]
+
+
+def resolve_run_path(path: str | Path) -> Path:
+    """`path` itself, or for `.../<run name>/latest` the newest finished run of that name."""
+    path = Path(path)
+    return latest_run(path.parent) if path.name == "latest" else path
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)

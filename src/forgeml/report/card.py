@@ -72,6 +72,14 @@ METRIC_MEANINGS = {
     "accuracy": "share of correct predictions",
     "rmse": "root mean squared error, in the target's units",
     "mae": "mean absolute error, in the target's units",
+    "loss": "mean cross-entropy per predicted token, in nats",
+}
+# Scores of generated answers (instruction tuning), as the evaluation table names them.
+GENERATION_MEANINGS = {
+    "exact_match": "answers equal to the reference (trimmed, case-folded)",
+    "contains": "answers that contain the reference",
+    "rouge_l": "ROUGE-L F1 of answer and reference words",
+    "ended_with_eos": "answers that ended with the end-of-sequence token before the token limit",
 }
 
 
@@ -144,7 +152,7 @@ def write_card(run_dir: str | Path) -> tuple[Path, Path]:
     title = f"Model card: {config.get('name') or run.name}"
     # The headings of Mitchell et al. (2019), "Model Cards for Model Reporting", in their order.
     sections = [
-        _task_and_model(config, profile, manifest, metrics),
+        _task_and_model(config, profile, manifest, metrics, run),
         _intended_use(config),
         _factors(config, run),
         _metrics_used(metrics),
@@ -183,7 +191,7 @@ def _intended_use(config: dict[str, Any]) -> Section:
 
 
 def _task_and_model(
-    config: dict[str, Any], profile: dict[str, Any], manifest: dict[str, Any], metrics: dict[str, Any]
+    config: dict[str, Any], profile: dict[str, Any], manifest: dict[str, Any], metrics: dict[str, Any], run: Path
 ) -> Section:
     facts = [("Task", str(config.get("task") or profile.get("task") or "unknown"))]
     inputs = profile.get("inputs") or _configured_inputs(config.get("data") or {})
@@ -200,14 +208,31 @@ def _task_and_model(
         keys = TABULAR_MODEL_KEYS
     elif task == "language-modeling":
         keys = LANGUAGE_MODEL_KEYS if model.get("backbone") == "gpt" else ("backbone", "tokenizer", "max_length")
+    elif task == "instruction-tuning":
+        keys = ("backbone", "max_length")
+    elif task == "masked-lm":
+        keys = ("backbone", "architecture", "tokenizer", "vocab_size", "max_length")
     for key in keys:
         if key == "hidden_sizes" and model.get(key) == []:
             facts.append(("Hidden sizes", "none (a linear model)"))
         elif model.get(key) is not None:
             facts.append((_humanize(key), _format_value(model[key])))
-    parameters = (metrics.get("model") or {}).get("parameters")
-    if parameters:
-        facts.append(("Parameters", f"{parameters:,}"))
+    saved_task = _read_optional_json(run / "model" / "task.json")
+    if saved_task.get("template"):
+        from forgeml.tasks.instruction_tuning import TEMPLATE_NAMES
+
+        facts.append(("Prompt template", TEMPLATE_NAMES.get(saved_task["template"], saved_task["template"])))
+    if model.get("lora"):
+        lora = model["lora"]
+        targets = ", ".join(lora.get("target_modules") or []) or "PEFT's default layers"
+        merged = "merged into the saved model; adapter in model/adapter" if lora.get("merge", True) else "adapter only"
+        facts.append(("LoRA", f"rank {lora['r']}, alpha {lora['alpha']:g} on {targets} ({merged})"))
+    sizes = metrics.get("model") or {}
+    if sizes.get("parameters"):
+        facts.append(("Parameters", f"{sizes['parameters']:,}"))
+    trainable = sizes.get("trainable_parameters")
+    if trainable and trainable != sizes.get("parameters"):
+        facts.append(("Trained parameters", f"{trainable:,} ({100 * trainable / sizes['parameters']:.1f} %)"))
     weights_hash = (manifest.get("files") or {}).get(WEIGHTS)
     if weights_hash:
         # The full hash, not a prefix: this is the value someone verifies a deployed file against.
@@ -329,9 +354,24 @@ def _data(profile: dict[str, Any]) -> Section:
         blocks.append(_cleaning_table(cleaning))
     tokens = profile.get("tokens") or {}
     packed = any("blocks" in tokens[split] for split in tokens)
+    examples = any("learnt_tokens" in tokens[split] for split in tokens)
     if packed:  # documents joined into one stream and cut into blocks (language modeling)
         keys, header = ("tokens", "blocks", "dropped_tokens"), ["split", "tokens", "blocks", "tokens in no block"]
         caption = "Tokens per split, cut into training blocks; the stream's tail that fills no block is not used."
+    elif any("masked_tokens" in tokens[split] for split in tokens):  # masked-LM rows
+        keys = ("documents", "chunks", "chunked_documents", "tokens", "masked_tokens")
+        header = ["split", "documents", "rows", "documents cut", "tokens", "masked (evaluation)"]
+        caption = (
+            "Tokens per split; documents longer than model.max_length are cut into several rows. Evaluation scores "
+            "the same masked positions every time; training masks anew each pass."
+        )
+    elif examples:  # prompt -> response examples (instruction tuning)
+        keys = ("examples", "tokens", "learnt_tokens", "truncated", "no_response_tokens")
+        header = ["split", "examples", "tokens", "learnt tokens", "truncated", "no response left"]
+        caption = (
+            "Tokens per split; learnt tokens carry the loss (responses and their end-of-sequence tokens). Truncated "
+            "examples lost their end to model.max_length; those with no response left teach nothing."
+        )
     else:
         keys, header = ("p50", "p95", "p100", "truncated"), ["split", "tokens p50", "p95", "max", "truncated"]
         caption = "Tokens per input."
@@ -357,6 +397,10 @@ def _samples(path: Path) -> Section:
     if not samples:
         return Section("Sample generations")
     first = samples[0]
+    if "reference" in first:  # answers to held-out prompts, beside the answers the data gives
+        caption = "Greedy answers to the first held-out prompts (forgeml generate RUN PROMPT --temperature 0)."
+        rows = [[repr(sample["prompt"]), sample["text"], sample["reference"]] for sample in samples]
+        return Section("Sample generations", [Table(["prompt", "answer", "reference"], rows, caption)])
     caption = (
         f"Seed {first.get('seed')}, temperature {first.get('temperature')}, top-k {first.get('top_k')}; "
         "the same settings give the same text again (forgeml generate RUN PROMPT --seed ...)."
@@ -427,7 +471,8 @@ def _training(config: dict[str, Any], metrics: dict[str, Any]) -> Section:
     # DP-SGD samples its own batches and clips per example: those two settings did nothing.
     unused = {"max_grad_norm", "group_by_length"} if train.get("privacy") else set()
     # Values that are their model family's default say so: "0.001 (default for mlp)".
-    defaults = family_defaults_used(train, (config.get("model") or {}).get("backbone"), config.get("task"))
+    model = config.get("model") or {}
+    defaults = family_defaults_used(train, model.get("backbone"), config.get("task"), bool(model.get("lora")))
 
     def shown(key: str, text: str) -> str:
         return f"{text} (default for {defaults[key]})" if key in defaults else text
@@ -525,6 +570,15 @@ def _evaluation(metrics: dict[str, Any]) -> Section:
         blocks.append(Paragraph(f"Primary metric: {primary}."))
     if splits:
         blocks.append(_metrics_table({name: metrics[name] for name in splits}, primary))
+    scored = [key for key in GENERATION_MEANINGS if any(key in metrics[name] for name in splits)]
+    if scored:
+        meanings = "; ".join(f"{key.replace('_', ' ')}: {GENERATION_MEANINGS[key]}" for key in scored)
+        blocks.append(
+            Paragraph(
+                f"Greedy answers to the prompts were scored against the references ({meanings}). "
+                "Every answer is in generations.jsonl."
+            )
+        )
     for name in splits:
         per_class = metrics[name].get("per_class") or {}
         if per_class:

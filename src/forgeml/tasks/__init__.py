@@ -14,7 +14,9 @@ from forgeml.config import ForgeConfig
 from forgeml.data.prepare import PreparedData, prepare
 from forgeml.errors import ArtifactError
 from forgeml.tasks.base import EncodedSplit, Task
+from forgeml.tasks.instruction_tuning import InstructionTuningTask
 from forgeml.tasks.language_modeling import LanguageModelingTask
+from forgeml.tasks.masked_lm import MaskedLanguageModelingTask
 from forgeml.tasks.tabular import TabularTask
 from forgeml.tasks.targets import ClassLabels, NumericTarget, target_from_state
 from forgeml.tasks.text import TextTask
@@ -24,24 +26,47 @@ __all__ = ["EncodedSplit", "Task", "build_task", "load_task", "prepare_data"]
 
 
 def prepare_data(config: ForgeConfig) -> PreparedData:
-    """The run's splits: labelled tables for prediction tasks, unlabelled documents for language modeling."""
-    if config.task == "language-modeling":
+    """The run's splits: labelled tables for prediction tasks, documents for language models, prompt/response
+    examples for instruction tuning."""
+    if config.task in ("language-modeling", "masked-lm"):
         from forgeml.data.corpus import prepare_corpus
 
         return prepare_corpus(config)
+    if config.task == "instruction-tuning":
+        from forgeml.data.instructions import prepare_instructions
+
+        return prepare_instructions(config)
     return prepare(config)
 
 
 def build_task(config: ForgeConfig, input_columns: list[str]) -> Task:
     if config.task == "language-modeling":
-        model = config.model.model_dump(include={"backbone", "architecture", "style", "tokenizer", "vocab_size"})
+        model = config.model.model_dump(
+            include={"backbone", "architecture", "style", "tokenizer", "vocab_size", "lora"}
+        )
         return LanguageModelingTask(model, config.block_size)
+    if config.task == "instruction-tuning":
+        from forgeml.data.instructions import instruction_columns
+
+        options = {
+            "template": config.data.template,
+            "loss_on": config.train.loss_on,
+            "packing": config.data.packing,
+            "columns": instruction_columns(config),
+        }
+        model = config.model.model_dump(include={"backbone", "lora"})
+        return InstructionTuningTask(model, config.model.max_length, options)
+    if config.task == "masked-lm":
+        model = config.model.model_dump(include={"backbone", "architecture", "tokenizer", "vocab_size"})
+        model |= {"mask_probability": config.data.mask_probability, "whole_word_mask": config.data.whole_word_mask}
+        # Evaluation masks follow the split seed, so runs that differ in training seed score the same positions.
+        return MaskedLanguageModelingTask(model, config.model.max_length, seed=config.data.split.seed)
     label = config.data.label
     target = ClassLabels(label) if config.is_classification else NumericTarget(label)
     if config.task.startswith("tabular"):
         model = config.model.model_dump(include={"hidden_sizes", "dropout", "categorical", "embedding_dim"})
         return TabularTask(config.task, input_columns, target, model)
-    model = config.model.model_dump(include={"backbone", "max_length", "pooling", "dropout"})
+    model = config.model.model_dump(include={"backbone", "max_length", "pooling", "dropout", "lora"})
     return TextTask(config.task, input_columns, target, model)
 
 
@@ -64,9 +89,10 @@ def _target(state: dict):
     return target_from_state(state["target"]) if "target" in state else None
 
 
-def _task_class(folder: Path, state: dict) -> type[TextTask] | type[TabularTask] | type[LanguageModelingTask]:
-    if state.get("task") == LanguageModelingTask.name:
-        return LanguageModelingTask
+def _task_class(folder: Path, state: dict) -> type:
+    generative = {task.name: task for task in (LanguageModelingTask, InstructionTuningTask, MaskedLanguageModelingTask)}
+    if state.get("task") in generative:
+        return generative[state["task"]]
     architecture = state.get("model", {}).get("architecture")
     if architecture == "text":
         return TextTask

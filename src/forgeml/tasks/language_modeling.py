@@ -41,7 +41,12 @@ PROMPT_CHARACTERS = 24
 
 
 class CausalLM(nn.Module):
-    """A Hugging Face causal LM as the loop sees it: blocks in, per-block [summed loss, tokens] out."""
+    """A Hugging Face causal LM as the loop sees it: rows in, per-row [summed loss, tokens] out.
+
+    `labels` are already shifted (the token each position predicts; -100 where nothing is learnt).
+    Padded rows pass an `attention_mask`; rows packing several examples pass `position_ids` that restart
+    at each example instead, from which transformers builds a mask with no attention across examples.
+    """
 
     def __init__(self, lm: PreTrainedModel):
         super().__init__()
@@ -49,17 +54,28 @@ class CausalLM(nn.Module):
         config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
         self._layers, self._width = config.num_hidden_layers, config.hidden_size
         self._weights = parameter_count(lm, non_embedding=True)
+        self._trainable = sum(p.numel() for p in lm.parameters() if p.requires_grad)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = self.lm(input_ids=input_ids, use_cache=False).logits
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        extra = {"attention_mask": attention_mask, "position_ids": position_ids}
+        extra = {name: value for name, value in extra.items() if value is not None}
+        logits = self.lm(input_ids=input_ids, use_cache=False, **extra).logits
         losses = functional.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none", ignore_index=-100)
         counted = (labels != -100).sum(dim=1).to(losses.dtype)
         return torch.stack([losses.sum(dim=1), counted], dim=1)
 
     def training_flops(self, rows: Sequence[int], length: int) -> float:
-        """FLOPs of a forward + backward pass over `len(rows)` blocks of `length` tokens (nanoGPT's estimate:
-        6 per weight per token plus 12 * layers * width * length per token for attention)."""
-        per_token = 6 * self._weights + 12 * self._layers * self._width * length
+        """FLOPs of a forward + backward pass over `len(rows)` rows of `length` tokens (nanoGPT's estimate:
+        6 per weight per token plus 12 * layers * width * length per token for attention). A frozen weight
+        (LoRA) costs 4, not 6: the backward pass computes no gradient for it."""
+        weights = 4 * self._weights + 2 * min(self._trainable, self._weights)
+        per_token = weights + 12 * self._layers * self._width * length
         return float(len(rows) * length * per_token)
 
 
@@ -86,6 +102,7 @@ class LanguageModelingTask:
     name = "language-modeling"
     primary_metric = "loss"
     target = None  # nothing is predicted per row: no label-based baselines or audits
+    generates = True  # Predictor.generate / forgeml generate work on it
 
     def __init__(self, model: dict[str, Any], block_size: int, tokenizer: PreTrainedTokenizerBase | None = None):
         self.model_options = dict(model)  # backbone, architecture, style, tokenizer, vocab_size
@@ -111,9 +128,8 @@ class LanguageModelingTask:
             lm = gpt_from_architecture(
                 options["architecture"], len(self.tokenizer), options["style"], self.tokenizer.eos_token_id
             )
-        else:
-            lm = _load_causal_lm(options["backbone"])
-        return CausalLM(lm)
+            return CausalLM(lm)
+        return build_causal_lm(options)
 
     def encode(self, dataset: Dataset, source: str = "", with_targets: bool = True) -> BlockSplit:
         texts = column(dataset, "text")
@@ -181,8 +197,7 @@ class LanguageModelingTask:
 
     def save(self, folder: Path, model: CausalLM) -> None:
         """The model and tokenizer as a Hugging Face folder (`from_pretrained` loads it), plus task.json."""
-        folder.mkdir(parents=True, exist_ok=True)
-        model.lm.save_pretrained(folder)
+        save_causal_lm(folder, model, self.model_options)
         self.save_inputs(folder)
 
     def save_inputs(self, folder: Path) -> None:
@@ -197,7 +212,41 @@ class LanguageModelingTask:
     @classmethod
     def load(cls, folder: Path, state: dict[str, Any], target: Any = None) -> tuple[LanguageModelingTask, CausalLM]:
         task = cls.from_saved(folder, state)
-        return task, CausalLM(_load_causal_lm(str(folder)))
+        return task, load_saved_causal_lm(folder, task.model_options)
+
+
+def build_causal_lm(options: dict[str, Any]) -> CausalLM:
+    """The pre-trained causal LM `options["backbone"]` names, with fresh LoRA adapters when `options["lora"]` is set."""
+    lm = _load_causal_lm(options["backbone"])
+    if options.get("lora"):
+        from forgeml.models.lora import add_lora
+
+        lm = add_lora(lm, options["lora"], task_type="CAUSAL_LM")
+    return CausalLM(lm)
+
+
+def save_causal_lm(folder: Path, model: CausalLM, options: dict[str, Any]) -> None:
+    """`save_pretrained` of the model; with LoRA, the adapter alone in folder/adapter and (unless
+    model.lora.merge is false) the merged model, which then replaces the adapter model in `model`."""
+    from forgeml.models.lora import is_lora, merged, save_adapter
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with quiet_loading():  # no "Writing model shards" bar
+        if is_lora(model.lm):
+            save_adapter(model.lm, folder)
+            if not options["lora"].get("merge", True):
+                return
+            model.lm = merged(model.lm)
+        model.lm.save_pretrained(folder)
+
+
+def load_saved_causal_lm(folder: Path, options: dict[str, Any]) -> CausalLM:
+    """The model `save_causal_lm` wrote: the full (or merged) model, else the backbone with the saved adapter."""
+    if (folder / "config.json").is_file():
+        return CausalLM(_load_causal_lm(str(folder)))
+    from forgeml.models.lora import ADAPTER_FOLDER, load_adapter
+
+    return CausalLM(load_adapter(_load_causal_lm(options["backbone"]), folder / ADAPTER_FOLDER))
 
 
 def _load_causal_lm(location: str) -> PreTrainedModel:

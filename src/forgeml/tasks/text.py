@@ -70,9 +70,14 @@ class TextTask(TargetTask):
 
     def build_model(self) -> TextModel:
         options = self.model_options
-        return TextModel.from_pretrained(
+        model = TextModel.from_pretrained(
             options["backbone"], self.target.num_outputs, options["dropout"], options["pooling"]
         )
+        if options.get("lora"):  # adapters on the encoder; the new head trains in full
+            from forgeml.models.lora import add_lora
+
+            model.encoder = add_lora(model.encoder, options["lora"])
+        return model
 
     def encode(self, dataset: Dataset, source: str = "", with_targets: bool = True) -> TokenizedSplit:
         require_columns(dataset, self.text_columns, source or "input", "text column")
@@ -116,6 +121,13 @@ class TextTask(TargetTask):
         }
 
     def save(self, folder: Path, model: TextModel) -> None:
+        """Weights (safetensors), encoder config, tokenizer and task.json; LoRA adapters in adapter/ as well,
+        merged into the encoder first so model.safetensors is an ordinary model."""
+        from forgeml.models.lora import is_lora, merged, save_adapter
+
+        if is_lora(model.encoder):
+            save_adapter(model.encoder, folder)
+            model.encoder = merged(model.encoder)
         self.save_inputs(folder)
         save_model(model, str(folder / "model.safetensors"))
         model.encoder.config.save_pretrained(folder / "encoder")
