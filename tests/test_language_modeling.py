@@ -236,3 +236,35 @@ def test_a_language_model_killed_mid_training_resumes_to_the_same_result(tmp_pat
     assert metrics["validation"] == reference.metrics["validation"]
     assert metrics["training"]["steps"] == reference.metrics["training"]["steps"] == 120
     assert (run_dir / "samples.jsonl").read_text() == (reference.run_dir / "samples.jsonl").read_text()
+
+
+def test_the_memorization_audit_inserts_canaries_and_reports_exposure(tmp_path: Path) -> None:
+    text = tmp_path / "corpus.txt"
+    text.write_text(corpus(1500), encoding="utf-8")
+    config = lm_config(text)
+    canaries = {"count": 2, "repetitions": [1, 20], "candidates": 200, "prefix": "pin ", "digits": 6}
+    config["audit"] = {"memorization": {"canaries": canaries}}
+    result = forgeml.run(config, workspace=tmp_path)
+    profile = json.loads((result.run_dir / "data_profile.json").read_text())
+    canaries = profile["canaries"]
+    assert len(canaries) == 4 and sorted({c["repetitions"] for c in canaries}) == [1, 20]
+    report = json.loads((result.run_dir / "trust" / "memorization.json").read_text())
+    exposure = {row["repetitions"]: row["mean_exposure"] for row in report["canaries"]["table"]}
+    assert exposure[20] > exposure[1]  # twenty copies are memorised more than one
+    headline = result.metrics["audit"]
+    assert set(headline["canary_exposure_bits"]) == {"1", "20"} and 0 <= headline["membership_auc"] <= 1
+    card = (result.run_dir / "card.md").read_text()
+    assert "Canary exposure (bits) by repetition count" in card
+    assert (result.run_dir / "trust" / "memorization_exposure.png").is_file()
+
+
+def test_memorization_audit_settings_are_checked(tmp_path: Path) -> None:
+    base = {"task": "language-modeling", "data": {"train": "x.txt"}}
+    with pytest.raises(ConfigError, match=r"audit\.memorization\.canaries"):
+        load_config({**base, "audit": {"memorization": {"canaries": {"colour": 1}}}})
+    with pytest.raises(ConfigError, match=r"audit\.memorization\.canaries: a canary is 37 characters"):
+        load_config({**base, "audit": {"memorization": {}}, "model": {"architecture": {"context": 32}}})
+    with pytest.raises(ConfigError, match=r"audit\.fairness"):
+        load_config({**base, "audit": {"memorization": {}, "fairness": {"bins": 3}}})
+    with pytest.raises(ConfigError, match=r"audit\.memorization: is for task 'language-modeling'"):
+        load_config({"task": "text-classification", "data": {"train": "x.csv"}, "audit": {"memorization": {}}})

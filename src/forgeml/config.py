@@ -504,6 +504,21 @@ class AuditConfig(Section):
     explain: int = Field(
         8, ge=0, le=500, description="examples explained in the card (from the validation split, else test; 0 disables)"
     )
+    memorization: dict[str, Any] | None = Field(
+        None,
+        description="language models: canary exposure (canaries inserted into the training text), verbatim "
+        "extraction and membership inference, e.g. {canaries: {count: 4, repetitions: [1, 5, 20]}}; {} for defaults",
+    )
+
+    @field_validator("memorization")
+    @classmethod
+    def _memorization_options(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is None:
+            return None
+        from forgeml.trust.memorization import resolve_options  # names the bad key and what is allowed
+
+        resolve_options(value)
+        return value
 
     @field_validator("fairness", "privacy", "robustness", mode="before")
     @classmethod
@@ -672,6 +687,8 @@ class ForgeConfig(Section):
                 else "evaluate.generation"
             )
             raise ValueError(f"{key}: is for task 'instruction-tuning'; task is {self.task!r}")
+        if self.audit and self.audit.memorization is not None:
+            raise ValueError(f"audit.memorization: is for task 'language-modeling'; task is {self.task!r}")
         if tabular and self.model.backbone != "mlp":
             raise ValueError(f"model.backbone: task {self.task!r} needs 'mlp', got {self.model.backbone!r}")
         if not tabular and self.model.backbone == "mlp":
@@ -706,6 +723,17 @@ class ForgeConfig(Section):
                 )
         if model.tokenizer == "wordpiece":
             raise ValueError("model.tokenizer: wordpiece is for masked-lm encoders; a gpt uses char or bpe")
+        memorization = self.audit.memorization if self.audit else None
+        if memorization is not None and model.tokenizer == "char":  # a canary must fit the context to be scored
+            from forgeml.trust.memorization import resolve_options
+
+            canaries = resolve_options(memorization)["canaries"]
+            length = len(canaries["prefix"]) + 2 * canaries["digits"] - 1  # "my secret number is 4 8 1 ..."
+            if canaries["count"] and length + 1 > self.block_size:
+                raise ValueError(
+                    f"audit.memorization.canaries: a canary is {length} characters, longer than the model's context "
+                    f"of {self.block_size} minus one; use fewer digits or a shorter prefix"
+                )
         self._check_vocab_size()
 
     def _check_instruction_tuning(self) -> None:
@@ -777,8 +805,17 @@ class ForgeConfig(Section):
     def _refuse_for_generative(self) -> None:
         """Keys of label-predicting tasks that a text-modelling task cannot use (yet)."""
         data = self.data
+        audit = self.audit
+        if self.task == "language-modeling" and audit is not None and audit.memorization is not None:
+            # A language model's audit is the memorisation audit; the label-based ones do not apply.
+            others = sorted(audit.model_fields_set - {"memorization"})
+            if others:
+                raise ValueError(
+                    f"audit.{others[0]}: not available for task 'language-modeling'; use audit.memorization"
+                )
+            audit = None
         refused = [
-            ("audit", self.audit),
+            ("audit", audit),
             ("compress", self.compress),
             ("evaluate.cross_validation", self.evaluate.cross_validation),
             ("train.privacy", self.train.privacy),

@@ -40,6 +40,20 @@ def read_documents(path: Path, text_column: str, data_format: str = "auto") -> l
     return [str(value) for value in column(table, text_column) if value not in (None, "")]
 
 
+def _insert_canaries(config: ForgeConfig, documents: dict[str, list[str]]) -> list:
+    """The memorisation audit's canaries, put into the training text only (after redaction, which could
+    rewrite a secret); the same config always inserts the same canaries at the same places."""
+    options = config.audit.memorization if config.audit else None
+    if options is None:
+        return []
+    from forgeml.trust.memorization import insert_canaries, plan_canaries, resolve_options
+
+    canaries = plan_canaries(options)
+    if canaries:
+        documents["train"] = insert_canaries(documents["train"], canaries, resolve_options(options)["seed"])
+    return canaries
+
+
 def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
@@ -74,6 +88,7 @@ def prepare_corpus(config: ForgeConfig) -> PreparedData:
     if data.pii.redact:
         for name, texts in documents.items():
             documents[name], redactions[name] = redact_texts(texts, data.pii.types, data.pii.style)
+    canaries = _insert_canaries(config, documents)
     splits: dict[str, Dataset | None] = {name: None for name in ("train", "validation", "test")}
     for name, texts in documents.items():
         splits[name] = Dataset.from_dict({COLUMN: texts})
@@ -87,6 +102,7 @@ def prepare_corpus(config: ForgeConfig) -> PreparedData:
             name: {"documents": len(texts), "characters": sum(map(len, texts))} for name, texts in documents.items()
         },
         **({"cleaning": {name: {"pii_redacted": counts} for name, counts in redactions.items()}} if redactions else {}),
+        **({"canaries": [canary.to_dict() for canary in canaries]} if canaries else {}),
     }
     hashes = {name: content_hash(dataset) for name, dataset in splits.items() if dataset is not None}
     profile["sha256"] = hashes

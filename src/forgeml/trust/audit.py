@@ -46,6 +46,10 @@ def run_audits(
     """
     audit = config.audit or AuditConfig()
     folder.mkdir(parents=True, exist_ok=True)
+    if audit.memorization is not None:  # a language model: what it memorised of its training text
+        section, headline = _memorization(audit.memorization, task, model, splits, folder)
+        atomic_write_json(folder / "summary.json", {"sections": [section], "skipped": [], "headline": headline})
+        return headline
     if external is not None:
         scored, audited, where = "external", external, external_name
     else:
@@ -122,6 +126,31 @@ def run_audits(
         headline["skipped"] = {entry["audit"]: entry["reason"] for entry in skipped}
     atomic_write_json(folder / "summary.json", {"sections": sections, "skipped": skipped, "headline": headline})
     return headline
+
+
+def _memorization(
+    options: dict[str, Any], task: Task, model: nn.Module, splits: dict[str, Dataset | None], folder: Path
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Canary exposure, verbatim extraction and window membership inference (trust/memorization.py)."""
+    from forgeml.trust.memorization import audit_memorization, card_section, plan_canaries
+
+    held_out_name = next((name for name in ("validation", "test") if splits.get(name) is not None), None)
+    if held_out_name is None:
+        raise ConfigError("audit.memorization: needs held-out text (a validation or test split) to compare with")
+    train_texts, held_out = column(splits["train"], "text"), column(splits[held_out_name], "text")
+    # The canaries are planned from the options alone, so these are the ones the data step inserted.
+    result = audit_memorization(
+        model.lm, task.tokenizer, train_texts, held_out, options, folder, plan_canaries(options)
+    )
+    atomic_write_json(folder / "memorization.json", result)
+    headline: dict[str, Any] = {"split": held_out_name}
+    table = result["canaries"].get("table") or []
+    if table:
+        headline["canary_exposure_bits"] = {str(row["repetitions"]): row["mean_exposure"] for row in table}
+    headline["extraction_rate"] = result["extraction"]["train"]["rate"]
+    headline["extraction_rate_held_out"] = result["extraction"]["held_out"]["rate"]
+    headline["membership_auc"] = result["membership"]["auc"]
+    return card_section(result), headline
 
 
 def _skip(audit: str, reason: str) -> dict[str, str]:

@@ -103,8 +103,32 @@ def membership_inference(
     count = min(len(members), len(non_members), max_examples)
     member_losses = example_losses(task, model, _sample(members, count, rng), batch_size)
     non_member_losses = example_losses(task, model, _sample(non_members, count, rng), batch_size)
+    # The same generator goes on to the bootstrap, so a seed gives the same report as before this was split out.
+    return loss_threshold_attack(member_losses, non_member_losses, bootstrap, seed, rng=rng)
 
-    labels = np.concatenate([np.ones(count), np.zeros(count)])
+
+def loss_threshold_attack(
+    member_losses: np.ndarray,
+    non_member_losses: np.ndarray,
+    bootstrap: int = 200,
+    seed: int = 0,
+    rng: np.random.Generator | None = None,
+) -> dict[str, Any]:
+    """The loss-threshold attack (Yeom et al., 2018) on losses already computed, one per member / non-member.
+
+    Whatever the unit (a table row, a window of text), a lower loss is taken as evidence of membership.
+    Returns the report `membership_inference` documents; `seed` is recorded and seeds the bootstrap
+    unless `rng` (a generator already in use by the caller) is given.
+    """
+    member_losses = np.asarray(member_losses, dtype=np.float64).reshape(-1)
+    non_member_losses = np.asarray(non_member_losses, dtype=np.float64).reshape(-1)
+    if bootstrap < 0:
+        raise ValueError(f"bootstrap must be >= 0 (0 disables the interval), got {bootstrap}")
+    for name, losses in (("member_losses", member_losses), ("non_member_losses", non_member_losses)):
+        if len(losses) == 0 or not np.isfinite(losses).all():
+            raise ValueError(f"loss_threshold_attack: {name} must be a non-empty array of finite losses")
+    rng = np.random.default_rng(seed) if rng is None else rng
+    labels = np.concatenate([np.ones(len(member_losses)), np.zeros(len(non_member_losses))])
     scores = -np.concatenate([member_losses, non_member_losses])
     fpr, tpr, _ = roc_curve(labels, scores)
     curve = _downsample(fpr, tpr, MAX_CURVE_POINTS)
