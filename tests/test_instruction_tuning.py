@@ -22,8 +22,9 @@ from transformers import (
 )
 
 import forgeml
+from forgeml.api import evaluate
 from forgeml.config import load_config
-from forgeml.errors import ConfigError, DataError
+from forgeml.errors import ConfigError, DataError, ForgeError
 from forgeml.evaluate.generation import rouge_l, score_answer
 from forgeml.generate import GenerationOptions, generate
 from forgeml.models.gpt import gpt_from_architecture
@@ -355,3 +356,40 @@ def forgeml_dataset(rows: list[dict]):
     from datasets import Dataset
 
     return Dataset.from_list(rows)
+
+
+def test_a_latest_backbone_is_pinned_to_the_newest_finished_run(trained: forgeml.RunResult):
+    runs = trained.run_dir.parent
+    config = load_config(
+        {
+            "task": "instruction-tuning",
+            "data": {"train": "x.csv", "prompt": "p", "response": "r"},
+            "model": {"backbone": str(runs / "latest")},
+        }
+    )
+    assert config.model.backbone == str(trained.run_dir)
+    with pytest.raises(ForgeError, match="no finished run"):
+        load_config({**config.model_dump(mode="json"), "model": {"backbone": str(runs.parent / "nothing" / "latest")}})
+
+
+def test_an_instruction_run_evaluates_another_file_with_loss_and_generated_answers(
+    trained: forgeml.RunResult, tmp_path: Path
+):
+    other = write_csv(tmp_path / "other.csv", reviews(30, seed=9))
+    scores = evaluate(trained.run_dir, other)
+    assert scores["tokens"] >= 60  # " positive" / " negative" and the end-of-sequence token, for each of 30
+    assert scores["exact_match"] >= 0.9 and scores["generated_examples"] == 30
+    written = list((trained.run_dir / "evaluations").glob("other-*/generations.jsonl"))
+    assert len(written) == 1 and len(written[0].read_text().splitlines()) == 30
+
+
+def test_lora_without_merging_keeps_the_adapter_alone_and_loads_it_on_the_backbone(base: Path, tmp_path: Path):
+    train = write_csv(tmp_path / "reviews.csv", reviews(120, seed=5))
+    lora = {"r": 2, "target_modules": ["c_attn"], "merge": False}
+    config = sft_config(train, base, model={"lora": lora}, train={"epochs": 1})
+    config["evaluate"] = {"generation": {"max_new_tokens": 3, "max_examples": 4}}
+    result = forgeml.run(config, workspace=tmp_path)
+    model_dir = result.run_dir / "model"
+    assert not (model_dir / "model.safetensors").exists() and (model_dir / "adapter" / "adapter_config.json").is_file()
+    predictor = forgeml.load(result.run_dir)  # the backbone with the adapter applied
+    assert isinstance(predictor.generate(PROMPT.format(text="film 1 was great"), max_new_tokens=3), str)

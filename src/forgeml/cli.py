@@ -130,8 +130,13 @@ def run(
         message = f"model card: {card}.enc (encrypted; read it after: forgeml decrypt {run_arg})"
         console.print(message, soft_wrap=True, markup=False)
     console.print("next:")
-    if result.metrics.get("task") == "language-modeling":
+    task = result.metrics.get("task")
+    if task == "language-modeling":
         next_commands = [f"forgeml generate {run_arg} PROMPT --max-new-tokens 200 --seed 1"]
+    elif task == "instruction-tuning":
+        next_commands = [f"forgeml generate {run_arg} PROMPT --temperature 0"]
+    elif task == "masked-lm":  # an encoder to fine-tune, not a model that answers
+        next_commands = [f"forgeml run CONFIG.yaml model.backbone={run_arg}"]
     else:
         next_commands = [f"forgeml serve {run_arg}", f"forgeml predict {run_arg} FILE -o out.csv"]
     for command in next_commands:
@@ -169,8 +174,8 @@ def predict(
 
 @app.command()
 def generate(
-    run_dir: Annotated[Path, typer.Argument(help="a language-modeling run directory")],
-    prompt: Annotated[str, typer.Argument(help="the text to continue")],
+    run_dir: Annotated[Path, typer.Argument(help="a language-modeling or instruction-tuning run directory")],
+    prompt: Annotated[str, typer.Argument(help="the text to continue (a user turn for an instruction-tuned model)")],
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="most tokens to add")] = 100,
     temperature: Annotated[float, typer.Option(help="0 picks the likeliest token (greedy)")] = 1.0,
     top_k: Annotated[int | None, typer.Option("--top-k", help="sample among the k likeliest tokens")] = None,

@@ -713,14 +713,7 @@ class ForgeConfig(Section):
             if model.tokenizer == "backbone":
                 raise ValueError("model.tokenizer: a new gpt has no backbone tokenizer; use char or bpe")
         else:
-            if model.architecture:
-                raise ValueError("model.architecture: sizes apply to backbone gpt; a pre-trained model has its own")
-            model.tokenizer = model.tokenizer or "backbone"
-            if model.tokenizer != "backbone":
-                raise ValueError(
-                    "model.tokenizer: a pre-trained causal LM keeps its own tokenizer (backbone), "
-                    f"got {model.tokenizer!r}"
-                )
+            self._keep_backbone_tokenizer(NEW_GPT, "causal LM")
         if model.tokenizer == "wordpiece":
             raise ValueError("model.tokenizer: wordpiece is for masked-lm encoders; a gpt uses char or bpe")
         memorization = self.audit.memorization if self.audit else None
@@ -785,15 +778,21 @@ class ForgeConfig(Section):
             if model.tokenizer == "backbone":
                 raise ValueError("model.tokenizer: a new encoder has no backbone tokenizer; use wordpiece, bpe or char")
         else:
-            if model.architecture:
-                raise ValueError("model.architecture: sizes apply to backbone bert; a pre-trained model has its own")
-            model.tokenizer = model.tokenizer or "backbone"
-            if model.tokenizer != "backbone":
-                raise ValueError(
-                    "model.tokenizer: a pre-trained encoder keeps its own tokenizer (backbone), "
-                    f"got {model.tokenizer!r}"
-                )
+            self._keep_backbone_tokenizer(NEW_ENCODER, "encoder")
         self._check_vocab_size()
+
+    def _keep_backbone_tokenizer(self, new_backbone: str, kind: str) -> None:
+        """A pre-trained model has its own sizes and tokenizer (its embeddings are indexed by it)."""
+        model = self.model
+        if model.architecture:
+            raise ValueError(
+                f"model.architecture: sizes apply to backbone {new_backbone}; a pre-trained model has its own"
+            )
+        model.tokenizer = model.tokenizer or "backbone"
+        if model.tokenizer != "backbone":
+            raise ValueError(
+                f"model.tokenizer: a pre-trained {kind} keeps its own tokenizer (backbone), got {model.tokenizer!r}"
+            )
 
     def _check_vocab_size(self) -> None:
         model = self.model
@@ -991,6 +990,12 @@ def _resolve_paths(config: ForgeConfig, base_dir: Path) -> None:
         path = getattr(config.data, split)
         if path is not None and not path.is_absolute():
             setattr(config.data, split, (base_dir / path).resolve())
+    backbone = config.model.backbone
+    if backbone and Path(backbone).name == "latest":
+        from forgeml.workspace import latest_run
+
+        # Pinned now, so the saved config names the run it started from, whatever runs come later.
+        config.model.backbone = str(latest_run(Path(backbone).parent))
     robustness = config.audit.robustness if config.audit else None
     if robustness and robustness.baseline and not Path(robustness.baseline).is_absolute():
         robustness.baseline = str((base_dir / robustness.baseline).resolve())

@@ -27,6 +27,11 @@ def resolve_backbone(name: str) -> str:
 
     run_path = resolve_run_path(name)
     if (run_path / "config.yaml").is_file() and (run_path / "model").is_dir():
+        if not (run_path / "model" / "config.json").is_file():
+            raise ConfigError(
+                f"model.backbone: {name} is a run whose model/ is not a Hugging Face model folder; language-modeling, "
+                "instruction-tuning and masked-lm runs can be backbones, classifiers and MLPs cannot"
+            )
         RunDir.open(run_path).verify("model/")  # a changed weight file is refused, as for any run artefact
         return str(run_path / "model")
     if name.lower() in MINILM_ALIASES:

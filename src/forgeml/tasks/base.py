@@ -14,6 +14,8 @@ import torch
 from datasets import Dataset
 from torch import nn
 
+from forgeml.workspace import atomic_write_json
+
 
 class EncodedSplit(Protocol):
     """A split turned into model inputs, fetched batch by batch."""
@@ -109,6 +111,19 @@ class TargetTask:
         else:
             truth = self.predictions(targets.reshape(-1, 1))["value"]
             plots.regression_scatter(np.asarray(truth), np.asarray(answers["value"]), folder / "predicted_vs_true.png")
+
+
+class HuggingFaceFolderTask:
+    """A task whose `model/` folder is a Hugging Face one: the model, its tokenizer beside it, and task.json."""
+
+    tokenizer: Any
+
+    def state(self) -> dict[str, Any]: ...
+
+    def save_inputs(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(folder)
+        atomic_write_json(folder / "task.json", self.state())
 
 
 class TensorSplit:

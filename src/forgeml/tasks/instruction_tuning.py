@@ -35,8 +35,8 @@ from transformers import AutoConfig, PreTrainedTokenizerBase
 from forgeml.data.instructions import MESSAGES_COLUMN, as_conversation
 from forgeml.errors import DataError, ForgeError
 from forgeml.models.hf import load_tokenizer, resolve_backbone
+from forgeml.tasks.base import HuggingFaceFolderTask
 from forgeml.tasks.language_modeling import CausalLM, build_causal_lm, load_saved_causal_lm, save_causal_lm
-from forgeml.workspace import atomic_write_json
 
 # Zephyr's template with the tokenizer's own end-of-sequence token closing every turn.
 BUILTIN_CHAT_TEMPLATE = (
@@ -119,7 +119,7 @@ class PackedSplit:
         return inputs, (labels != -100).sum(dim=1)
 
 
-class InstructionTuningTask:
+class InstructionTuningTask(HuggingFaceFolderTask):
     """Supervised fine-tuning of a causal LM on prompt/response pairs or conversations."""
 
     name = "instruction-tuning"
@@ -360,11 +360,6 @@ class InstructionTuningTask:
         """The (merged) model and tokenizer as a Hugging Face folder, LoRA adapters in adapter/, plus task.json."""
         save_causal_lm(folder, model, self.model_options)
         self.save_inputs(folder)
-
-    def save_inputs(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save_pretrained(folder)
-        atomic_write_json(folder / "task.json", self.state())
 
     @classmethod
     def from_saved(cls, folder: Path, state: dict[str, Any], target: Any = None) -> InstructionTuningTask:

@@ -32,7 +32,7 @@ from forgeml.errors import ConfigError, DataError, ForgeError
 from forgeml.models.gpt import gpt_from_architecture, parameter_count
 from forgeml.models.hf import load_tokenizer, quiet_loading, resolve_backbone
 from forgeml.models.tokenizers import train_tokenizer
-from forgeml.workspace import atomic_write_json
+from forgeml.tasks.base import HuggingFaceFolderTask
 
 # Sample generations in the card: from a line break, then from the starts of held-out lines.
 SAMPLE_COUNT = 3
@@ -96,7 +96,7 @@ class BlockSplit:
         return {"input_ids": blocks[:, :-1], "labels": labels}, (labels != -100).sum(dim=1)
 
 
-class LanguageModelingTask:
+class LanguageModelingTask(HuggingFaceFolderTask):
     """Causal language modeling on unlabelled text (the `text` column of every split)."""
 
     name = "language-modeling"
@@ -199,11 +199,6 @@ class LanguageModelingTask:
         """The model and tokenizer as a Hugging Face folder (`from_pretrained` loads it), plus task.json."""
         save_causal_lm(folder, model, self.model_options)
         self.save_inputs(folder)
-
-    def save_inputs(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save_pretrained(folder)
-        atomic_write_json(folder / "task.json", self.state())
 
     @classmethod
     def from_saved(cls, folder: Path, state: dict[str, Any], target: Any = None) -> LanguageModelingTask:

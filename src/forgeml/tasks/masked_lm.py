@@ -52,7 +52,7 @@ from forgeml.errors import ConfigError, DataError, ForgeError
 from forgeml.models.bert import DEFAULT_BERT_ARCHITECTURE, bert_from_architecture, validate_bert_architecture
 from forgeml.models.hf import load_tokenizer, quiet_loading, resolve_backbone
 from forgeml.models.tokenizers import check_encoder_tokenizer, encoder_tokenizer
-from forgeml.workspace import atomic_write_json
+from forgeml.tasks.base import HuggingFaceFolderTask
 
 DEFAULT_VOCAB_SIZE = 4096
 # The `model` options this task takes; None (or absent) takes the default. `tokenizer` None means
@@ -319,7 +319,7 @@ class MaskedSplit:
         return inputs, targets
 
 
-class MaskedLanguageModelingTask:
+class MaskedLanguageModelingTask(HuggingFaceFolderTask):
     """Masked language modeling on unlabelled text (the `text` column of every split)."""
 
     name = "masked-lm"
@@ -520,11 +520,6 @@ class MaskedLanguageModelingTask:
         with quiet_loading():  # no "Writing model shards" bar
             model.lm.save_pretrained(folder)
         self.save_inputs(folder)
-
-    def save_inputs(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save_pretrained(folder)
-        atomic_write_json(folder / "task.json", self.state())
 
     @classmethod
     def from_saved(cls, folder: Path, state: dict[str, Any], target: Any = None) -> MaskedLanguageModelingTask:

@@ -122,6 +122,16 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def _precision(config: TrainConfig) -> str:
+    """bf16 autocast on a CUDA device that supports it (weights and optimizer stay fp32), fp32 elsewhere.
+
+    A CPU has no fast bf16 matmuls for training on most machines, and fp16 would need loss scaling; DP-SGD's
+    per-example gradients (Opacus) stay in fp32 too."""
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not config.privacy:
+        return "bf16"
+    return "no"
+
+
 @contextlib.contextmanager
 def thread_count(threads: int | None) -> Iterator[None]:
     """Use `threads` CPU threads inside the block, and give the caller's setting back after it."""
@@ -166,7 +176,7 @@ def _train(
     show_progress: bool,
 ) -> TrainResult:
     seed_everything(config.seed)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_precision(config))
     batches_per_epoch = math.ceil(len(train_split) / config.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum_steps)
     total_steps = min(config.epochs * steps_per_epoch, config.max_steps or math.inf)
