@@ -368,6 +368,7 @@ def test_a_latest_backbone_is_pinned_to_the_newest_finished_run(trained: forgeml
         }
     )
     assert config.model.backbone == str(trained.run_dir)
+    assert forgeml.load(runs / "latest").run.path == trained.run_dir  # commands take NAME/latest too
     with pytest.raises(ForgeError, match="no finished run"):
         load_config({**config.model_dump(mode="json"), "model": {"backbone": str(runs.parent / "nothing" / "latest")}})
 

@@ -29,7 +29,14 @@ from forgeml.pipeline import RunResult, dataset_from_rows, evaluate_split, execu
 from forgeml.report.card import write_card
 from forgeml.store import Store, database_url
 from forgeml.tasks import load_task
-from forgeml.workspace import RunDir, atomic_write_bytes, atomic_write_json, read_json, workspace_root
+from forgeml.workspace import (
+    RunDir,
+    atomic_write_bytes,
+    atomic_write_json,
+    read_json,
+    resolve_run_path,
+    workspace_root,
+)
 
 if TYPE_CHECKING:  # generation loads only for language models
     from forgeml.generate import GenerationOptions
@@ -80,6 +87,7 @@ class Predictor:
     """A trained model loaded from a run directory (every artefact checked against the manifest)."""
 
     def __init__(self, run_dir: str | Path):
+        run_dir = resolve_run_path(run_dir)  # runs/NAME/latest: the newest finished run of that name
         # An encrypted run is decrypted into a private temporary folder, deleted once the model is in memory.
         with plaintext_view(run_dir, only=MODEL_FILES) as plain:
             self.run = RunDir.open(plain)
