@@ -268,3 +268,14 @@ def test_memorization_audit_settings_are_checked(tmp_path: Path) -> None:
         load_config({**base, "audit": {"memorization": {}, "fairness": {"bins": 3}}})
     with pytest.raises(ConfigError, match=r"audit\.memorization: is for task 'language-modeling'"):
         load_config({"task": "text-classification", "data": {"train": "x.csv"}, "audit": {"memorization": {}}})
+
+
+def test_eval_batches_score_a_fixed_subset_while_training_and_the_whole_split_at_the_end(tmp_path: Path) -> None:
+    text = tmp_path / "corpus.txt"
+    text.write_text(corpus(1500), encoding="utf-8")
+    config = lm_config(text, max_steps=60, eval_every=20, eval_batches=1, eval_batch_size=4)
+    result = forgeml.run(config, workspace=tmp_path)
+    log = [json.loads(line) for line in (result.run_dir / "train.log").read_text().splitlines()]
+    evaluations = [event for event in log if event["event"] == "eval"]
+    assert len(evaluations) == 3 and {event["tokens"] for event in evaluations} == {4 * 32}  # 4 blocks of 32
+    assert result.metrics["validation"]["tokens"] > 4 * 32  # the report scores every block

@@ -400,6 +400,12 @@ class TrainConfig(Section):
     group_by_length: bool = Field(True, description="batch inputs of similar length together (less padding)")
     early_stopping: EarlyStoppingConfig | None = Field(default_factory=EarlyStoppingConfig)
     eval_every: int | None = Field(None, ge=1, description="evaluate every N optimizer steps; default once per epoch")
+    eval_batches: int | None = Field(
+        None,
+        ge=1,
+        description="evaluations during training score this many validation batches (the same seeded rows each "
+        "time); the final report scores the whole split. Default: all of it",
+    )
     checkpoint_every: int = Field(200, ge=1, description="save a resumable checkpoint every N optimizer steps")
     keep_checkpoints: int = Field(2, ge=1)
     seed: int = 42

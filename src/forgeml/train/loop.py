@@ -12,7 +12,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,27 @@ class TrainResult:
     # (outputs, targets) on validation of the weights the model ends with, when this process evaluated
     # them (not after a resume): the final report reuses them instead of running validation again.
     validation_outputs: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+
+
+class RowSubset:
+    """A fixed subset of a split's rows, fetched through the split itself (`train.eval_batches`)."""
+
+    def __init__(self, split: EncodedSplit, rows: np.ndarray):
+        self.split, self.rows = split, rows
+        self.lengths = split.lengths[rows]
+
+    @classmethod
+    def seeded(cls, split: EncodedSplit, size: int, seed: int) -> EncodedSplit:
+        """`size` rows drawn once with `seed` (in their original order), or the split itself if it is no larger."""
+        if size >= len(split):
+            return split
+        return cls(split, np.sort(np.random.default_rng(seed).choice(len(split), size, replace=False)))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def batch(self, rows: Sequence[int]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        return self.split.batch(self.rows[np.asarray(rows, dtype=np.int64)].tolist())
 
 
 def seed_everything(seed: int) -> None:
@@ -196,6 +217,9 @@ def _train(
         from forgeml.train.adversarial import EmbeddingAdversary
 
         adversary = EmbeddingAdversary(raw_model, config.adversarial.epsilon)
+    watched_split = validation_split
+    if validation_split is not None and config.eval_batches:
+        watched_split = RowSubset.seeded(validation_split, config.eval_batches * config.eval_batch_size, config.seed)
     watched = (config.early_stopping.metric if config.early_stopping else None) or task.primary_metric
     lower_is_better = watched in LOWER_IS_BETTER
     peak = matmul_peak_flops(accelerator.device)
@@ -229,7 +253,7 @@ def _train(
 
     def evaluate() -> bool:
         """Validate, keep the best weights, return True when early stopping says stop."""
-        outputs, targets = model_outputs(model, validation_split, config.eval_batch_size, accelerator.device)
+        outputs, targets = model_outputs(model, watched_split, config.eval_batch_size, accelerator.device)
         metrics = scalar_metrics(task.metrics(outputs, targets))
         metrics["loss"] = float(task.loss(torch.from_numpy(outputs), torch.from_numpy(targets)))
         if plan:
@@ -364,5 +388,10 @@ def _train(
         mfu=totals["flops"] / max(totals["seconds"], 1e-9) / peak,
         seconds=time.perf_counter() - started,
         privacy=plan.summary(state["step"]) if plan else None,
-        validation_outputs=(best_outputs["outputs"], best_outputs["targets"]) if best_outputs else None,
+        # Outputs on a subset of validation are not the split's: the report then scores the whole split itself.
+        validation_outputs=(
+            (best_outputs["outputs"], best_outputs["targets"])
+            if best_outputs and watched_split is validation_split
+            else None
+        ),
     )
