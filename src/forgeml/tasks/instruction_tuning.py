@@ -37,6 +37,7 @@ from forgeml.errors import DataError, ForgeError
 from forgeml.models.hf import load_tokenizer, resolve_backbone
 from forgeml.tasks.base import HuggingFaceFolderTask
 from forgeml.tasks.language_modeling import CausalLM, build_causal_lm, load_saved_causal_lm, save_causal_lm
+from forgeml.workspace import atomic_write_text
 
 # Zephyr's template with the tokenizer's own end-of-sequence token closing every turn.
 BUILTIN_CHAT_TEMPLATE = (
@@ -326,7 +327,7 @@ class InstructionTuningTask(HuggingFaceFolderTask):
             stopped += finish == "stop"
             records.append({"row": index, "prompt": conversation[:last], "reference": reference, "answer": answer})
             records[-1].update(score=score, finish_reason=finish)
-        (folder / GENERATIONS).write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        atomic_write_text(folder / GENERATIONS, "".join(json.dumps(record) + "\n" for record in records))
         return {
             options["metric"]: float(np.mean(scores)),
             "ended_with_eos": stopped / len(rows),
