@@ -11,9 +11,12 @@ import string
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch a hub
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -46,8 +49,6 @@ def tiny_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
         intermediate_size=64,
         max_position_embeddings=128,
     )
-    import torch
-
     torch.manual_seed(0)
     BertModel(config).save_pretrained(folder)
     return folder
@@ -119,6 +120,39 @@ def shared_datasets() -> Path:
     if not DATASETS.is_dir():
         pytest.skip(f"real datasets not found at {DATASETS} (they live in ../shared/datasets beside the checkout)")
     return DATASETS
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Models this small run faster on one thread: waking a second one costs more than the work.
+    A module asks for it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def save_tiny_causal_lm(style: str, tokenizer, folder: Path, key_value_heads: int = 2) -> nn.Module:
+    """A random 2-layer, 32-wide Llama or Qwen2 model for `tokenizer`, saved with it in `folder` as a
+    Hugging Face checkpoint (the hub path: `from_pretrained` of a local folder)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    sizes = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": key_value_heads,
+        "max_position_embeddings": 64,
+        "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": tokenizer.eos_token_id,
+    }
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**sizes)) if style == "llama" else Qwen2ForCausalLM(Qwen2Config(**sizes))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model
 
 
 def kill_at_checkpoint(config_path: Path, workspace: Path, checkpoint: str) -> Path:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 import math
 import string
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -48,13 +47,8 @@ SPECIAL_IDS = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
 VOCAB_SIZE = len(CHARACTERS) + 1
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Models this small run faster on one thread: waking a second one costs more than the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Models this small run faster on one thread (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,6 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
-    LlamaConfig,
-    LlamaForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
 )
 
 import forgeml
@@ -32,7 +28,7 @@ from forgeml.models.lora import load_adapter
 from forgeml.models.tokenizers import bpe_tokenizer
 from forgeml.tasks.instruction_tuning import BUILTIN_CHAT_TEMPLATE, InstructionTuningTask
 
-from conftest import write_csv
+from conftest import save_tiny_causal_lm, write_csv
 
 GOOD = ["great", "lovely", "superb", "charming", "moving", "witty"]
 BAD = ["awful", "dull", "boring", "clumsy", "weak", "tedious"]
@@ -251,18 +247,8 @@ def test_lora_trains_a_tenth_of_the_weights_and_merges_into_an_identical_model(
 
 @pytest.mark.parametrize("style", ["llama", "qwen2"])
 def test_llama_and_qwen2_folders_fine_tune_on_conversations(style: str, base: Path, tmp_path: Path):
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    sizes = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
-    sizes |= {"num_key_value_heads": 1, "vocab_size": len(tokenizer), "max_position_embeddings": 64}
-    ids = {"eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.eos_token_id}
-    torch.manual_seed(0)
-    if style == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**sizes, **ids))
-    else:
-        model = Qwen2ForCausalLM(Qwen2Config(**sizes, **ids))
     folder = tmp_path / style
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_tiny_causal_lm(style, AutoTokenizer.from_pretrained(base), folder, key_value_heads=1)  # grouped queries
     conversations = [
         {"messages": [{"role": "user", "content": row["text"]}, {"role": "assistant", "content": row["label"]}]}
         for row in reviews(120)

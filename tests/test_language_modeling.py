@@ -14,10 +14,6 @@ import yaml
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
-    LlamaConfig,
-    LlamaForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
 )
 
 import forgeml
@@ -25,7 +21,7 @@ from forgeml.config import load_config
 from forgeml.errors import ConfigError
 from forgeml.models.tokenizers import char_tokenizer
 
-from conftest import kill_at_checkpoint, resume_run, write_csv
+from conftest import kill_at_checkpoint, resume_run, save_tiny_causal_lm, write_csv
 
 SUBJECTS = ["the cat", "a dog", "the bird", "my fox"]
 PLACES = ["on the mat", "in the hall", "by the door", "under a tree"]
@@ -138,22 +134,8 @@ def test_a_saved_pretrained_causal_lm_continues_training_with_its_own_tokenizer(
     text = tmp_path / "corpus.txt"
     text.write_text(corpus(400), encoding="utf-8")
     tokenizer = char_tokenizer([text.read_text()])
-    sizes = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 64,
-        "eos_token_id": tokenizer.eos_token_id,
-        "bos_token_id": tokenizer.eos_token_id,
-    }
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**sizes)) if style == "llama" else Qwen2ForCausalLM(Qwen2Config(**sizes))
     backbone = tmp_path / style
-    model.save_pretrained(backbone)
-    tokenizer.save_pretrained(backbone)
+    model = save_tiny_causal_lm(style, tokenizer, backbone)
 
     config = lm_config(text, max_steps=40, eval_every=20, lr=3e-3)
     config["model"] = {"backbone": str(backbone), "max_length": 24}

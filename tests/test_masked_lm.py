@@ -48,6 +48,22 @@ def tiny_task(texts: list[str], max_length: int = 32, **options) -> MaskedLangua
     return task
 
 
+def train_config(**changes) -> TrainConfig:
+    """The loop's settings for these tests: every family-default key given (no ForgeConfig fills them in)."""
+    settings = {
+        "lr": 3e-3,
+        "batch_size": 32,
+        "warmup_ratio": 0.0,
+        "weight_decay": 0.0,
+        "min_lr_ratio": 0.0,
+        "adam_beta2": 0.999,
+        "early_stopping": None,
+        "threads": 1,
+        "seed": 0,
+    }
+    return TrainConfig(**settings | changes)
+
+
 def rows(split, count: int | None = None):
     return split.batch(list(range(len(split) if count is None else count)))
 
@@ -228,19 +244,7 @@ def test_training_with_the_loop_lowers_validation_loss_and_the_folder_loads_anyw
     torch.manual_seed(0)
     model = task.build_model()
     before = task.metrics(*model_outputs(model, validation))
-    config = TrainConfig(
-        lr=3e-3,
-        epochs=4,
-        batch_size=32,
-        scheduler="constant",
-        warmup_ratio=0.0,
-        weight_decay=0.0,
-        min_lr_ratio=0.0,
-        adam_beta2=0.999,
-        early_stopping=None,
-        threads=1,
-        seed=0,
-    )
+    config = train_config(epochs=4, scheduler="constant")
     result = train(task, model, train_split, validation, config)
     after = task.metrics(*model_outputs(model, validation, device=next(model.parameters()).device))
     # A new model knows nothing (~ln 500 = 6.2 nats); 600 sentences teach a tiny one at least how often each
@@ -274,21 +278,7 @@ def test_a_resumed_run_draws_the_same_training_masks_as_an_uninterrupted_one(sen
     task = tiny_task(sentences[:300])
     train_split = task.encode(Dataset.from_dict({"text": sentences[:300]}), "train")  # 12 batches an epoch
     validation = task.encode(Dataset.from_dict({"text": sentences[600:700]}), "validation")
-    config = TrainConfig(
-        lr=3e-3,
-        epochs=2,
-        batch_size=32,
-        scheduler="linear",
-        warmup_ratio=0.0,
-        weight_decay=0.0,
-        min_lr_ratio=0.0,
-        adam_beta2=0.999,
-        early_stopping=None,
-        threads=1,
-        seed=0,
-        checkpoint_every=5,
-        keep_checkpoints=100,
-    )
+    config = train_config(epochs=2, scheduler="linear", checkpoint_every=5, keep_checkpoints=100)
     torch.manual_seed(0)
     reference = train(task, task.build_model(), train_split, validation, config, checkpoints=tmp_path / "reference")
     # As if killed after step 5 of epoch 1: only that checkpoint exists; the rest replays from it.

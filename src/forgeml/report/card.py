@@ -217,11 +217,11 @@ def _task_and_model(
             facts.append(("Hidden sizes", "none (a linear model)"))
         elif model.get(key) is not None:
             facts.append((_humanize(key), _format_value(model[key])))
-    saved_task = _read_optional_json(run / "model" / "task.json")
-    if saved_task.get("template"):
+    template = (_read_optional_json(run / "model" / "task.json").get("options") or {}).get("template")
+    if template:  # instruction tuning
         from forgeml.tasks.instruction_tuning import TEMPLATE_NAMES
 
-        facts.append(("Prompt template", TEMPLATE_NAMES.get(saved_task["template"], saved_task["template"])))
+        facts.append(("Prompt template", TEMPLATE_NAMES.get(template, template)))
     if model.get("lora"):
         lora = model["lora"]
         targets = ", ".join(lora.get("target_modules") or []) or "PEFT's default layers"

@@ -145,9 +145,9 @@ class InstructionTuningTask(HuggingFaceFolderTask):
             )
         if self.tokenizer.pad_token_id is None:  # padding is masked out: any id will do, eos is the convention
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.template = self._resolve_template(self.options["template"])
-        self.max_length = min(max_length, self._context(self.options.get("context")))
-        self.options["context"] = self.max_length
+        # The resolved template and length go back into the options, so a saved task rebuilds exactly.
+        self.template = self.options["template"] = self._resolve_template(self.options["template"])
+        self.max_length = self.options["context"] = min(max_length, self._context(self.options.get("context")))
 
     def _resolve_template(self, requested: str) -> str:
         """'plain', 'chat' (the tokenizer's) or 'builtin' (ours, installed on the tokenizer so it is saved)."""
@@ -318,14 +318,12 @@ class InstructionTuningTask(HuggingFaceFolderTask):
             rows = sorted(random.Random(seed).sample(rows, options["max_examples"]))
         records, scores, stopped = [], [], 0
         for index in rows:
-            conversation = as_conversation(dataset[index])
-            last = max(i for i, m in enumerate(conversation) if m["role"] == "assistant")
-            reference = conversation[last]["content"]
-            answer, finish = self.answer(model, conversation[:last], options["max_new_tokens"])
+            asked, reference = _last_answer(as_conversation(dataset[index]))
+            answer, finish = self.answer(model, asked, options["max_new_tokens"])
             score = score_answer(answer, reference, options["metric"])
             scores.append(score)
             stopped += finish == "stop"
-            records.append({"row": index, "prompt": conversation[:last], "reference": reference, "answer": answer})
+            records.append({"row": index, "prompt": asked, "reference": reference, "answer": answer})
             records[-1].update(score=score, finish_reason=finish)
         atomic_write_text(folder / GENERATIONS, "".join(json.dumps(record) + "\n" for record in records))
         return {
@@ -338,12 +336,10 @@ class InstructionTuningTask(HuggingFaceFolderTask):
         """Greedy answers to the first held-out prompts, beside their references (card, samples.jsonl)."""
         samples = []
         for row in held_out.select(range(min(SAMPLE_COUNT, len(held_out)))):
-            conversation = as_conversation(row)
-            last = max(i for i, m in enumerate(conversation) if m["role"] == "assistant")
-            answer, _ = self.answer(model, conversation[:last], 64)
-            prompt = conversation[last - 1]["content"] if last else ""
-            samples.append({"prompt": prompt, "seed": seed, "temperature": 0.0, "text": answer})
-            samples[-1]["reference"] = conversation[last]["content"]
+            asked, reference = _last_answer(as_conversation(row))
+            answer, _ = self.answer(model, asked, 64)
+            prompt = asked[-1]["content"] if asked else ""
+            samples.append({"prompt": prompt, "seed": seed, "temperature": 0.0, "text": answer, "reference": reference})
         return samples
 
     # --- saving -----------------------------------------------------------------------------------------------
@@ -352,9 +348,8 @@ class InstructionTuningTask(HuggingFaceFolderTask):
         return {
             "task": self.name,
             "inputs": {"text_columns": self.text_columns},
-            "template": self.template,
             "model": self.model_options,
-            "options": {**self.options, "template": self.template},
+            "options": self.options,  # template and context resolved
         }
 
     def save(self, folder: Path, model: CausalLM) -> None:
@@ -371,3 +366,9 @@ class InstructionTuningTask(HuggingFaceFolderTask):
     def load(cls, folder: Path, state: dict[str, Any], target: Any = None) -> tuple[InstructionTuningTask, CausalLM]:
         task = cls.from_saved(folder, state)
         return task, load_saved_causal_lm(folder, task.model_options)
+
+
+def _last_answer(conversation: list[dict[str, str]]) -> tuple[list[dict[str, str]], str]:
+    """The conversation up to its last assistant turn (what the model is asked) and that turn's text."""
+    last = max(index for index, message in enumerate(conversation) if message["role"] == "assistant")
+    return conversation[:last], conversation[last]["content"]
