@@ -7,6 +7,9 @@ warm-up, cosine decay to 1e-4, AdamW beta2 0.99, weight decay 0.1, gradient clip
 ``--steps`` optimizer steps:
 
 - ``forgeml``: `forgeml.train.loop.train` as `forgeml run` wires it (no evaluation during training);
+- ``forgeml compiled``: the same with ``train.compile=true`` (`torch.compile` of the training step). The
+  first round compiles with an empty cache (its wall time includes that); later rounds find the
+  compiled kernels in the cache, as a user's second run does;
 - ``trainer``: `transformers.Trainer` (`GPT2LMHeadModel`, the same blocks pre-packed as `input_ids` with
   `labels` a copy, as `run_clm.py` does; `default_data_collator`, its default optimizer), with
   `cosine_with_min_lr`.
@@ -19,7 +22,7 @@ for ``--repeats`` rounds (the VM's speed drifts); CPU steal is recorded beside e
 
 Run from the repository root::
 
-    python benchmarks/lm_throughput.py --steps 500 --repeats 3
+    python benchmarks/lm_throughput.py --steps 2000 --repeats 3
 """
 
 from __future__ import annotations
@@ -59,9 +62,10 @@ def steal_share(before: tuple[int, int, int]) -> float:
     return (after[0] - before[0]) / max(after[2] - before[2], 1)
 
 
-def train_forgeml(task: Any, model: Any, blocks: Any, config: Any) -> float:
+def train_forgeml(task: Any, model: Any, blocks: Any, config: Any, compiled: bool) -> float:
+    settings = config.train.model_copy(update={"compile": compiled})
     started = time.perf_counter()
-    train(task, model, blocks, None, config.train)
+    train(task, model, blocks, None, settings)
     return time.perf_counter() - started
 
 
@@ -105,7 +109,7 @@ def validation_loss(task: Any, model: Any, blocks: Any) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
@@ -122,14 +126,15 @@ def main() -> None:
     flops_per_run = initial.training_flops(range(args.steps * config.train.batch_size), config.block_size)
     peak = matmul_peak_flops()
 
-    runs: dict[str, list[dict[str, float]]] = {"forgeml": [], "trainer": []}
+    runs: dict[str, list[dict[str, float]]] = {"forgeml": [], "forgeml compiled": [], "trainer": []}
     with tempfile.TemporaryDirectory() as scratch:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(scratch) / "inductor")  # empty: round 1 compiles cold
         for round_index in range(args.repeats):
             for name in runs:
                 model = copy.deepcopy(initial)
                 before = cpu_jiffies()
-                if name == "forgeml":
-                    seconds = train_forgeml(task, model, train_blocks, config)
+                if name.startswith("forgeml"):
+                    seconds = train_forgeml(task, model, train_blocks, config, compiled=name.endswith("compiled"))
                 else:
                     seconds = train_trainer(model.lm, train_blocks, config, args.steps, Path(scratch) / name)
                 steal = steal_share(before)
@@ -151,16 +156,20 @@ def main() -> None:
     summary = {
         name: {key: statistics.median(r[key] for r in results) for key in results[0]} for name, results in runs.items()
     }
-    paired = [f["tokens_per_s"] / t["tokens_per_s"] for f, t in zip(runs["forgeml"], runs["trainer"], strict=True)]
-    print("\n| contender (median) | tokens/s | forgeml / this | MFU | validation loss | steal |")
+    paired = {
+        name: [f["tokens_per_s"] / t["tokens_per_s"] for f, t in zip(runs[name], runs["trainer"], strict=True)]
+        for name in ("forgeml", "forgeml compiled")
+    }
+    print("\n| contender (median) | tokens/s | this / trainer | MFU | validation loss | steal |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, values in summary.items():
-        ratio = summary["forgeml"]["tokens_per_s"] / values["tokens_per_s"]
+        ratio = values["tokens_per_s"] / summary["trainer"]["tokens_per_s"]
         print(
             f"| {name} | {values['tokens_per_s']:,.0f} | {ratio:.2f}x | {values['mfu']:.1%} | "
             f"{values['validation_loss']:.4f} | {values['steal']:.1%} |"
         )
-    print("per round: " + ", ".join(f"{ratio:.2f}x" for ratio in paired))
+    for name, ratios in paired.items():
+        print(f"{name} / trainer per round: " + ", ".join(f"{ratio:.2f}x" for ratio in ratios))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {"steps": args.steps, "summary": summary, "paired_ratios": paired, "runs": runs}
     args.out.write_text(json.dumps(result, indent=1), encoding="utf-8")

@@ -13,6 +13,7 @@ from forgeml.serve.keys import KeyStore
 from forgeml.serve.records import RecordStore
 from forgeml.serve.runtime import ModelRuntime
 from forgeml.store import database_url
+
 from serving import serving
 
 playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (the dev extra has it)")

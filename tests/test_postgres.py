@@ -18,6 +18,7 @@ from forgeml.serve.app import create_app
 from forgeml.serve.keys import KeyStore
 from forgeml.serve.records import RecordStore
 from forgeml.serve.runtime import ModelRuntime
+
 from serving import free_port, serving
 
 

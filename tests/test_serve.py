@@ -22,6 +22,7 @@ from forgeml.serve.keys import KeyStore
 from forgeml.serve.records import RecordStore
 from forgeml.serve.runtime import ModelRuntime
 from forgeml.store import database_url
+
 from serving import Client, serving
 
 

@@ -20,6 +20,7 @@ from forgeml.serve.keys import KeyStore
 from forgeml.serve.loadgen import closed_loop
 from forgeml.serve.records import PredictionRecord, RecordStore
 from forgeml.store import database_url
+
 from serving import Client, server_process
 
 REQUESTS = int(os.environ.get("FORGEML_LOAD_REQUESTS", "2000"))

@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from forgeml.errors import ForgeError
+from forgeml.errors import ConfigError, ForgeError
 
 app = typer.Typer(
     help="Fine-tune, evaluate and document models from one YAML file.",
@@ -364,13 +364,12 @@ def serve(
     db: Database = None,
 ) -> None:
     """Serve a run's model over HTTP: a demo page at /, /v1/predict, /v1/explain, /v1/feedback, /v1/models,
-    /healthz, /readyz, /metrics, /docs. Settings come from the run's `serve:` section; options override it."""
-    import uvicorn
-
+    /healthz, /readyz, /metrics, /docs; a language model answers OpenAI's /v1/completions and
+    /v1/chat/completions instead of /v1/predict. Settings come from the run's `serve:` section; options
+    override it."""
     from forgeml.config import ServeConfig, with_changes
-    from forgeml.serve.app import create_app
-    from forgeml.serve.records import RecordStore
-    from forgeml.serve.runtime import ModelRuntime
+    from forgeml.serve.common import run_server
+    from forgeml.serve.runtime import load_runtime
     from forgeml.store import Store
 
     options = {"host": host, "port": port, "engine": engine, "max_batch": max_batch, "max_wait_ms": max_wait_ms}
@@ -380,7 +379,7 @@ def serve(
         _refuse_open_without_keys(host)  # before the model loads, when the option says where
     keys = None if no_auth else _key_store(workspace, db)
     run_dir = Path(run) if Path(run).is_dir() else Store(_database(workspace, db)).locate(run)
-    runtime = ModelRuntime(run_dir, engine, workers)  # None: the run's serve.engine and serve.workers
+    runtime = load_runtime(run_dir, engine, workers)  # None: the run's serve.engine and serve.workers
     settings = with_changes(runtime.predictor.config.serve, "serve", **options)
     if no_auth:
         _refuse_open_without_keys(settings.host)  # the run's serve.host may name another address
@@ -389,14 +388,27 @@ def serve(
         errors.print(f"authentication is OFF: anyone who can reach {address} may call the API")
     elif not keys.list():
         errors.print("no API keys yet: create one with `forgeml keys create --scope predict`")
+    if getattr(runtime, "generates", False):
+        from forgeml.serve.generation_app import create_generation_app
+        from forgeml.serve.generations import GenerationStore
+
+        errors.print(
+            f"serving {runtime.name} {runtime.version} with {runtime.engine} on http://{address}/v1 (OpenAI "
+            f"completions and chat; up to {settings.max_batch} sequences decoding together)"
+        )
+        app = create_generation_app(runtime, keys, settings, GenerationStore(_database(workspace, db)))
+        run_server(app, settings.host, settings.port, graceful_s=settings.drain_s + 5)
+        return
+    from forgeml.serve.app import create_app
+    from forgeml.serve.records import RecordStore
+
     errors.print(
         f"serving {runtime.name} {runtime.version} with {runtime.engine} on http://{address} "
         f"(batches of up to {settings.max_batch}, waiting at most {settings.max_wait_ms:g} ms, "
         f"{runtime.workers} at once)"
     )
     records = RecordStore(_database(workspace, db))  # predictions and feedback
-    app = create_app(runtime, keys, settings, records)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=30)
+    run_server(create_app(runtime, keys, settings, records), settings.host, settings.port)
 
 
 def _refuse_open_without_keys(host: str) -> None:
@@ -443,19 +455,36 @@ def keys_revoke(
 
 @feedback_app.command("export")
 def feedback_export(
-    output: Annotated[Path, typer.Option("--output", "-o", help="CSV file to write")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="file to write (CSV, or JSON lines for generations)")],
+    kind: Annotated[
+        str,
+        typer.Option(
+            help="prediction: corrected labels as CSV; generation: rated and corrected generations as JSON lines "
+            "(prompt/response or messages, plus chosen/rejected pairs)"
+        ),
+    ] = "prediction",
     model: Annotated[str | None, typer.Option(help="only this model's feedback")] = None,
     workspace: Workspace = None,
     db: Database = None,
 ) -> None:
-    """Write the corrections as CSV (input columns, the corrected label, the prediction it replaces)."""
-    from forgeml.serve.records import RecordStore
+    """Write what users sent back as the next run's training data: corrected labels (CSV), or for language
+    models the corrected and up-rated answers (JSON lines for instruction-tuning, with preference pairs)."""
     from forgeml.workspace import atomic_write_text
 
-    text = RecordStore(_database(workspace, db)).export_csv(model=model)
+    if kind == "generation":
+        from forgeml.serve.generations import GenerationStore
+
+        text = GenerationStore(_database(workspace, db)).export_jsonl(model=model)
+        count, what = text.count("\n"), "example"
+    elif kind == "prediction":
+        from forgeml.serve.records import RecordStore
+
+        text = RecordStore(_database(workspace, db)).export_csv(model=model)
+        count, what = text.count("\n") - 1, "correction"
+    else:
+        raise ConfigError(f"--kind: {kind!r} is not a kind of feedback; choose prediction or generation")
     atomic_write_text(output, text)
-    count = text.count("\n") - 1
-    console.print(f"wrote {count} correction{'s' if count != 1 else ''} to {output}")
+    console.print(f"wrote {count} {what}{'s' if count != 1 else ''} to {output}")
 
 
 @app.command()

@@ -413,6 +413,11 @@ class TrainConfig(Section):
         "response", description="instruction tuning: learn from response tokens only, or from prompts as well"
     )
     threads: int | None = Field(None, ge=1, description="CPU threads; default: torch's choice")
+    compile: bool = Field(
+        False,
+        description="compile the training forward and backward with torch.compile: faster steps for fixed-shape "
+        "batches (language-model blocks) after a one-off compilation (about 30 s, a few seconds once cached)",
+    )
     privacy: DifferentialPrivacyConfig | None = Field(None, description="differentially private training (DP-SGD)")
     adversarial: AdversarialConfig | None = Field(None, description="adversarial training on word embeddings")
 
@@ -608,6 +613,21 @@ class ServeConfig(Section):
         None, ge=1, description="requests a key may send at once; default: ten seconds' worth of rate_limit"
     )
     explain_steps: int = Field(20, ge=1, le=500, description="integration steps for /v1/explain")
+    # Language models (completions and chat); max_batch is the number of sequences decoding together.
+    max_queue: int = Field(64, ge=0, le=100_000, description="requests waiting for a decoding slot (429 beyond)")
+    max_prompt_tokens: int = Field(4_096, ge=1, description="prompt tokens per request (413 beyond)")
+    max_tokens: int = Field(512, ge=1, description="largest max_tokens a request may ask for (422 beyond)")
+    max_n: int = Field(4, ge=1, le=64, description="largest n (choices per request) a request may ask for")
+    max_stop: int = Field(4, ge=0, le=64, description="stop strings per request (OpenAI allows 4)")
+    request_timeout_s: float = Field(
+        300.0, gt=0.0, description="a generation still running after this long ends with finish_reason length"
+    )
+    token_rate_limit: float | None = Field(
+        None, gt=0.0, description="tokens (prompt + max_tokens) per minute per API key (429 beyond); null: no limit"
+    )
+    drain_s: float = Field(
+        10.0, ge=0.0, description="on shutdown, how long running generations may go on before they are cut short"
+    )
 
 
 class ForgeConfig(Section):

@@ -138,6 +138,44 @@ def context_length(model: PreTrainedModel) -> int | None:
     return None
 
 
+class OutputText:
+    """The text of generated tokens, released in pieces that are safe to send.
+
+    A piece never ends inside a multi-byte character or with what may be the start of a stop string, and
+    nothing from a stop string on is ever released. Decoding the whole output each step (not token by
+    token) keeps characters that span tokens intact; it costs microseconds against a forward pass's
+    milliseconds.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: Sequence[str] = ()):
+        self.tokenizer, self.stop = tokenizer, tuple(stop)
+        self.tokens: list[int] = []
+        self.sent = ""  # the text released so far
+
+    def add(self, token: int) -> tuple[str, bool]:
+        """Append `token`; return the new text that may be sent now and whether a stop string was reached."""
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        stop_at = _first_stop(text, self.stop)
+        if stop_at is not None:
+            piece = text[len(self.sent) : stop_at] if stop_at > len(self.sent) else ""
+            self.sent += piece
+            return piece, True
+        releasable = _releasable_length(text, self.stop)
+        if releasable <= len(self.sent):
+            return "", False
+        piece = text[len(self.sent) : releasable]
+        self.sent = text[:releasable]
+        return piece, False
+
+    def flush(self) -> str:
+        """What was held back, once generation has ended without a stop string (it is final now)."""
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        piece = text[len(self.sent) :]
+        self.sent = text
+        return piece
+
+
 @dataclass
 class _Progress:
     """What the caller of the decoding loop learns besides the text (filled in as the loop runs)."""
@@ -168,42 +206,33 @@ def _decode(
     try:
         seen = torch.tensor([prompt_ids], device=model.device)
         logits, cache = _forward(model, seen, None, arguments)
-        generated: list[int] = []
-        sent = ""  # the text yielded so far
+        output = OutputText(tokenizer, options.stop)
         while True:
             full = context is not None and seen.shape[1] >= context
-            if len(generated) == options.max_new_tokens or (full and not options.slide):
+            if len(output.tokens) == options.max_new_tokens or (full and not options.slide):
                 progress.finish_reason = FINISH_LENGTH
                 break
-            if generated and context is not None and seen.shape[1] > context:
+            if output.tokens and context is not None and seen.shape[1] > context:
                 # The window slides: positions shift by one, so the cached keys and values no longer apply.
                 logits, cache = _forward(model, seen[:, -context:], None, arguments)
-            elif generated:
+            elif output.tokens:
                 logits, cache = _forward(model, seen[:, -1:], cache, arguments)
-            token = _next_token(logits, seen, options, generator)
+            token = next_token(logits, seen[0], options, generator)
             if token in end_ids:
                 progress.finish_reason = FINISH_STOP
                 break
-            generated.append(token)
-            progress.completion_tokens = len(generated)
             seen = torch.cat([seen, torch.tensor([[token]], device=seen.device)], dim=1)
-            # Decoding the whole output each step (not token by token) keeps characters that span
-            # tokens intact; it costs microseconds per step against milliseconds for the forward pass.
-            text = tokenizer.decode(generated, skip_special_tokens=True)
-            stop_at = _first_stop(text, options.stop)
-            if stop_at is not None:
-                if stop_at > len(sent):
-                    yield text[len(sent) : stop_at]
+            piece, stopped = output.add(token)
+            progress.completion_tokens = len(output.tokens)
+            if piece:
+                yield piece
+            if stopped:
                 progress.finish_reason = FINISH_STOP
                 return
-            releasable = _releasable_length(text, options.stop)
-            if releasable > len(sent):
-                yield text[len(sent) : releasable]
-                sent = text[:releasable]
         # The text held back (a possible stop-string start, an incomplete character) is final now.
-        text = tokenizer.decode(generated, skip_special_tokens=True)
-        if len(text) > len(sent):
-            yield text[len(sent) :]
+        rest = output.flush()
+        if rest:
+            yield rest
     finally:
         model.train(was_training)
 
@@ -278,12 +307,10 @@ def _accepts(model: PreTrainedModel, argument: str) -> bool:
 
 
 @torch.inference_mode()
-def _next_token(
-    logits: torch.Tensor, seen: torch.Tensor, options: GenerationOptions, generator: torch.Generator
-) -> int:
-    """Pick the next token from float32 `logits` (1-D over the vocabulary) after the ids in `seen`."""
+def next_token(logits: torch.Tensor, seen: torch.Tensor, options: GenerationOptions, generator: torch.Generator) -> int:
+    """Pick the next token from float32 `logits` (1-D over the vocabulary) after the ids `seen` (1-D)."""
     if options.repetition_penalty != 1.0:
-        previous = seen[0]
+        previous = seen
         scores = logits.gather(0, previous)
         penalised = torch.where(scores < 0, scores * options.repetition_penalty, scores / options.repetition_penalty)
         logits = logits.scatter(0, previous, penalised)

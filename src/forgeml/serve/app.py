@@ -10,26 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import math
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Request
-from fastapi.concurrency import run_in_threadpool
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from fastapi import Depends, FastAPI, HTTPException
+from fastapi.responses import HTMLResponse, JSONResponse
+from prometheus_client import CollectorRegistry, Gauge, Histogram
 from pydantic import BaseModel, ConfigDict, Field
 
 from forgeml.config import ServeConfig
 from forgeml.errors import ForgeError
 from forgeml.serve.batching import MicroBatcher
+from forgeml.serve.common import install_basics, scope_checker
 from forgeml.serve.demo import demo_page
 from forgeml.serve.keys import KeyStore
-from forgeml.serve.middleware import BodyLimit, JsonBodies, RequestMetrics
-from forgeml.serve.ratelimit import RateLimiter
 from forgeml.serve.records import RecordStore
 from forgeml.serve.runtime import ModelRuntime, record_values
 
@@ -124,17 +120,13 @@ def create_app(
     batching, the request limits and the per-key rate limit (the run's `serve:` section by default).
     """
     limits = settings or runtime.predictor.config.serve
-    limiter = RateLimiter(limits.rate_limit, limits.rate_burst) if limits.rate_limit else None
     registry = CollectorRegistry()
-    requests = Counter("forgeml_requests", "Requests by route and status", ["route", "status"], registry=registry)
-    latency = Histogram("forgeml_request_seconds", "Request latency", ["route"], registry=registry)
     batch_sizes = Histogram(
         "forgeml_batch_size",
         "Records per model call (requests coalesced by the micro-batcher)",
         buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
         registry=registry,
     )
-    in_progress = Gauge("forgeml_requests_in_progress", "API requests (/v1/...) being answered", registry=registry)
     info = Gauge("forgeml_model_info", "The model being served", ["name", "version", "engine"], registry=registry)
     info.labels(runtime.name, runtime.version, runtime.engine).set(1)
 
@@ -183,57 +175,12 @@ def create_app(
     app = FastAPI(title=f"forgeml: {runtime.name}", version=runtime.version, lifespan=lifespan)
     app.state.ready = False
 
-    def observe(route: str, status: int, seconds: float) -> None:
-        requests.labels(route, str(status)).inc()
-        latency.labels(route).observe(seconds)
-
-    app.add_middleware(JsonBodies)
-    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
-    # added last, so outermost: it also counts what BodyLimit refuses
-    app.add_middleware(RequestMetrics, observe=observe, in_flight=in_progress.inc)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
-        problems = [
-            {"field": ".".join(str(part) for part in e["loc"] if part != "body"), "problem": e["msg"]}
-            for e in error.errors()
-        ]
-        return JSONResponse({"detail": "invalid request", "problems": problems}, status_code=422)
-
-    def require(scope: str):
-        # async: without keys nothing is looked up, and a sync dependency would cost every request a trip
-        # through the thread pool; with keys, the database lookup goes there.
-        async def check(authorization: str | None = Header(default=None)) -> str | None:
-            if keys is None:
-                return None
-            token = authorization[7:].strip() if authorization and authorization.lower().startswith("bearer ") else None
-            verdict = await run_in_threadpool(keys.check, token, scope)
-            if verdict.status != 200:
-                headers = {"WWW-Authenticate": "Bearer"} if verdict.status == 401 else None
-                raise HTTPException(verdict.status, verdict.reason, headers=headers)
-            wait = limiter.acquire(verdict.key_id) if limiter and verdict.key_id else 0.0
-            if wait:
-                raise HTTPException(
-                    429,
-                    f"rate limit: at most {limits.rate_limit:g} requests a minute for this key; retry in {wait:.1f} s",
-                    headers={"Retry-After": str(math.ceil(wait))},
-                )
-            return verdict.key_id
-
-        return check
+    install_basics(app, limits, registry)
+    require = scope_checker(keys, limits)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def demo() -> HTMLResponse:
         return HTMLResponse(demo_page(runtime.describe(), auth=keys is not None))
-
-    @app.get("/healthz")
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/readyz")
-    def readyz() -> JSONResponse:
-        ready = bool(app.state.ready)
-        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
     @app.get("/v1/models")
     def models(_: str | None = Depends(require("predict"))) -> dict[str, Any]:
@@ -292,9 +239,5 @@ def create_app(
             key_id=key_id,
         )
         return {"feedback_id": feedback_id, "label": body.label, "predicted": predicted}
-
-    @app.get("/metrics")
-    def metrics() -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -20,14 +20,17 @@ class RateLimiter:
         self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, when they were counted)
         self._lock = threading.Lock()  # the auth check runs in the server's thread pool
 
-    def acquire(self, key: str) -> float:
-        """0 if `key` may go ahead now (and a token is spent), else the seconds until it may."""
+    def acquire(self, key: str, cost: float = 1.0) -> float:
+        """0 if `key` may go ahead now (and `cost` tokens are spent), else the seconds until it may.
+
+        A cost above the burst is capped at the burst: such a request waits for a full bucket, not forever."""
+        cost = min(cost, self.burst)
         now = time.monotonic()
         with self._lock:
             tokens, then = self._buckets.get(key, (self.burst, now))
             tokens = min(self.burst, tokens + (now - then) * self.rate)
-            if tokens >= 1.0:
-                self._buckets[key] = (tokens - 1.0, now)
+            if tokens >= cost:
+                self._buckets[key] = (tokens - cost, now)
                 return 0.0
             self._buckets[key] = (tokens, now)
-            return (1.0 - tokens) / self.rate
+            return (cost - tokens) / self.rate

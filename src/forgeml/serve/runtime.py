@@ -1,6 +1,6 @@
 """What answers requests: the run's model through the same Predictor `forgeml predict` uses, as the
 variant `forgeml compress` selected: an ONNX file (onnxruntime), a distilled or pruned model, PyTorch
-int8, or the trained model itself."""
+int8, or the trained model itself. A language model is served by `GenerativeRuntime` instead."""
 
 from __future__ import annotations
 
@@ -24,16 +24,16 @@ MAX_PADDING = 0.25
 class ModelRuntime:
     """A loaded model plus its name and version; `predict` takes raw inputs as `Predictor.predict` does."""
 
-    def __init__(self, run_dir: str | Path, engine: str | None = None, workers: int | None = None):
+    def __init__(self, run_dir: str | Path | Predictor, engine: str | None = None, workers: int | None = None):
         """`engine`: auto (the variant `forgeml compress` selected), onnx (the int8 export), onnx_fp32 or
         pytorch; None: the run's `serve.engine`. `workers`: batches scored at once (None: the run's
         `serve.workers`, else one per core for ONNX and one for PyTorch)."""
-        self.predictor = Predictor(run_dir)
-        run = self.predictor.run
-        if getattr(self.predictor.task, "target", None) is None:
+        self.predictor = predictor = run_dir if isinstance(run_dir, Predictor) else Predictor(run_dir)
+        run = predictor.run
+        if getattr(predictor.task, "target", None) is None:
             raise ForgeError(
-                f"serve: {run.path} is a {self.predictor.task.name} run; serving generated text over HTTP is not "
-                "available yet: use forgeml generate RUN PROMPT (or Predictor.generate)"
+                f"serve: {run.path} is a {predictor.task.name} run, a pre-trained encoder with nothing to answer: "
+                f"fine-tune it for a task first (model.backbone: {run.path})"
             )
         engine = engine or self.predictor.config.serve.engine
         self._workers = workers or self.predictor.config.serve.workers
@@ -151,6 +151,92 @@ class ModelRuntime:
             "labels": self.classes,
             "explainable": self.explainable,
         }
+
+
+class GenerativeRuntime:
+    """A language-modeling or instruction-tuning run: its causal LM, tokenizer and prompt rendering."""
+
+    generates = True
+
+    def __init__(self, predictor: Predictor):
+        self.predictor = predictor
+        self.model, self.tokenizer = predictor._language_model()
+        self.name, self.version = predictor.run.name, predictor.run.id
+        self.engine = "pytorch"
+        self.chat_template = "the run's template" if getattr(predictor.task, "prompt_ids", None) else None
+        if self.chat_template is None and getattr(self.tokenizer, "chat_template", None):
+            self.chat_template = "the tokenizer's chat template"
+
+    def completion_prompt(self, prompt: str | list[int]) -> list[int]:
+        """A completion prompt's token ids: text as the tokenizer encodes it (special tokens included), or ids."""
+        if isinstance(prompt, str):
+            return list(self.tokenizer(prompt)["input_ids"])
+        if not all(0 <= token < len(self.tokenizer) for token in prompt):
+            raise ForgeError(f"prompt: token ids must be in [0, {len(self.tokenizer) - 1}]")
+        return list(prompt)
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """A conversation's token ids, rendered as in training (instruction tuning) or by the tokenizer's template."""
+        render = getattr(self.predictor.task, "prompt_ids", None)
+        if render is not None:
+            return render(messages)
+        if self.chat_template is None:
+            raise ForgeError(
+                f"messages: {self.name} is a {self.predictor.task.name} model without a chat template; it continues "
+                "text: use /v1/completions with a prompt"
+            )
+        rendered = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+        return list(rendered["input_ids"] if isinstance(rendered, dict) else rendered)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def storable(self, prompt: Any) -> Any:
+        """A prompt (text or messages) as it may be kept in the database: PII redacted when the run redacts."""
+        pii = self.predictor.config.data.pii
+        if not pii.redact:
+            return prompt
+        from forgeml.data.pii import redact_texts
+
+        texts = [prompt] if isinstance(prompt, str) else [m["content"] for m in prompt]
+        redacted = redact_texts(texts, pii.types, pii.style)[0]
+        if isinstance(prompt, str):
+            return redacted[0]
+        return [{**m, "content": text} for m, text in zip(prompt, redacted, strict=True)]
+
+    def redact(self, text: str) -> str:
+        pii = self.predictor.config.data.pii
+        if not pii.redact:
+            return text
+        from forgeml.data.pii import redact_texts
+
+        return redact_texts([text], pii.types, pii.style)[0][0]
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "task": self.predictor.task.name,
+            "engine": self.engine,
+            "context": _context(self.model),
+            "chat": self.chat_template is not None,
+        }
+
+
+def load_runtime(
+    run_dir: str | Path, engine: str | None = None, workers: int | None = None
+) -> ModelRuntime | GenerativeRuntime:
+    """The runtime that serves `run_dir`: a language model's, or a predictor's."""
+    predictor = Predictor(run_dir)
+    if predictor.generates:
+        return GenerativeRuntime(predictor)
+    return ModelRuntime(predictor, engine, workers)
+
+
+def _context(model: Any) -> int | None:
+    from forgeml.generate import context_length
+
+    return context_length(model)
 
 
 def record_values(record: Any) -> list[Any]:

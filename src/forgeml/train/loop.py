@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import random
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -153,6 +154,15 @@ def _precision(config: TrainConfig) -> str:
     return "no"
 
 
+def _compiled(model: nn.Module) -> nn.Module:
+    """`torch.compile` of `model`, refused with a reason where it cannot work rather than failing mid-run."""
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if on_cpu and not any(shutil.which(name) for name in ("c++", "g++", "clang++")):
+        raise ConfigError("train.compile: torch.compile needs a C++ compiler on CPU and none is installed")
+    # A different batch shape (an epoch's last, shorter batch) recompiles once with dynamic shapes.
+    return torch.compile(model)
+
+
 @contextlib.contextmanager
 def thread_count(threads: int | None) -> Iterator[None]:
     """Use `threads` CPU threads inside the block, and give the caller's setting back after it."""
@@ -217,6 +227,9 @@ def _train(
         from forgeml.train.adversarial import EmbeddingAdversary
 
         adversary = EmbeddingAdversary(raw_model, config.adversarial.epsilon)
+    # Only the training step is compiled: evaluation runs the eager model (another shape and mode would
+    # cost a second compilation for a few batches). The compiled wrapper shares the model's parameters.
+    train_forward = _compiled(model) if config.compile else model
     watched_split = validation_split
     if validation_split is not None and config.eval_batches:
         watched_split = RowSubset.seeded(validation_split, config.eval_batches * config.eval_batch_size, config.seed)
@@ -300,7 +313,7 @@ def _train(
                 inputs, targets = train_split.batch(rows.tolist())
                 inputs = {name: tensor.to(accelerator.device) for name, tensor in inputs.items()}
                 targets = targets.to(accelerator.device)
-                loss = task.loss(model(**inputs), targets)
+                loss = task.loss(train_forward(**inputs), targets)
                 if config.l1:
                     loss = loss + config.l1 * sum(p.abs().sum() for p in raw_model.parameters() if p.ndim >= 2)
                 accelerator.backward(loss / config.grad_accum_steps)
