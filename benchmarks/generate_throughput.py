@@ -207,8 +207,8 @@ def main() -> None:
         for name, values in medians.items():
             ratio = medians["forgeml"]["tokens_per_s"] / values["tokens_per_s"]
             print(
-                f"| {clients} | {name} | {values['tokens_per_s']:,.0f} | {ratio:.2f}x | {values['ttft_p50'] * 1000:.0f} ms | "
-                f"{values['ttft_p95'] * 1000:.0f} ms | {values['steal']:.1%} |"
+                f"| {clients} | {name} | {values['tokens_per_s']:,.0f} | {ratio:.2f}x | "
+                f"{values['ttft_p50'] * 1000:.0f} ms | {values['ttft_p95'] * 1000:.0f} ms | {values['steal']:.1%} |"
             )
     ours = {n: t for r in runs["forgeml"][8] for n, t in r["texts"].items()}
     peer = {n: t for r in runs["peer"][8] for n, t in r["texts"].items()}
