@@ -96,6 +96,8 @@ class EngineObserver:
 
     def token_gap(self, seconds: float) -> None: ...
 
+    def generated(self, tokens: int) -> None: ...
+
     def step(self, rows: int, waiting: int) -> None: ...
 
 
@@ -230,6 +232,7 @@ class DecodingEngine:
         now = time.perf_counter()
         job.first_token_at = now
         self.observer.first_token(now - job.submitted)
+        self.observer.generated(len(job.options))
         rows = []
         for choice, options in enumerate(job.options):
             generator = torch.Generator(device=self.model.device)
@@ -255,6 +258,7 @@ class DecodingEngine:
         logits, self._cache = self._forward(ids, self._cache, mask, positions)
         self._mask = mask
         now = time.perf_counter()
+        self.observer.generated(len(rows))
         finished = []
         for index, row in enumerate(rows):
             row.position += 1

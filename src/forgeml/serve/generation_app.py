@@ -83,6 +83,9 @@ class _Metrics(EngineObserver):
     def token_gap(self, seconds: float) -> None:
         self.gap.observe(seconds)
 
+    def generated(self, tokens: int) -> None:
+        self.tokens.inc(tokens)
+
     def step(self, rows: int, waiting: int) -> None:
         self.rows.set(rows)
         self.occupancy.set(rows / self.max_batch)
@@ -326,7 +329,8 @@ def create_generation_app(
         """Cancel what is still running (the client left) and store the generation.
 
         Not async: it runs in `finally` blocks of cancelled tasks, where an await would be cancelled too.
-        The row is written on the store's own thread (one writer, as SQLite wants), never awaited."""
+        The row is written on the store's own thread (one writer, as SQLite wants); the write's future is
+        returned for a caller that may wait for it."""
         if not accepted.done:
             for job in accepted.jobs:
                 engine.cancel(job)
