@@ -25,6 +25,7 @@ import forgeml
 from forgeml.cli import app as cli_app
 from forgeml.config import ForgeConfig, ServeConfig
 from forgeml.data.instructions import read_examples
+from forgeml.errors import ForgeError
 from forgeml.serve.generation_app import create_generation_app
 from forgeml.serve.generations import GenerationStore
 from forgeml.serve.keys import KeyStore
@@ -501,3 +502,35 @@ def test_a_mixed_load_gives_no_5xx_stores_every_generation_and_leaks_nothing(lm_
         (choice,) = json.loads(choices)
         assert choice["finish_reason"] in ("stop", "length", "cancelled") and seconds > 0 and prompt_tokens > 0
     assert rss_after <= 1.10 * rss_warm, f"RSS grew from {rss_warm / 2**20:.0f} MiB to {rss_after / 2**20:.0f} MiB"
+
+
+# --- compressed variants ------------------------------------------------------------------------------------
+
+
+def test_compress_measures_onnx_variants_and_serve_runs_the_selected_one(lm_run: Path, tmp_path: Path):
+    workspace = tmp_path / "workspace"
+    run = shutil.copytree(lm_run, workspace / "runs" / "tiny_lm" / lm_run.name)
+    with pytest.raises(ForgeError, match="forgeml compress"):
+        load_runtime(run, engine="onnx")  # nothing exported yet
+    result = CliRunner().invoke(cli_app, ["compress", str(run)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((run / "compress" / "compression.json").read_text())
+    variants = {variant["name"]: variant for variant in report["variants"]}
+    assert set(variants) == {"pytorch_fp32", "onnx_fp32", "onnx_int8"}
+    assert variants["onnx_fp32"]["perplexity"] == pytest.approx(variants["pytorch_fp32"]["perplexity"], rel=1e-4)
+    assert variants["onnx_fp32"]["greedy_agreement"] == 1.0
+    assert abs(variants["onnx_int8"]["perplexity_change"]) < 0.05
+    for variant in variants.values():
+        assert variant["tokens_per_s_batch1"] > 0 and variant["tokens_per_s_batch8"] > 0
+    assert "The language model's variants" in (run / "card.md").read_text()
+
+    runtime = load_runtime(run)  # auto: what compress selected
+    assert runtime.engine == (
+        "pytorch" if report["selected"] == "pytorch_fp32" else f"onnxruntime ({report['selected']})"
+    )
+    served = load_runtime(run, engine="onnx_fp32")
+    request = {"model": "tiny_lm", "prompt": "the cat", "max_tokens": 30, "temperature": 0}
+    with serving(create_generation_app(served, None, ServeConfig())) as client:
+        status, answer = client.call("POST", "/v1/completions", request)
+    expected = forgeml.load(run).generate("the cat", max_new_tokens=30, temperature=0)
+    assert status == 200 and answer["choices"][0]["text"] == expected

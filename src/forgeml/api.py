@@ -446,6 +446,8 @@ def compress(run_dir: str | Path) -> dict[str, Any]:
     from forgeml.export import parity_sample
 
     predictor = Predictor(run_dir)
+    if predictor.generates:
+        return _compress_language_model(predictor)
     splits = prepare(predictor.config).splits
     name, rows = _held_out(splits)
     task = predictor.task
@@ -464,6 +466,24 @@ def compress(run_dir: str | Path) -> dict[str, Any]:
     try:
         return compress_model(
             task, predictor.model, test, parity_rows, run.path / "compress", run.path / "export", options, training
+        )
+    finally:
+        _record_and_report(run, [*run.path.glob("compress/**/*"), *run.path.glob("export/**/*")])
+
+
+def _compress_language_model(predictor: Predictor) -> dict[str, Any]:
+    """A language model's variants: PyTorch fp32 against ONNX Runtime fp32 and int8 (see compress/language_model)."""
+    from forgeml.compress.language_model import compress_language_model, prompts_from
+    from forgeml.tasks import prepare_data
+
+    name, rows = _held_out(prepare_data(predictor.config).splits)
+    column = next((c for c in ("prompt", "text") if c in rows.column_names), None)
+    texts = [str(text) for text in rows[column][:64]] if column else []
+    prompts = [text for text in texts if text.strip()][:8] if column == "prompt" else prompts_from(texts)
+    run = predictor.run
+    try:
+        return compress_language_model(
+            predictor.model, predictor.task.tokenizer, predictor.task.encode(rows, name), name, prompts, run.path
         )
     finally:
         _record_and_report(run, [*run.path.glob("compress/**/*"), *run.path.glob("export/**/*")])

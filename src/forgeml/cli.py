@@ -306,6 +306,16 @@ def compress(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -
     from forgeml import api
 
     report = api.compress(run_dir)
+    if report.get("kind") == "language-model":
+        from forgeml.compress.language_model import comparison_table
+
+        header, rows = comparison_table(report)
+        table = Table(*header)
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+        console.print(f"written to {Path(run_dir) / 'compress'}; selected for serving: {report['selected']}")
+        return
     metric = report["metric"]
     table = Table("variant", "MB", metric, "drop", "p50 ms (batch 1)", "rows/s (batch 32)", "speed-up 1 / 32")
     for result in report["variants"]:

@@ -751,11 +751,27 @@ def _compression_mark(result: dict[str, Any], selected: str) -> str:
     return "" if result.get("parity_passed", True) else " (failed its int8 parity check)"
 
 
+def _language_model_compression(report: dict[str, Any]) -> Section:
+    from forgeml.compress.language_model import comparison_table
+
+    header, rows = comparison_table(report)
+    text = (
+        f"Perplexity on the {report['held_out']} split ({report['tokens']:,} tokens); greedy decoding of "
+        f"{report['new_tokens']} tokens timed alone (batch 1) and with 8 sequences decoding together in the "
+        f"serving engine (batch 8), on this machine; 'greedy same': share of {report['prompts']} prompts whose "
+        f"greedy text equals the original's. Selected for serving: {report['selected']}, the fastest at batch 8 "
+        f"whose perplexity is within {report['tolerance']:.0%} of the original's."
+    )
+    return Section("Compression", [Paragraph(text), Table(header, rows, "The language model's variants.")])
+
+
 def _compression(run: Path) -> Section:
     """The variants side by side (compress/compression.json) and the frontier plot."""
     report = _read_optional_json(run / "compress" / "compression.json")
     if not report.get("variants"):
         return Section("Compression", [])
+    if report.get("kind") == "language-model":
+        return _language_model_compression(report)
     metric = report["metric"]
     rows = [
         [

@@ -158,14 +158,37 @@ class GenerativeRuntime:
 
     generates = True
 
-    def __init__(self, predictor: Predictor):
+    def __init__(self, predictor: Predictor, engine: str | None = None):
+        """`engine`: auto (the variant `forgeml compress` selected), onnx (the int8 export), onnx_fp32 or
+        pytorch; None: the run's `serve.engine`."""
         self.predictor = predictor
         self.model, self.tokenizer = predictor._language_model()
         self.name, self.version = predictor.run.name, predictor.run.id
         self.engine = "pytorch"
+        self._load_variant(engine or predictor.config.serve.engine)
         self.chat_template = "the run's template" if getattr(predictor.task, "prompt_ids", None) else None
         if self.chat_template is None and getattr(self.tokenizer, "chat_template", None):
             self.chat_template = "the tokenizer's chat template"
+
+    def _load_variant(self, engine: str) -> None:
+        """Swap in an ONNX Runtime export (hash-checked) when `engine` asks for one or compress selected one."""
+        if engine == "pytorch":
+            return
+        from forgeml.compress.language_model import ONNX_FILES
+
+        run_dir = self.predictor.run.path
+        chosen = _variant_to_serve(run_dir, engine)
+        if chosen is None or chosen["name"] == "pytorch_fp32":
+            return
+        relative = ONNX_FILES[chosen["name"]]
+        with plaintext_view(run_dir, only=(MANIFEST, relative)) as plain:
+            if not (plain / relative).is_file():
+                raise ForgeError(f"serve: --engine {engine}: {relative} is missing; run forgeml compress {run_dir}")
+            RunDir(plain).verify(relative)
+            from forgeml.models.onnx_lm import OnnxCausalLM
+
+            self.model = OnnxCausalLM(plain / relative, self.model)
+        self.engine = f"onnxruntime ({chosen['name']})"
 
     def completion_prompt(self, prompt: str | list[int]) -> list[int]:
         """A completion prompt's token ids: text as the tokenizer encodes it (special tokens included), or ids."""
@@ -229,7 +252,7 @@ def load_runtime(
     """The runtime that serves `run_dir`: a language model's, or a predictor's."""
     predictor = Predictor(run_dir)
     if predictor.generates:
-        return GenerativeRuntime(predictor)
+        return GenerativeRuntime(predictor, engine)
     return ModelRuntime(predictor, engine, workers)
 
 
