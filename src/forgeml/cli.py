@@ -304,6 +304,7 @@ def export(
 def compress(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
     """int8 and ONNX Runtime variants side by side: quality, size, latency, throughput; picks one to serve."""
     from forgeml import api
+    from forgeml.workspace import resolve_run_path
 
     report = api.compress(run_dir)
     if report.get("kind") == "language-model":
@@ -314,7 +315,8 @@ def compress(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -
         for row in rows:
             table.add_row(*row)
         console.print(table)
-        console.print(f"written to {Path(run_dir) / 'compress'}; selected for serving: {report['selected']}")
+        written = resolve_run_path(run_dir) / "compress"
+        console.print(f"written to {written}; selected for serving: {report['selected']}")
         return
     metric = report["metric"]
     table = Table("variant", "MB", metric, "drop", "p50 ms (batch 1)", "rows/s (batch 32)", "speed-up 1 / 32")
@@ -331,7 +333,9 @@ def compress(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -
             f"{result['speedup_batch1']:.2f}x / {result['speedup_batch32']:.2f}x",
         )
     console.print(table)
-    console.print(f"written to {Path(run_dir) / 'compress'}; frontier in compress/frontier.png and the card")
+    console.print(
+        f"written to {resolve_run_path(run_dir) / 'compress'}; frontier in compress/frontier.png and the card"
+    )
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")

@@ -2,9 +2,9 @@
 
 Each variant is scored on the run's held-out split (loss and perplexity of the same tokens the run was
 evaluated on) and timed decoding greedily: tokens/s at batch 1 (`generate`, one sequence) and at batch 8
-(the serving engine, 8 sequences decoding together). The selected variant, the fastest at batch 8 whose
-perplexity is within `TOLERANCE` of the original's and whose greedy text agrees, is what `forgeml serve`
-runs. Writes `compress/compression.json` and `export/lm.onnx`, `export/lm.int8.onnx`.
+(the serving engine, 8 sequences decoding together), and compared greedily with the original's text. The
+selected variant, the fastest at batch 8 whose perplexity is within `TOLERANCE` of the original's, is
+what `forgeml serve` runs. Writes `compress/compression.json` and `export/lm.onnx`, `export/lm.int8.onnx`.
 """
 
 from __future__ import annotations
@@ -81,7 +81,9 @@ def compress_language_model(
         result["perplexity_change"] = result["perplexity"] / original["perplexity"] - 1
         result["speedup_batch1"] = result["tokens_per_s_batch1"] / original["tokens_per_s_batch1"]
         result["speedup_batch8"] = result["tokens_per_s_batch8"] / original["tokens_per_s_batch8"]
-    eligible = [r for r in results if r["perplexity_change"] <= TOLERANCE and r["greedy_agreement"] >= 0.5]
+    # Greedy text is reported, not required: any change in the numbers (int8 most of all) sends a long greedy
+    # continuation elsewhere sooner or later, while the perplexity says whether the model got worse.
+    eligible = [r for r in results if r["perplexity_change"] <= TOLERANCE]
     selected = max(eligible, key=lambda r: r["tokens_per_s_batch8"])["name"]
     report = {
         "kind": "language-model",
