@@ -359,32 +359,46 @@ def test_a_request_past_its_time_ends_with_length(lm_run: Path):
         assert 0 < answer["usage"]["completion_tokens"] < 500  # cut by the timeout, not by the context
 
 
-def test_sigterm_ends_running_streams_cleanly(lm_run: Path):
-    workspace = lm_run.parents[2]
-    with server_process(lm_run, workspace, "--no-auth") as (process, client):
-        connection = http.client.HTTPConnection("127.0.0.1", client.port, timeout=60)
-        body = json.dumps(
-            {"model": "tiny_lm", "prompt": "the cat", "max_tokens": 2_000, "stream": True, "temperature": 0}
-        )
-        connection.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
-        response = connection.getresponse()
-        assert response.readline().startswith(b"data: {")
+def test_sigterm_ends_running_streams_cleanly(lm_run: Path, tmp_path: Path):
+    workspace = tmp_path / "workspace"
+    run = shutil.copytree(lm_run, workspace / "runs" / "tiny_lm" / lm_run.name)
+    streams = 8
+    with server_process(run, workspace, "--no-auth") as (process, client):
+        responses = []
+        for index in range(streams):
+            connection = http.client.HTTPConnection("127.0.0.1", client.port, timeout=60)
+            body = {"model": "tiny_lm", "prompt": f"the {index}", "max_tokens": 2_000, "stream": True, "temperature": 0}
+            connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+            responses.append(connection.getresponse())
+        for response in responses:
+            assert response.readline().startswith(b"data: {")  # every stream is running
         process.send_signal(signal.SIGTERM)
-        lines = response.read().decode().split("\n\n")
-        events = [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
-        assert events[-1] == "[DONE]"
-        assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
+        for response in responses:
+            lines = response.read().decode().split("\n\n")
+            events = [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
+            assert events[-1] == "[DONE]"
+            assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
         # uvicorn re-raises SIGTERM after its graceful shutdown, so process managers see why it ended
         assert process.wait(timeout=60) in (0, -signal.SIGTERM)
         assert "Traceback" not in process.stdout.read()
-    rows = (
-        GenerationStore(database_url(workspace))
-        .engine.connect()
-        .exec_driver_sql("select choices from generations")
-        .fetchall()
-    )
-    choice = json.loads(rows[-1][0])[0]
-    assert choice["finish_reason"] == "length" and choice["completion_tokens"] < 500  # cut by the drain
+    with GenerationStore(database_url(workspace)).engine.connect() as connection:
+        rows = connection.exec_driver_sql("select choices from generations").fetchall()
+    assert len(rows) == streams  # every stream stored (the warm-up generation is not a request)
+    for (choices,) in rows:
+        (choice,) = json.loads(choices)
+        assert choice["finish_reason"] == "length" and choice["completion_tokens"] < 500  # cut by the drain
+
+
+def test_a_key_past_its_token_rate_gets_429(sft_run: Path, tmp_path: Path):
+    url = database_url(tmp_path)
+    key = KeyStore(url).create(["predict"], "tokens")
+    settings = ServeConfig(token_rate_limit=60, max_tokens=64)  # a minute's worth: 60 tokens
+    with serving(create_generation_app(load_runtime(sft_run), KeyStore(url), settings)) as client:
+        request = {**GOOD_COMPLETION, "prompt": "Review: a\nSentiment:", "max_tokens": 20}
+        assert client.call("POST", "/v1/completions", request, key=key)[0] == 200  # ~9 prompt + 20 tokens
+        status, answer = client.call("POST", "/v1/completions", {**request, "max_tokens": 40}, key=key)
+        assert status == 429 and answer["error"]["type"] == "rate_limit_error"
+        assert "tokens" in answer["error"]["message"] and int(client.headers["retry-after"]) >= 1
 
 
 # --- the demo page, in headless Chromium ----------------------------------------------------------------------
