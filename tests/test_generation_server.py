@@ -34,7 +34,7 @@ from forgeml.store import database_url
 
 from conftest import write_csv
 from serving import Client, server_process, serving
-from test_instruction_tuning import PROMPT, reviews, sft_config
+from test_instruction_tuning import PROMPT, reviews, save_base, sft_config
 from test_language_modeling import corpus, lm_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -43,19 +43,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny GPT-2 instruction-tuned to answer "Review: ...\\nSentiment:" with " positive" or " negative"."""
-    import torch
-
-    from forgeml.models.gpt import gpt_from_architecture
-    from forgeml.models.tokenizers import bpe_tokenizer
-
     folder = tmp_path_factory.mktemp("served_sft")
-    texts = [PROMPT.format(text=row["text"]) + " " + row["label"] for row in reviews(400, seed=1)]
-    tokenizer = bpe_tokenizer(texts, 300)
-    torch.manual_seed(0)
-    architecture = {"n_layer": 2, "n_head": 2, "n_embd": 48, "context": 64, "dropout": 0.0}
-    model = gpt_from_architecture(architecture, len(tokenizer), "gpt2", tokenizer.eos_token_id)
-    model.save_pretrained(folder / "base")
-    tokenizer.save_pretrained(folder / "base")
+    save_base(folder / "base")
     train = write_csv(folder / "reviews.csv", reviews(500))
     config = sft_config(train, folder / "base", evaluate={"generation": {"max_new_tokens": 4, "max_examples": 10}})
     return forgeml.run(config, workspace=folder).run_dir

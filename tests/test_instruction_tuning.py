@@ -52,8 +52,11 @@ def reviews(count: int, seed: int = 0) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_base(tmp_path_factory.mktemp("base"))
+
+
+def save_base(folder: Path) -> Path:
     """A tiny random GPT-2 with a BPE tokenizer learnt from the review words, saved as a Hugging Face folder."""
-    folder = tmp_path_factory.mktemp("base")
     texts = [PROMPT.format(text=row["text"]) + " " + row["label"] for row in reviews(400, seed=1)]
     tokenizer = bpe_tokenizer(texts, 300)
     torch.manual_seed(0)

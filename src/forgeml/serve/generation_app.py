@@ -212,7 +212,7 @@ def create_generation_app(
             raise _Refusal(404, f"no generation {body.generation_id!r}", "generation_id")
         if body.choice >= len(generation.choices):
             raise _Refusal(422, f"choice: generation has {len(generation.choices)} choices", "choice")
-        correction = None if body.correction is None else runtime.redact(body.correction)
+        correction = None if body.correction is None else runtime.storable(body.correction)
         feedback_id = store.add_feedback(
             generation_id=body.generation_id,
             choice=body.choice,
@@ -338,7 +338,7 @@ def create_generation_app(
         if store is None:
             return None
         choices = [
-            {"text": runtime.redact("".join(texts)), "finish_reason": finish, "completion_tokens": tokens}
+            {"text": runtime.storable("".join(texts)), "finish_reason": finish, "completion_tokens": tokens}
             for texts, finish, tokens in zip(accepted.texts, accepted.finishes, accepted.tokens, strict=True)
         ]
         first_tokens = [job.first_token_at for job in accepted.jobs if job.first_token_at is not None]

@@ -227,14 +227,6 @@ class GenerativeRuntime:
             return redacted[0]
         return [{**m, "content": text} for m, text in zip(prompt, redacted, strict=True)]
 
-    def redact(self, text: str) -> str:
-        pii = self.predictor.config.data.pii
-        if not pii.redact:
-            return text
-        from forgeml.data.pii import redact_texts
-
-        return redact_texts([text], pii.types, pii.style)[0][0]
-
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name,
