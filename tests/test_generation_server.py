@@ -59,6 +59,7 @@ def lm_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = lm_config(text, max_steps=150, eval_every=150, batch_size=8)
     config["model"]["architecture"]["context"] = 512  # greedy decoding runs for hundreds of tokens
     config["serve"] = {"drain_s": 0.2, "max_tokens": 2_000}
+    config["data"]["pii"] = {"redact": True}  # the corpus has none; stored prompts must be redacted
     return forgeml.run(config, workspace=folder).run_dir
 
 
@@ -505,6 +506,20 @@ def test_a_mixed_load_gives_no_5xx_stores_every_generation_and_leaks_nothing(lm_
         (choice,) = json.loads(choices)
         assert choice["finish_reason"] in ("stop", "length", "cancelled") and seconds > 0 and prompt_tokens > 0
     assert rss_after <= 1.10 * rss_warm, f"RSS grew from {rss_warm / 2**20:.0f} MiB to {rss_after / 2**20:.0f} MiB"
+
+
+def test_a_run_that_redacts_pii_stores_prompts_and_corrections_redacted(lm_run: Path, tmp_path: Path):
+    store = GenerationStore(database_url(tmp_path))
+    with serving(create_generation_app(load_runtime(lm_run), None, ServeConfig(), store)) as client:
+        request = {"model": "tiny_lm", "prompt": "the cat wrote to ann@example.com", "max_tokens": 5}
+        status, answer = client.call("POST", "/v1/completions", request)
+        assert status == 200
+        correction = {"generation_id": answer["id"], "correction": " call +44 20 7946 0958", "rating": "down"}
+        assert client.call("POST", "/v1/feedback", correction)[0] == 201
+    stored = store.get(answer["id"])
+    assert "ann@example.com" not in stored.prompt and "[EMAIL]" in stored.prompt
+    (row,) = store.export_rows()
+    assert "7946" not in row["response"] and "[PHONE]" in row["response"]
 
 
 # --- compressed variants ------------------------------------------------------------------------------------
