@@ -194,7 +194,7 @@ def _decode(
 ) -> Iterator[str]:
     """The one decoding loop behind `stream` and `generate`: yields text pieces, records the rest in `progress`."""
     context = context_length(model)
-    end_ids = _end_of_sequence_ids(model, tokenizer)
+    end_ids = end_of_sequence_ids(model, tokenizer)
     generator = torch.Generator(device=model.device)
     if options.seed is None:
         generator.seed()
@@ -202,7 +202,7 @@ def _decode(
         generator.manual_seed(options.seed)
     was_training = model.training
     model.eval()
-    arguments = _forward_arguments(model)  # read from the signature once, not at every token
+    arguments = forward_arguments(model)  # read from the signature once, not at every token
     try:
         seen = torch.tensor([prompt_ids], device=model.device)
         logits, cache = _forward(model, seen, None, arguments)
@@ -265,7 +265,7 @@ def _prompt_ids(
     return ids[-(context - room) :]
 
 
-def _end_of_sequence_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+def end_of_sequence_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
     """The tokenizer's end-of-sequence token plus the model's (chat models list several, e.g. end-of-turn)."""
     ids: set[int] = set()
     generation_config = getattr(model, "generation_config", None)
@@ -283,18 +283,22 @@ def _forward(
 ) -> tuple[torch.Tensor, Any]:
     """The float32 next-token logits after `input_ids` (appended to `cache`), and the updated cache.
 
-    `arguments` is `_forward_arguments(model)`. Inference mode is entered here rather than around the
+    `arguments` is `forward_arguments(model)`. Inference mode is entered here rather than around the
     decoding loop, which yields: a `with` block held across a `yield` would leave the caller's own code
     in inference mode between pieces.
     """
     cache_argument, extra = arguments
     outputs = model(input_ids=input_ids, use_cache=True, **{cache_argument: cache}, **extra)
-    # transformers 5.x renamed the cache output `past_key_values` to `cache` (the old name warns).
-    cache = outputs["cache"] if "cache" in outputs else outputs["past_key_values"]
-    return outputs.logits[0, -1].float(), cache
+    return outputs.logits[0, -1].float(), returned_cache(outputs)
 
 
-def _forward_arguments(model: PreTrainedModel) -> tuple[str, dict[str, Any]]:
+def returned_cache(outputs: Any) -> Any:
+    """The key/value cache a forward pass returned (transformers 5.x renamed the output `past_key_values` to
+    `cache`; the old name warns)."""
+    return outputs["cache"] if "cache" in outputs else outputs["past_key_values"]
+
+
+def forward_arguments(model: PreTrainedModel) -> tuple[str, dict[str, Any]]:
     """The name of the cache argument (`cache` in recent transformers 5.x; `past_key_values` before and in
     models not yet renamed), and `logits_to_keep=1` where the model takes it (only the last position's
     logits are needed)."""

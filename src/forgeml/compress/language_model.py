@@ -57,12 +57,13 @@ def compress_language_model(
     }
     files = {"pytorch_fp32": None, **ONNX_FILES}
     greedy = GenerationOptions(max_new_tokens=NEW_TOKENS, temperature=0)
-    reference_texts = [generate(lm, tokenizer, prompt, greedy).text for prompt in prompts]
+    reference_texts: list[str] = []  # the original's (the first variant), which the others are compared with
     results = []
     for name, engine in variants.items():
         outputs, _ = model_outputs(_Scored(engine), held_out, 32)
         loss = float(outputs[:, 0].sum() / max(outputs[:, 1].sum(), 1))
         texts = [generate(engine, tokenizer, prompt, greedy).text for prompt in prompts]
+        reference_texts = reference_texts or texts
         file = files[name]
         results.append(
             {

@@ -11,7 +11,6 @@ weights (dynamic quantization of the MatMuls) then cut the weight reads of large
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,8 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from forgeml.generate import forward_arguments, returned_cache
+
 OPSET = 17
 
 
@@ -31,8 +32,7 @@ class _Step(nn.Module):
     def __init__(self, lm: PreTrainedModel, layers: int):
         super().__init__()
         self.lm, self.layers = lm, layers
-        # transformers 5.x renamed `past_key_values` to `cache` (the old name still works, with a warning)
-        self.cache_argument = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+        self.cache_argument = forward_arguments(lm)[0]
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
         cache = DynamicCache(config=self.lm.config)
@@ -45,8 +45,7 @@ class _Step(nn.Module):
             use_cache=True,
             **{self.cache_argument: cache},
         )
-        cache = outputs["cache"] if "cache" in outputs else outputs["past_key_values"]
-        present = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+        present = [t for layer in returned_cache(outputs).layers for t in (layer.keys, layer.values)]
         return (outputs.logits, *present)
 
 

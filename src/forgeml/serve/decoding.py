@@ -33,10 +33,11 @@ from forgeml.generate import (
     FINISH_STOP,
     GenerationOptions,
     OutputText,
-    _end_of_sequence_ids,
-    _forward_arguments,
     context_length,
+    end_of_sequence_ids,
+    forward_arguments,
     next_token,
+    returned_cache,
 )
 
 FINISH_CANCELLED = "cancelled"  # the client went away or the request timed out: nothing more is sent
@@ -116,8 +117,8 @@ class DecodingEngine:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.observer = observer or EngineObserver()
         self.context = context_length(model)
-        self.end_ids = _end_of_sequence_ids(model, tokenizer)
-        self._cache_argument, self._extra = _forward_arguments(model)
+        self.end_ids = end_of_sequence_ids(model, tokenizer)
+        self._cache_argument, self._extra = forward_arguments(model)
         self._waiting: deque[Job] = deque()
         self._rows: list[_Row] = []
         self._cache: Any = None
@@ -296,8 +297,7 @@ class DecodingEngine:
         if mask is not None:
             arguments.update(attention_mask=mask, position_ids=positions)
         outputs = self.model(**arguments)
-        cache = outputs["cache"] if "cache" in outputs else outputs["past_key_values"]
-        return outputs.logits[:, -1], cache
+        return outputs.logits[:, -1], returned_cache(outputs)
 
     # --- the shared cache ------------------------------------------------------------------------------------
 

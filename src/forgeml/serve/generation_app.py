@@ -103,10 +103,11 @@ class _Request:
     stored_prompt: Any
     key_id: str | None
     jobs: list[Job] = field(default_factory=list)
-    texts: list[list[str]] = field(default_factory=list)
-    finishes: list[str | None] = field(default_factory=list)
-    tokens: list[int] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
+    # Per choice (prompt-major): the pieces received, the finish reason once ended, the tokens generated.
+    texts: list[list[str]] = field(init=False)
+    finishes: list[str | None] = field(init=False)
+    tokens: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
         choices = len(self.prompts) * self.n
@@ -466,15 +467,13 @@ def _deliverer(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, prompt_in
 
 
 def _cut(accepted: _Request, reason: str) -> list[tuple[int, Piece]]:
-    """End every unfinished choice with `reason` (as the client will see it); the pieces to send."""
+    """End every unfinished choice with `reason` (stored as it is: "cancelled" when the client never saw an
+    end); the pieces to send carry the reason as the client knows it (`_public`)."""
     pieces = []
     for index, finish in enumerate(accepted.finishes):
         if finish is None:
-            accepted.finishes[index] = FINISH_LENGTH if reason == FINISH_CANCELLED else reason
-            pieces.append((index, Piece(index, "", accepted.finishes[index], accepted.tokens[index])))
-    if reason == FINISH_CANCELLED:  # stored as cancelled: the client never saw an end
-        for index, _ in pieces:
-            accepted.finishes[index] = FINISH_CANCELLED
+            accepted.finishes[index] = reason
+            pieces.append((index, Piece(index, "", _public(reason), accepted.tokens[index])))
     return pieces
 
 

@@ -211,9 +211,6 @@ class GenerativeRuntime:
         rendered = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
         return list(rendered["input_ids"] if isinstance(rendered, dict) else rendered)
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
     def storable(self, prompt: Any) -> Any:
         """A prompt (text or messages) as it may be kept in the database: PII redacted when the run redacts."""
         pii = self.predictor.config.data.pii
@@ -228,12 +225,14 @@ class GenerativeRuntime:
         return [{**m, "content": text} for m, text in zip(prompt, redacted, strict=True)]
 
     def describe(self) -> dict[str, Any]:
+        from forgeml.generate import context_length
+
         return {
             "name": self.name,
             "version": self.version,
             "task": self.predictor.task.name,
             "engine": self.engine,
-            "context": _context(self.model),
+            "context": context_length(self.model),
             "chat": self.chat_template is not None,
         }
 
@@ -246,12 +245,6 @@ def load_runtime(
     if predictor.generates:
         return GenerativeRuntime(predictor, engine)
     return ModelRuntime(predictor, engine, workers)
-
-
-def _context(model: Any) -> int | None:
-    from forgeml.generate import context_length
-
-    return context_length(model)
 
 
 def record_values(record: Any) -> list[Any]:

@@ -23,7 +23,6 @@ character tokenizer that never saw a digit reads every secret as the same <unk> 
 
 from __future__ import annotations
 
-import inspect
 import math
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -39,7 +38,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from forgeml.errors import ConfigError, DataError
 from forgeml.evaluate import plots
-from forgeml.generate import context_length
+from forgeml.generate import context_length, forward_arguments, returned_cache
 from forgeml.trust import membership
 
 DEFAULT_PREFIX = "my secret number is "
@@ -458,7 +457,7 @@ def _greedy(lm: PreTrainedModel, prompts: torch.Tensor, new_tokens: int, batch_t
 
     Equal lengths need no padding, so a batch decodes exactly as each prompt alone would.
     """
-    cache_argument, extra = _forward_arguments(lm)
+    cache_argument, extra = forward_arguments(lm)
     rows = max(1, batch_tokens // (prompts.shape[1] + new_tokens))
     produced = []
     for begin in range(0, len(prompts), rows):
@@ -468,21 +467,13 @@ def _greedy(lm: PreTrainedModel, prompts: torch.Tensor, new_tokens: int, batch_t
         outputs = lm(input_ids=ids, attention_mask=mask, use_cache=True, **extra)
         tokens = [outputs.logits[:, -1].argmax(dim=-1)]
         for _ in range(new_tokens - 1):
-            cache = outputs["cache"] if "cache" in outputs else outputs["past_key_values"]
+            cache = returned_cache(outputs)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             step = {cache_argument: cache}
             outputs = lm(input_ids=tokens[-1][:, None], attention_mask=mask, use_cache=True, **step, **extra)
             tokens.append(outputs.logits[:, -1].argmax(dim=-1))
         produced.append(torch.stack(tokens, dim=1).cpu())
     return torch.cat(produced)
-
-
-def _forward_arguments(lm: PreTrainedModel) -> tuple[str, dict[str, Any]]:
-    """The cache argument's name and logits_to_keep=1 where accepted, by the rule of generate.py's decoding loop
-    (transformers 5.x renamed `past_key_values` to `cache`; models not yet renamed keep the old name)."""
-    parameters = inspect.signature(lm.forward).parameters
-    cache_argument = "cache" if "cache" in parameters else "past_key_values"
-    return cache_argument, ({"logits_to_keep": 1} if "logits_to_keep" in parameters else {})
 
 
 # --- (c) membership inference on windows -----------------------------------------------------------
