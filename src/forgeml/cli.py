@@ -35,6 +35,11 @@ app.add_typer(config_app, name="config")
 app.add_typer(keys_app, name="keys")
 feedback_app = typer.Typer(help="User corrections collected by `forgeml serve`.", no_args_is_help=True)
 app.add_typer(feedback_app, name="feedback")
+models_app = typer.Typer(
+    help="The model registry: named models, versions, aliases (NAME@ALIAS), the promotion gate and log.",
+    no_args_is_help=True,
+)
+app.add_typer(models_app, name="models")
 
 # Piped output is not cut to 80 columns: tables and paths stay whole for scripts and logs.
 console = Console() if sys.stdout.isatty() else Console(width=200, soft_wrap=True)
@@ -382,6 +387,7 @@ def serve(
     /v1/chat/completions instead of /v1/predict. Settings come from the run's `serve:` section; options
     override it."""
     from forgeml.config import ServeConfig, with_changes
+    from forgeml.registry import Registry, parse_reference
     from forgeml.serve.common import run_server
     from forgeml.serve.runtime import load_runtime
     from forgeml.store import Store
@@ -392,7 +398,10 @@ def serve(
     if no_auth and host is not None:
         _refuse_open_without_keys(host)  # before the model loads, when the option says where
     keys = None if no_auth else _key_store(workspace, db)
-    run_dir = Path(run) if Path(run).is_dir() else Store(_database(workspace, db)).locate(run)
+    run_dir = Path(run) if Path(run).is_dir() else None
+    if run_dir is None and parse_reference(run):  # NAME@ALIAS or NAME@VERSION in the registry
+        run_dir = Path(Registry(_database(workspace, db)).resolve(run)["run_path"])
+    run_dir = run_dir or Store(_database(workspace, db)).locate(run)
     runtime = load_runtime(run_dir, engine, workers)  # None: the run's serve.engine and serve.workers
     settings = with_changes(runtime.predictor.config.serve, "serve", **options)
     if no_auth:
@@ -572,6 +581,240 @@ def runs_show(ctx: typer.Context, run_id: Annotated[str, typer.Argument(help="ru
 
     record = Store(_database(ctx.obj)).run(run_id)
     console.print_json(json.dumps(record, default=str))
+
+
+@models_app.command("register")
+def models_register(
+    name: Annotated[str, typer.Argument(help="model name, e.g. sst2")],
+    run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
+    alias: Annotated[
+        str | None, typer.Option(help="also point NAME@ALIAS at it (through the gate if protected)")
+    ] = None,
+    description: Annotated[str, typer.Option(help="what this version is")] = "",
+    force: Annotated[bool, typer.Option("--force", help="move a protected alias without the gate (logged)")] = False,
+    workspace: Workspace = None,
+    db: Database = None,
+) -> None:
+    """Register a run as the next version of NAME (lineage: data files and hashes, config, parent, corrections)."""
+    from forgeml.registry import Registry
+
+    registry = Registry(_database(workspace, db))
+    version = registry.register(name, run_dir, description=description)
+    console.print(f"registered {name}@{version['version']} -> {version['run_path']}", soft_wrap=True, markup=False)
+    if alias:
+        _promote(name, str(run_dir), alias, force, "", workspace)
+
+
+@models_app.command("list")
+def models_list(workspace: Workspace = None, db: Database = None) -> None:
+    """Registered models: versions, aliases and the latest version's test metrics."""
+    from forgeml.registry import Registry
+
+    registry = Registry(_database(workspace, db))
+    table = Table("name", "versions", "aliases", "latest", "latest test metrics")
+    for name in registry.names():
+        versions = registry.versions(name)
+        aliases = ", ".join(f"{a}={v}" for a, v in registry.aliases(name).items())
+        test = versions[-1]["metrics"].get("test") or {}
+        shown = ", ".join(f"{k}={v:.4f}" for k, v in list(test.items())[:3])
+        table.add_row(name, str(len(versions)), aliases, str(versions[-1]["version"]), shown)
+    console.print(table if registry.names() else "no registered models yet (forgeml models register NAME RUN_DIR)")
+
+
+@models_app.command("show")
+def models_show(
+    name: Annotated[str, typer.Argument(help="model name")],
+    as_json: Annotated[bool, typer.Option("--json", help="everything recorded, as JSON")] = False,
+    workspace: Workspace = None,
+    db: Database = None,
+) -> None:
+    """One model: its versions (run, metrics, parent, corrections used), aliases and promotion log."""
+    from forgeml.registry import Registry
+
+    shown = Registry(_database(workspace, db)).show(name)
+    if as_json:
+        sys.stdout.write(json.dumps(shown, default=str, indent=2) + "\n")
+        return
+    aliases = shown["aliases"]
+    table = Table("version", "aliases", "run", "test metrics", "parent", "corrections", "registered")
+    for version in shown["versions"]:
+        lineage = version["lineage"]
+        parent = lineage.get("parent") or {}
+        feedback = lineage.get("feedback") or {}
+        test = version["metrics"].get("test") or {}
+        table.add_row(
+            str(version["version"]),
+            ", ".join(a for a, v in aliases.items() if v == version["version"]),
+            version["run_id"],
+            ", ".join(f"{k}={v:.4f}" for k, v in list(test.items())[:3]),
+            f"{parent['name']}@{parent['version']}" if parent else "",
+            str(feedback.get("trained", "")),
+            version["created_at"].strftime("%Y-%m-%d %H:%M"),
+        )
+    console.print(table)
+    log = Table("when", "alias", "version", "from", "by", "forced", "gate", "why", title="promotion log")
+    for entry in shown["log"]:
+        gate = entry["gate"] or {}
+        verdict = "" if not gate else ("passed" if gate.get("passed") else "refused")
+        if gate:
+            verdict += f" (p={gate['test']['p_value']:.3g}, {gate['metric']} {gate['gain']:+.4f})"
+        log.add_row(
+            entry["created_at"].strftime("%Y-%m-%d %H:%M:%S"),
+            entry["alias"],
+            str(entry["version"]),
+            str(entry["previous_version"] or ""),
+            entry["actor"],
+            "yes" if entry["forced"] else "",
+            verdict,
+            entry["reason"],
+        )
+    console.print(log)
+
+
+GateOption = Annotated[float | None, typer.Option(help="override the candidate's gate setting")]
+
+
+def _gate_settings(candidate: str, workspace: Path | None, **changes: Any):
+    """The candidate's `gate:` section with the command's options applied (None: the section's own)."""
+    if all(value is None for value in changes.values()):
+        return None
+    from forgeml.config import load_config, with_changes
+    from forgeml.encryption import plaintext_view
+    from forgeml.workspace import resolve_run_path
+
+    with plaintext_view(resolve_run_path(candidate, workspace), only=("config.yaml",)) as plain:
+        gate = load_config(plain / "config.yaml").gate
+    return with_changes(gate, "gate", **changes)
+
+
+@models_app.command("compare")
+def models_compare(
+    champion: Annotated[str, typer.Argument(help="the model now serving, e.g. sst2@champion")],
+    candidate: Annotated[str, typer.Argument(help="the candidate: a run directory or NAME@VERSION")],
+    alpha: GateOption = None,
+    min_gain: GateOption = None,
+    workspace: Workspace = None,
+) -> None:
+    """Score both on the fixed test split: McNemar's exact test (classification) or a paired bootstrap
+    (regression), plus the fairness/robustness/latency limits. The report goes to the candidate's card."""
+    from forgeml.improve.promote import GATE_PLOT, compare
+
+    gate = _gate_settings(candidate, workspace, alpha=alpha, min_gain=min_gain)
+    report = compare(champion, candidate, workspace, gate)
+    _print_gate(report)
+    console.print(f"report: {Path(report['candidate']['run']) / GATE_PLOT} and the candidate's card", markup=False)
+    if not report["passed"]:
+        raise typer.Exit(1)
+
+
+def _print_gate(report: dict[str, Any]) -> None:
+    metric, values, test = report["metric"], report["values"], report["test"]
+    table = Table(
+        "", report["champion"]["label"], report["candidate"]["label"], title=f"on {report['split']['rows']} test rows"
+    )
+    table.add_row(metric, f"{values['champion']:.4f}", f"{values['candidate']:.4f}")
+    if "feedback_holdout" in report:
+        held = report["feedback_holdout"]
+        table.add_row(
+            f"{metric} on {held['split']['rows']} held-out corrections",
+            f"{held['values']['champion']:.4f}",
+            f"{held['values']['candidate']:.4f}",
+        )
+    console.print(table)
+    console.print(f"{test['name']}: p = {test['p_value']:.4g}; {metric} gain {report['gain']:+.4f}")
+    if "only_candidate_right" in test:
+        console.print(
+            f"rows only the candidate gets right: {test['only_candidate_right']}; "
+            f"only the champion: {test['only_champion_right']}"
+        )
+    for check in report["checks"]:
+        mark = {True: "pass", False: "FAIL", None: "n/a"}[check["passed"]]
+        console.print(f"  {mark:4}  {check['check']}: {check['detail']}", markup=False)
+    console.print("gate: " + ("PASSED" if report["passed"] else "REFUSED"))
+
+
+def _promote(name: str, candidate: str, alias: str, force: bool, reason: str, workspace: Path | None, **gate) -> None:
+    from forgeml.improve.promote import promote
+
+    settings = _gate_settings(candidate, workspace, **gate) if gate else None
+    entry = promote(name, candidate, alias, force=force, reason=reason, workspace=workspace, gate=settings)
+    if entry["report"] is not None:
+        _print_gate(entry["report"])
+    forced = " (forced past the gate)" if entry["forced"] else ""
+    moved = f"from version {entry['previous_version']} " if entry["previous_version"] else ""
+    console.print(f"{name}@{alias} -> version {entry['version']} {moved}{forced}".rstrip())
+
+
+@models_app.command("promote")
+def models_promote(
+    name: Annotated[str, typer.Argument(help="model name")],
+    candidate: Annotated[str, typer.Argument(help="a run directory (registered if new) or NAME@VERSION")],
+    alias: Annotated[str, typer.Option(help="the alias to move")] = "champion",
+    force: Annotated[
+        bool, typer.Option("--force", help="move a protected alias even if the gate refuses (logged)")
+    ] = False,
+    reason: Annotated[str, typer.Option(help="why, for the promotion log")] = "",
+    alpha: GateOption = None,
+    min_gain: GateOption = None,
+    workspace: Workspace = None,
+) -> None:
+    """Point NAME@ALIAS at the candidate. A protected alias (champion) moves only through the gate
+    against its current version; servers started on NAME@ALIAS switch to it."""
+    _promote(name, candidate, alias, force, reason, workspace, alpha=alpha, min_gain=min_gain)
+
+
+def _since(text: str | None):
+    """A time from "24h", "7d", "30m" (ago) or an ISO date/time."""
+    if text is None:
+        return None
+    import re
+    from datetime import UTC, datetime, timedelta
+
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhdw])", text.strip())
+    if match:
+        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}[match[2]]
+        return datetime.now(UTC) - timedelta(**{unit: float(match[1])})
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(
+            f"--since: {text!r} is neither a duration (24h, 7d, 30m) nor an ISO date (2026-12-01)"
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+@app.command()
+def retrain(
+    name: Annotated[str, typer.Argument(help="a registered model")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key.path=value overrides, e.g. train.seed=7")] = None,
+    feedback: Annotated[bool, typer.Option("--feedback/--no-feedback", help="merge the served corrections")] = True,
+    alias: Annotated[str, typer.Option(help="the version to start from")] = "champion",
+    since: Annotated[str | None, typer.Option(help="only corrections since: 24h, 7d or 2026-12-01")] = None,
+    weight: Annotated[float, typer.Option(help="how many times each correction counts in training")] = 1.0,
+    holdout: Annotated[float, typer.Option(help="share of corrections kept out of training to evaluate on")] = 0.0,
+    workspace: Workspace = None,
+    quiet: Quiet = False,
+) -> None:
+    """A new run from NAME@ALIAS's config and data plus its users' corrections, on the same test split;
+    then `forgeml models compare` and `forgeml models promote`."""
+    import shlex
+
+    from forgeml.improve.retrain import retrain as retrain_model
+    from forgeml.train.progress import progress_enabled
+
+    if not feedback:
+        raise ForgeError(
+            f"retrain without corrections is a plain run: forgeml run on {name}@{alias}'s config.yaml (--feedback)"
+        )
+    result = retrain_model(
+        name, alias, _since(since), weight, holdout, overrides or [], workspace, quiet=not progress_enabled(quiet)
+    )
+    _print_metrics(result.metrics)
+    console.print(f"run directory: {result.run_dir}", soft_wrap=True, markup=False)
+    run_arg = shlex.quote(str(result.run_dir))
+    console.print("next:")
+    console.print(f"  forgeml models compare {name}@{alias} {run_arg}", soft_wrap=True, markup=False)
+    console.print(f"  forgeml models promote {name} {run_arg} --alias {alias}", soft_wrap=True, markup=False)
 
 
 @config_app.command("schema")

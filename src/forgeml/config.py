@@ -232,6 +232,31 @@ class PiiConfig(Section):
         return self
 
 
+class FeedbackDataConfig(Section):
+    """Corrections collected by `forgeml serve` added to the training split (`forgeml retrain` writes this).
+
+    Each row of `path` (JSON lines: the input columns and the label) replaces the training rows with the
+    same inputs, or is added; rows whose inputs are in the validation or test split are left out, so the
+    splits a model is judged on stay as they were.
+    """
+
+    path: Path = Field(..., description="JSON lines of corrections: the input columns and the corrected label")
+    weight: float = Field(
+        1.0,
+        gt=0.0,
+        le=100.0,
+        description="how many times each correction counts in training (copies; a fraction "
+        "is a seeded chance of one more copy)",
+    )
+    holdout: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="share of the corrections kept out of training to evaluate on (split 'feedback')",
+    )
+    seed: int = Field(0, description="seed of the holdout draw and of the fractional copies")
+
+
 class DataConfig(Section):
     """Where the data is and which columns mean what. Relative paths resolve against the config file."""
 
@@ -267,6 +292,9 @@ class DataConfig(Section):
     pii: PiiConfig = Field(default_factory=PiiConfig)
     sensitive: list[str] = Field(
         default_factory=list, description="columns the fairness audit compares groups by (e.g. [sex, race, age])"
+    )
+    feedback: FeedbackDataConfig | None = Field(
+        None, description="served corrections merged into the training split (set by `forgeml retrain`)"
     )
 
     @field_validator("sample")
@@ -630,6 +658,33 @@ class ServeConfig(Section):
     )
 
 
+class GateConfig(Section):
+    """When a candidate may replace a model under a protected alias (`forgeml models promote`).
+
+    The candidate and the current holder are scored on the same fixed test split: McNemar's exact test
+    on paired correctness for classification (Dietterich 1998), a paired bootstrap of the metric's
+    difference for regression. Each regression limit applies when both runs measured it.
+    """
+
+    min_gain: float = Field(
+        0.0, ge=0.0, description="smallest improvement of the primary metric (accuracy, or RMSE lower by) to promote"
+    )
+    alpha: float = Field(0.05, gt=0.0, lt=1.0, description="significance level of the paired test")
+    max_fairness_regression: float | None = Field(
+        0.05, ge=0.0, description="largest rise of any group's demographic parity difference; null: not checked"
+    )
+    max_robustness_regression: float | None = Field(
+        0.05, ge=0.0, description="largest rise of the worst robustness flip rate (or mean change); null: not checked"
+    )
+    max_latency_regression: float | None = Field(
+        0.25, ge=0.0, description="largest relative rise of the served variant's batch-1 latency (0.25: 25 % slower)"
+    )
+    bootstrap: int = Field(2_000, ge=100, le=100_000, description="resamples of the paired bootstrap")
+    protected: list[str] = Field(
+        default_factory=lambda: ["champion"], description="aliases that move only through the gate (or --force)"
+    )
+
+
 class ForgeConfig(Section):
     """A whole run: one YAML file."""
 
@@ -643,6 +698,7 @@ class ForgeConfig(Section):
     audit: AuditConfig | None = Field(None, description="trust audits after evaluation; null skips them")
     compress: CompressConfig | None = Field(None, description="compressed variants after the audits; null skips")
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
 
     @model_validator(mode="after")
     def _backbone_fits_task(self) -> ForgeConfig:
@@ -848,6 +904,7 @@ class ForgeConfig(Section):
             ("data.sensitive", data.sensitive),
             ("data.text_pair", data.text_pair),
             ("data.features", data.features),
+            ("data.feedback", data.feedback),  # generations' feedback goes through `forgeml feedback export`
         ]
         if self.task != "instruction-tuning":
             refused += [("data.sample", data.sample), ("data.prompt", data.prompt), ("data.response", data.response)]
@@ -1016,6 +1073,9 @@ def _resolve_paths(config: ForgeConfig, base_dir: Path) -> None:
         path = getattr(config.data, split)
         if path is not None and not path.is_absolute():
             setattr(config.data, split, (base_dir / path).resolve())
+    feedback = config.data.feedback
+    if feedback is not None and not feedback.path.is_absolute():
+        feedback.path = (base_dir / feedback.path).resolve()
     backbone = config.model.backbone
     if backbone and Path(backbone).name == "latest":
         from forgeml.workspace import latest_run

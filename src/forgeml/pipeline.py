@@ -35,6 +35,7 @@ from forgeml.store import Store, database_url
 from forgeml.tasks import Task, build_task, prepare_data
 from forgeml.train.loop import TrainResult, seed_everything, train
 from forgeml.workspace import (
+    LINEAGE,
     SAMPLES,
     RunDir,
     atomic_write_json,
@@ -77,11 +78,19 @@ def library_versions() -> dict[str, str]:
 
 
 def execute(
-    config: ForgeConfig, workspace: Path, show_progress: bool, resume_dir: Path | None = None, encrypt: bool = False
+    config: ForgeConfig,
+    workspace: Path,
+    show_progress: bool,
+    resume_dir: Path | None = None,
+    encrypt: bool = False,
+    same_splits_as: dict[str, str] | None = None,
+    lineage: dict[str, Any] | None = None,
 ) -> RunResult:
     """Run (or resume) the whole pipeline, recording status in the store whatever happens.
 
     With `encrypt`, the finished run is encrypted in place ($FORGEML_KEY); its plaintext exists only while it runs.
+    `same_splits_as` maps split names to the SHA-256 they must have (a retrain is judged on its parent's
+    test split, or not at all); `lineage` (where the run comes from) is saved as lineage.json.
     """
     workspace.mkdir(parents=True, exist_ok=True)
     store = Store(database_url(workspace))
@@ -108,6 +117,13 @@ def execute(
         data = prepare_data(config)
         if resume_dir is not None:
             _check_same_data(run, data)
+        if same_splits_as:
+            _check_expected_splits(data, same_splits_as)
+        if lineage is not None or data.feedback is not None:
+            facts = {**(lineage or {}), "splits_sha256": data.hashes}
+            if data.feedback is not None:
+                facts["feedback"] = data.feedback
+            atomic_write_json(run.path / LINEAGE, facts)
         durations["data_s"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
@@ -143,7 +159,7 @@ def execute(
 
         clock = time.perf_counter()
         metrics: dict[str, Any] = {"task": config.task, "primary_metric": task.primary_metric}
-        for name in ("validation", "test"):
+        for name in ("validation", "test", "feedback"):  # feedback: held-out served corrections
             if name in encoded:
                 metrics[name] = evaluate_split(
                     task,
@@ -151,7 +167,7 @@ def execute(
                     encoded[name],
                     config.evaluate.batch_size,
                     run.plots,
-                    plot=(name == "test" or "test" not in encoded),
+                    plot=name == "test" or (name == "validation" and "test" not in encoded),
                     outputs=result.validation_outputs if name == "validation" else None,
                 )
         if baselines is not None:
@@ -288,6 +304,17 @@ def _check_same_data(run: RunDir, data: PreparedData) -> None:
             raise DataError(
                 f"cannot resume {run.path}: the {name} split differs from the one the run started with "
                 "(data files changed); start a new run instead"
+            )
+
+
+def _check_expected_splits(data: PreparedData, expected: dict[str, str]) -> None:
+    for name, digest in sorted(expected.items(), key=lambda item: item[0] != "test"):  # the test split first
+        found = data.hashes.get(name)
+        if found != digest:
+            raise DataError(
+                f"the {name} split is not the one this run must be judged on (SHA-256 {str(found)[:12]} instead of "
+                f"{digest[:12]}): its data files or split settings changed, so a comparison would not be paired; "
+                "restore the files (or train a new model from its own config)"
             )
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from forgeml.errors import ArtifactError
 
 MANIFEST = "manifest.json"
+LINEAGE = "lineage.json"  # where a run comes from: its parent model version and the corrections it learned
 SAMPLES = "samples.jsonl"  # a generative run's sample generations, one JSON object per line
 # Checkpoints are rewritten while training and are only read by `resume`, which checks them itself.
 UNHASHED_DIRS = ("checkpoints",)
@@ -159,8 +160,14 @@ def latest_run(runs: Path) -> Path:
     return finished[-1]
 
 
-def resolve_run_path(path: str | Path) -> Path:
-    """`path` itself, or for `.../<run name>/latest` the newest finished run of that name."""
+def resolve_run_path(path: str | Path, workspace: str | Path | None = None) -> Path:
+    """`path` itself; for `.../<run name>/latest` the newest finished run of that name; for a registry
+    reference (`sst2@champion`, `sst2@3`) the run that version points at in the workspace's registry."""
+    from forgeml.registry import resolve_reference  # the registry is built on this module
+
+    registered = resolve_reference(path, workspace)
+    if registered is not None:
+        return registered
     path = Path(path)
     return latest_run(path.parent) if path.name == "latest" else path
 

@@ -15,6 +15,7 @@ from forgeml.data.io import column, read_table, replace_column
 from forgeml.data.pii import find_names, redact_texts
 from forgeml.data.profile import profile_split
 from forgeml.data.split import content_hash, holdout, sample
+from forgeml.workspace import sha256_file
 
 SPLITS = ("train", "validation", "test")
 
@@ -28,6 +29,8 @@ class PreparedData:
     text_columns: list[str]
     profile: dict[str, Any] = field(default_factory=dict)
     hashes: dict[str, str] = field(default_factory=dict)
+    # What `data.feedback` did, with every correction's origin (for the run's lineage); None without it.
+    feedback: dict[str, Any] | None = None
 
     @property
     def train(self) -> Dataset:
@@ -158,15 +161,21 @@ def prepare(config: ForgeConfig) -> PreparedData:
         if splits[name] is not None and size:
             splits[name] = sample(splits[name], size, data.split.seed)
 
+    feedback = None
+    if data.feedback is not None:  # after the held-out splits are fixed: corrections never move rows between them
+        from forgeml.data.feedback import merge_feedback
+
+        splits, feedback = merge_feedback(splits, data.feedback, config, inputs, texts)
+
     train_labels = [str(v) for v in column(splits["train"], data.label)]
     if config.is_classification:
         validate.check_trainable_labels(train_labels, data.train, data.label)
-        for name in ("validation", "test"):
-            if splits[name] is not None:
+        for name in ("validation", "test", "feedback"):
+            if splits.get(name) is not None:
                 validate.check_known_labels(
                     [str(v) for v in column(splits[name], data.label)],
                     set(train_labels),
-                    sources[name] or data.train,
+                    data.feedback.path if name == "feedback" else sources[name] or data.train,
                     data.label,
                     name,
                 )
@@ -185,6 +194,16 @@ def prepare(config: ForgeConfig) -> PreparedData:
             if dataset is not None
         },
     }
+    # The files as they were read: a lineage names data by content, not only by path.
+    profile["files"] = {
+        name: {"path": str(path), "sha256": sha256_file(path)} for name, path in sources.items() if path
+    }
+    if data.feedback is not None:
+        profile["files"]["feedback"] = {"path": str(data.feedback.path), "sha256": sha256_file(data.feedback.path)}
+    if feedback is not None:
+        profile["feedback"] = {key: value for key, value in feedback.items() if not isinstance(value, list)}
     hashes = {name: content_hash(dataset) for name, dataset in splits.items() if dataset is not None}
     profile["sha256"] = hashes
-    return PreparedData(splits=splits, input_columns=inputs, text_columns=texts, profile=profile, hashes=hashes)
+    return PreparedData(
+        splits=splits, input_columns=inputs, text_columns=texts, profile=profile, hashes=hashes, feedback=feedback
+    )

@@ -22,9 +22,9 @@ import yaml
 
 from forgeml.config import LOWER_IS_BETTER, family_defaults_used
 from forgeml.errors import ArtifactError
-from forgeml.workspace import SAMPLES, atomic_write_text, read_json
+from forgeml.workspace import LINEAGE, SAMPLES, atomic_write_text, read_json
 
-SPLIT_ORDER = ("train", "validation", "test")
+SPLIT_ORDER = ("train", "validation", "test", "feedback")
 METRIC_ORDER = ("accuracy", "f1", "precision", "recall", "log_loss", "roc_auc", "mae", "rmse", "mse", "r2")
 # Known plots first, in the order a reader needs them: data, then training, then results.
 PLOT_CAPTIONS = {
@@ -157,6 +157,7 @@ def write_card(run_dir: str | Path) -> tuple[Path, Path]:
         _factors(config, run),
         _metrics_used(metrics),
         _data(profile),
+        _lineage(run),
         _training(config, metrics),
         _evaluation(metrics),
         _plots(run / "plots"),
@@ -164,6 +165,7 @@ def write_card(run_dir: str | Path) -> tuple[Path, Path]:
         *_trust(run),
         _compression(run),
         _exports(run),
+        _promotion_gate(run),
         _ethics(config, profile, run),
         _limitations(metrics, profile),
     ]
@@ -743,6 +745,72 @@ def _trust(run: Path) -> list[Section]:
             )
         )
     return sections
+
+
+def _lineage(run: Path) -> Section:
+    """Where a retrained run comes from: its parent version and the corrections it learned (lineage.json)."""
+    lineage = _read_optional_json(run / LINEAGE)
+    if not lineage:
+        return Section("Lineage", [])
+    facts = []
+    parent = lineage.get("parent")
+    if parent:
+        facts.append(("Parent", f"{parent['name']}@{parent['version']} ({parent['alias']}, run {parent['run_id']})"))
+    feedback = lineage.get("feedback")
+    if feedback:
+        facts += [
+            ("Corrections", f"{feedback['corrections']:,} received, {feedback['distinct_inputs']:,} distinct inputs"),
+            (
+                "Trained on",
+                f"{feedback['trained']:,} (weight {feedback['weight']:g}: {feedback['added_training_rows']:,} rows)",
+            ),
+            ("Replaced training rows", f"{feedback['replaced_training_rows']:,}"),
+            ("Left out (inputs in validation/test)", f"{feedback['left_out_in_evaluation_splits']:,}"),
+            ("Held out for evaluation", f"{feedback['held_out']:,} (split 'feedback')"),
+        ]
+        if lineage.get("corrections_since"):
+            facts.append(("Corrections since", str(lineage["corrections_since"])))
+    text = (
+        "This model was retrained from a registered version with its users' corrections; the latest correction of "
+        "an input wins, and it is judged on the same test split as its parent. lineage.json lists every correction."
+    )
+    return Section("Lineage", [Paragraph(text), Facts(facts)])
+
+
+def _promotion_gate(run: Path) -> Section:
+    """The last `forgeml models compare` of this run against the model it would replace."""
+    report = _read_optional_json(run / "gate" / "report.json")
+    if not report:
+        return Section("Promotion gate", [])
+    test, metric = report["test"], report["metric"]
+    champion, candidate = report["champion"]["label"], report["candidate"]["label"]
+    verdict = "passed" if report["passed"] else "refused"
+    text = (
+        f"Compared with {champion} on the same {report['split']['rows']:,} {report['split']['name']} rows "
+        f"({test['name']}): {metric} {report['values']['champion']:.4f} -> {report['values']['candidate']:.4f} "
+        f"({report['gain']:+.4f}), p = {test['p_value']:.3g}. The gate {verdict} this model."
+    )
+    rows = [
+        [check["check"], {True: "pass", False: "fail", None: "n/a"}[check["passed"]], check["detail"]]
+        for check in report["checks"]
+    ]
+    blocks: list[Block] = [
+        Paragraph(text),
+        Table(["check", "result", "detail"], rows, f"{candidate} against {champion}."),
+    ]
+    held = report.get("feedback_holdout")
+    if held:
+        blocks.append(
+            Paragraph(
+                f"On {held['split']['rows']:,} held-out corrections: {metric} {held['values']['champion']:.4f} -> "
+                f"{held['values']['candidate']:.4f} (p = {held['test']['p_value']:.3g}; shown, not gated)."
+            )
+        )
+    if (run / "gate" / "gate.png").is_file():
+        blocks.append(
+            Figure(run / "gate" / "gate.png", "The metric with its 95 % bootstrap interval, and the paired rows.")
+        )
+    return Section("Promotion gate", blocks)
 
 
 def _compression_mark(result: dict[str, Any], selected: str) -> str:

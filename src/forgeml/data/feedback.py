@@ -1,0 +1,137 @@
+"""Served corrections merged into the training split (`data.feedback`, written by `forgeml retrain`).
+
+A correction says "for these inputs, the right label is this". It replaces every training row with the
+same inputs (the original label was wrong, or the world changed) or is added as a new row. Corrections
+of inputs that are in the validation or test split are left out of training altogether: the model that
+is judged on those rows must not have been taught their answers. A share of the rest can be held out as
+a split of its own ("feedback"), on which both the current model and the retrained one are scored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from typing import Any
+
+import pyarrow as pa
+from datasets import Dataset
+
+from forgeml.config import FeedbackDataConfig, ForgeConfig
+from forgeml.data import validate
+from forgeml.data.clean import clean
+from forgeml.data.io import column, read_table, table_dataset
+from forgeml.errors import DataError
+
+# Where a correction came from: kept in the file for the lineage, never trained on.
+ORIGIN_COLUMNS = ("feedback_id", "request_id", "created_at")
+
+
+def input_key(values: list[Any]) -> str:
+    """One record's inputs as a comparable key (the same text, or the same feature values)."""
+    return json.dumps(["" if value is None else str(value) for value in values], ensure_ascii=False)
+
+
+def merge_feedback(
+    splits: dict[str, Dataset | None],
+    options: FeedbackDataConfig,
+    config: ForgeConfig,
+    inputs: list[str],
+    texts: list[str],
+) -> tuple[dict[str, Dataset | None], dict[str, Any]]:
+    """`splits` with the corrections in `options.path` merged into "train" (and a "feedback" split when
+    `options.holdout` > 0); plus what was done, for the data profile and the lineage."""
+    label = config.data.label
+    corrections = read_table(options.path, "jsonl" if options.path.suffix in (".jsonl", ".ndjson") else "auto")
+    validate.require_columns(corrections, inputs, options.path, "input column")
+    validate.require_columns(corrections, [label], options.path, "label column")
+    from forgeml.data.prepare import check_labels, redact_pii  # prepare imports this module
+
+    check_labels(column(corrections, label), options.path, config)
+    # Cleaned as the training file was (normalised text, empty rows dropped), without dropping duplicates:
+    # the latest correction of an input is chosen below.
+    options_clean = config.data.clean.model_copy(update={"dedupe": False, "conflicting_labels": "flag"})
+    corrections, _ = clean(corrections, texts, inputs, label, options_clean)
+    if config.data.pii.redact and texts:
+        corrections, _ = redact_pii(corrections, texts, config.data.pii)
+    rows = corrections.to_list()
+    latest: dict[str, dict[str, Any]] = {}
+    for row in rows:  # the file is in time order: a later correction of the same input wins
+        latest[input_key([row[name] for name in inputs])] = row
+
+    evaluated = set()
+    for name in ("validation", "test"):
+        if splits.get(name) is not None:
+            evaluated |= _keys(splits[name], inputs)
+    kept = {key: row for key, row in latest.items() if key not in evaluated}
+
+    rng = random.Random(options.seed)
+    keys = sorted(kept)
+    rng.shuffle(keys)
+    held_out_keys = set(keys[: round(len(keys) * options.holdout)])
+    trained = [kept[key] for key in sorted(kept) if key not in held_out_keys]
+    held_out = [kept[key] for key in sorted(kept) if key in held_out_keys]
+
+    train = splits["train"]
+    train_keys = [input_key(values) for values in zip(*(column(train, n) for n in inputs), strict=True)]
+    corrected = {input_key([row[name] for name in inputs]) for row in trained}
+    keep = [index for index, key in enumerate(train_keys) if key not in corrected]
+    replaced = len(train_keys) - len(keep)
+    copies = _copies(len(trained), options.weight, rng)
+    added = [row for row, count in zip(trained, copies, strict=True) for _ in range(count)]
+    merged = dict(splits)
+    merged["train"] = _concatenate(train.select(keep), added, options)
+    if held_out:
+        merged["feedback"] = _like(train, held_out, options)
+    facts = {
+        "file": str(options.path),
+        "corrections": len(rows),
+        "distinct_inputs": len(latest),
+        "left_out_in_evaluation_splits": len(latest) - len(kept),
+        "trained": len(trained),
+        "held_out": len(held_out),
+        "replaced_training_rows": replaced,
+        "added_training_rows": len(added),
+        "weight": options.weight,
+        "used": [_origin(row) for row in trained],
+        "held_out_rows": [_origin(row) for row in held_out],
+    }
+    return merged, facts
+
+
+def _keys(dataset: Dataset, inputs: list[str]) -> set[str]:
+    return {input_key(values) for values in zip(*(column(dataset, n) for n in inputs), strict=True)}
+
+
+def _copies(count: int, weight: float, rng: random.Random) -> list[int]:
+    """How many copies of each correction to train on: `weight` on average, whole copies plus a seeded chance."""
+    whole, fraction = math.floor(weight), weight - math.floor(weight)
+    return [whole + (1 if rng.random() < fraction else 0) for _ in range(count)]
+
+
+def _concatenate(train: Dataset, rows: list[dict[str, Any]], options: FeedbackDataConfig) -> Dataset:
+    if not rows:
+        return train
+    from datasets import concatenate_datasets
+
+    return concatenate_datasets([train, _like(train, rows, options)])
+
+
+def _like(train: Dataset, rows: list[dict[str, Any]], options: FeedbackDataConfig) -> Dataset:
+    """`rows` as a Dataset with the training split's columns and types (columns they lack are null)."""
+    schema = train.data.schema
+    arrays = {}
+    for field in schema:
+        values = [row.get(field.name) for row in rows]
+        try:
+            arrays[field.name] = pa.array(values).cast(field.type) if values else pa.array([], field.type)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            raise DataError(
+                f"{options.path}: column {field.name!r} holds values that do not fit the training data's "
+                f"type ({field.type}), e.g. {values[0]!r}"
+            ) from None
+    return table_dataset(pa.table(arrays, schema=schema))
+
+
+def _origin(row: dict[str, Any]) -> dict[str, Any]:
+    return {name: row.get(name) for name in ORIGIN_COLUMNS if row.get(name) is not None}
