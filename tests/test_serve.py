@@ -127,7 +127,7 @@ def test_metrics_count_requests_by_route_and_status(service) -> None:
     assert status == 200
     assert 'forgeml_requests_total{route="/v1/predict",status="401"}' in text
     assert 'forgeml_requests_total{route="/v1/predict",status="200"}' in text
-    assert f'forgeml_model_info{{engine="pytorch",name="tiny",version="{run.name}"}} 1.0' in text
+    assert f'forgeml_model_info{{engine="pytorch",name="tiny",role="primary",version="{run.name}"}} 1.0' in text
     assert "forgeml_request_seconds_bucket" in text and "forgeml_batch_size_count" in text
 
 

@@ -379,6 +379,12 @@ def serve(
     workers: Annotated[
         int | None, typer.Option(help="batches scored at once (serve.workers; default one per core for ONNX)")
     ] = None,
+    canary: Annotated[
+        str | None, typer.Option(help="NAME@ALIAS:PCT answers PCT % of callers (sticky per API key or route header)")
+    ] = None,
+    shadow: Annotated[
+        str | None, typer.Option(help="NAME@ALIAS[:PCT] also scores (PCT % of) requests off the answer path")
+    ] = None,
     workspace: Workspace = None,
     db: Database = None,
 ) -> None:
@@ -397,12 +403,23 @@ def serve(
     with_changes(ServeConfig(), "serve", **options)  # bad options fail before the model loads
     if no_auth and host is not None:
         _refuse_open_without_keys(host)  # before the model loads, when the option says where
+    splits = {"canary": _routed(canary, "--canary", required_share=True), "shadow": _routed(shadow, "--shadow")}
     keys = None if no_auth else _key_store(workspace, db)
-    run_dir = Path(run) if Path(run).is_dir() else None
-    if run_dir is None and parse_reference(run):  # NAME@ALIAS or NAME@VERSION in the registry
-        run_dir = Path(Registry(_database(workspace, db)).resolve(run)["run_path"])
-    run_dir = run_dir or Store(_database(workspace, db)).locate(run)
-    runtime = load_runtime(run_dir, engine, workers)  # None: the run's serve.engine and serve.workers
+    follower = None
+    if not Path(run).is_dir() and parse_reference(run):  # NAME@ALIAS: follow the alias as it moves
+        from forgeml.serve.deployments import RegistryFollower
+
+        registry = Registry(_database(workspace, db))
+        version = registry.resolve(run)
+        runtime = load_runtime(version["run_path"], engine, workers)
+        runtime.name = version["name"]  # predictions and feedback are recorded under the registered name
+        if not getattr(runtime, "generates", False):  # language models are served as the version named now
+            follower = RegistryFollower(registry, engine, workers)
+    else:
+        if canary or shadow:
+            raise ForgeError("--canary and --shadow need the model registry: serve NAME@ALIAS (forgeml models)")
+        run_dir = Path(run) if Path(run).is_dir() else Store(_database(workspace, db)).locate(run)
+        runtime = load_runtime(run_dir, engine, workers)  # None: the run's serve.engine and serve.workers
     settings = with_changes(runtime.predictor.config.serve, "serve", **options)
     if no_auth:
         _refuse_open_without_keys(settings.host)  # the run's serve.host may name another address
@@ -412,6 +429,8 @@ def serve(
     elif not keys.list():
         errors.print("no API keys yet: create one with `forgeml keys create --scope predict`")
     if getattr(runtime, "generates", False):
+        if canary or shadow:
+            raise ForgeError("--canary and --shadow serve predictive models; this is a language model")
         from forgeml.serve.generation_app import create_generation_app
         from forgeml.serve.generations import GenerationStore
 
@@ -431,7 +450,33 @@ def serve(
         f"{runtime.workers} at once)"
     )
     records = RecordStore(_database(workspace, db))  # predictions and feedback
-    run_server(create_app(runtime, keys, settings, records), settings.host, settings.port)
+    reference = run if follower is not None else None
+    app = create_app(runtime, keys, settings, records, follower, reference, splits["canary"], splits["shadow"])
+    for role, (followed, share) in ((r, v) for r, v in splits.items() if v is not None):
+        errors.print(f"{role}: {followed} on {share:g} % of {'callers' if role == 'canary' else 'requests'}")
+    if follower is not None:
+        errors.print(f"following {run}: switches when the alias moves (checked every {settings.reload_poll_s:g} s)")
+    run_server(app, settings.host, settings.port)
+
+
+def _routed(option: str | None, name: str, required_share: bool = False) -> tuple[str, float] | None:
+    """("sst2@challenger", 10.0) from "sst2@challenger:10"; a shadow without a share scores every request."""
+    if option is None:
+        return None
+    from forgeml.registry import parse_reference
+
+    reference, _, share = option.rpartition(":") if ":" in option else (option, "", "")
+    try:
+        percent = float(share) if share else (None if required_share else 100.0)
+    except ValueError:
+        percent = -1.0
+    if parse_reference(reference) is None or percent is None or not 0 < percent <= 100:
+        example = "sst2@challenger:10" if required_share else "sst2@candidate or sst2@candidate:25"
+        raise ConfigError(
+            f"{name}: {option!r} is not NAME@ALIAS{':PCT' if required_share else '[:PCT]'} with PCT in (0, 100], "
+            f"e.g. {example}"
+        )
+    return reference, percent
 
 
 def _refuse_open_without_keys(host: str) -> None:

@@ -641,6 +641,10 @@ class ServeConfig(Section):
         None, ge=1, description="requests a key may send at once; default: ten seconds' worth of rate_limit"
     )
     explain_steps: int = Field(20, ge=1, le=500, description="integration steps for /v1/explain")
+    reload_poll_s: float = Field(
+        2.0, ge=0.0, description="served by NAME@ALIAS: how often to check whether the alias moved (0: only on "
+        "POST /v1/admin/reload)"
+    )
     # Language models (completions and chat); max_batch is the number of sequences decoding together.
     max_queue: int = Field(64, ge=0, le=100_000, description="requests waiting for a decoding slot (429 beyond)")
     max_prompt_tokens: int = Field(4_096, ge=1, description="prompt tokens per request (413 beyond)")

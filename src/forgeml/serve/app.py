@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import Depends, FastAPI, HTTPException
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse
-from prometheus_client import CollectorRegistry, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import BaseModel, ConfigDict, Field
 
 from forgeml.config import ServeConfig
@@ -25,10 +26,13 @@ from forgeml.errors import ForgeError
 from forgeml.serve.batching import MicroBatcher
 from forgeml.serve.common import install_basics, scope_checker
 from forgeml.serve.demo import demo_page
+from forgeml.serve.deployments import Deployment, Deployments, RegistryFollower
 from forgeml.serve.keys import KeyStore
 from forgeml.serve.records import RecordStore
 from forgeml.serve.runtime import ModelRuntime, record_values
 
+# A caller's stable identity for the canary split when it has no API key (or wants its own bucket).
+ROUTE_HEADER = "x-forgeml-route"
 # Explanations cost `explain_steps` forward and backward passes per record: fewer per request.
 MAX_EXPLAIN_INPUTS = 16
 
@@ -61,7 +65,8 @@ class FeedbackRequest(BaseModel):
 
 class PredictResponse(BaseModel):
     model: str
-    version: str
+    version: str  # the run that answered
+    registry_version: int | None = None  # its version number, when served by NAME@ALIAS
     request_id: str
     predictions: list[Prediction]
 
@@ -113,11 +118,18 @@ def create_app(
     keys: KeyStore | None,
     settings: ServeConfig | None = None,
     records: RecordStore | None = None,
+    follower: RegistryFollower | None = None,
+    reference: str | None = None,
+    canary: tuple[str, float] | None = None,
+    shadow: tuple[str, float] | None = None,
 ) -> FastAPI:
     """The service for one model; `keys=None` turns authentication off (the CLI allows that on loopback only).
 
     With `records`, predictions are stored and `/v1/feedback` accepts corrections. `settings` gives the
     batching, the request limits and the per-key rate limit (the run's `serve:` section by default).
+    With a registry `follower`: `reference` is the NAME@ALIAS `runtime` was loaded from (the server
+    switches when the alias moves), `canary` = (NAME@ALIAS, percent of callers) answers that share of
+    callers, and `shadow` = (NAME@ALIAS, percent of requests) scores requests off the answer path.
     """
     limits = settings or runtime.predictor.config.serve
     registry = CollectorRegistry()
@@ -127,46 +139,134 @@ def create_app(
         buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
         registry=registry,
     )
-    info = Gauge("forgeml_model_info", "The model being served", ["name", "version", "engine"], registry=registry)
-    info.labels(runtime.name, runtime.version, runtime.engine).set(1)
+    info = Gauge(
+        "forgeml_model_info", "The models being served", ["name", "version", "engine", "role"], registry=registry
+    )
+    served = Counter(
+        "forgeml_version_requests", "Requests answered per version", ["version", "role"], registry=registry
+    )
+    served_latency = Histogram(
+        "forgeml_version_latency_seconds", "Model latency per version", ["version", "role"], registry=registry
+    )
+    compared = Counter(
+        "forgeml_shadow_comparisons",
+        "Shadow answers compared with the served one",
+        ["version", "agrees"],
+        registry=registry,
+    )
+    corrected = Counter(
+        "forgeml_feedback_by_version",
+        "Corrections of a version's predictions",
+        ["version", "correct"],
+        registry=registry,
+    )
+    reloads = Counter("forgeml_reloads", "Alias moves acted on", ["role", "outcome"], registry=registry)
 
-    def score(rows: list[Any], requests_in_batch: list[tuple[Any, int]]) -> list[dict[str, Any]]:
+    def make_batcher(model: ModelRuntime, role: str) -> MicroBatcher:
+        if role == "shadow":
+            return MicroBatcher(
+                lambda rows, contexts: score_shadow(model, rows, contexts),
+                limits.max_batch,
+                limits.max_wait_ms,
+                workers=1,
+            )
+        return MicroBatcher(
+            lambda rows, contexts: score(model, rows, contexts),
+            limits.max_batch,
+            limits.max_wait_ms,
+            on_batch=batch_sizes.observe,
+            workers=model.workers,
+        )
+
+    def score(model: ModelRuntime, rows: list[Any], requests_in_batch: list[tuple[Any, int]]) -> list[dict[str, Any]]:
         """One model call for several requests; their predictions are stored in one transaction."""
-        answers = runtime.predict(rows, batch_size=limits.max_batch)
+        answers = model.predict(rows, batch_size=limits.max_batch)
         if records is not None:
-            stored, start = runtime.storable(rows), 0
+            stored, start = model.storable(rows), 0
             batch = []
             for request_id, count in requests_in_batch:
                 batch.append((request_id, stored[start : start + count], answers[start : start + count]))
                 start += count
-            records.add_predictions(runtime.name, runtime.version, batch)
+            records.add_predictions(model.name, model.version, batch)
         return answers
 
-    batcher = MicroBatcher(
-        score, limits.max_batch, limits.max_wait_ms, on_batch=batch_sizes.observe, workers=runtime.workers
+    def score_shadow(model: ModelRuntime, rows: list[Any], contexts: list[tuple[Any, int]]) -> list[dict[str, Any]]:
+        """The shadow's answers for requests already answered; compared and stored, never sent."""
+        answers = model.predict(rows, batch_size=limits.max_batch)
+        stored, start = [], 0
+        for (request_id, answered_by, served_answers), count in contexts:
+            for position, (mine, theirs) in enumerate(zip(answers[start : start + count], served_answers, strict=True)):
+                agrees = _same_answer(mine, theirs)
+                stored.append((request_id, position, answered_by, mine, theirs, agrees))
+                compared.labels(model.version, str(agrees).lower()).inc()
+            start += count
+        stats = deployments.shadow.stats if deployments.shadow is not None else None
+        if stats is not None:
+            stats.compared += len(stored)
+            stats.agreed += sum(row[-1] for row in stored)
+        if records is not None:
+            records.add_shadow(model.name, model.version, stored)
+        return answers
+
+    def on_reload(deployment: Deployment, switched: bool) -> None:
+        reloads.labels(deployment.role, "switched" if switched else "failed").inc()
+        if switched:
+            info.clear()
+            for active in deployments.active:
+                info.labels(active.runtime.name, active.runtime.version, active.runtime.engine, active.role).set(1)
+
+    def deployment(model: ModelRuntime, role: str, followed: str | None, share: float = 100.0) -> Deployment:
+        version = follower.lookup(followed) if follower is not None and followed else None
+        return Deployment(role, model, make_batcher(model, role), followed, version, share)
+
+    extra: dict[str, Deployment | None] = {"canary": None, "shadow": None}
+    for role, wanted in (("canary", canary), ("shadow", shadow)):
+        if wanted is not None:
+            if follower is None:
+                raise ForgeError(f"{role}: needs the model registry (serve NAME@ALIAS)")
+            model, version = follower.load(wanted[0])
+            extra[role] = Deployment(role, model, make_batcher(model, role), wanted[0], version, wanted[1])
+    deployments = Deployments(
+        deployment(runtime, "primary", reference),
+        extra["canary"],
+        extra["shadow"],
+        loader=follower.load if follower is not None else None,
+        lookup=follower.lookup if follower is not None else None,
+        make_batcher=make_batcher,
+        on_reload=on_reload,
     )
+    for active in deployments.active:
+        info.labels(active.runtime.name, active.runtime.version, active.runtime.engine, active.role).set(1)
     # An explanation takes seconds: on its own thread it does not hold up the predictions queued behind it,
     # unless the model that predicts is the one explained (Captum hooks it while attributing).
     explainer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forgeml-explain")
+    shadow_tasks: set[asyncio.Task] = set()
 
-    async def explaining(function: Any, *args: Any) -> Any:
-        if runtime.explains_with_the_predicting_model:
-            return await batcher.run_alone(function, *args)
+    async def explaining(chosen: Deployment, function: Any, *args: Any) -> Any:
+        if chosen.runtime.explains_with_the_predicting_model:
+            return await chosen.batcher.run_alone(function, *args)
         return await asyncio.get_running_loop().run_in_executor(explainer, function, *args)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        runtime.warm_up()
+        for active in deployments.active:
+            active.runtime.warm_up()
         # The model, tokenizer and libraries are millions of long-lived objects: left to the collector, every
         # full collection walks them all and stalls a whole batch for a third of a second. Frozen, it skips them.
         gc.collect()
         gc.freeze()
-        await batcher.start()
+        await deployments.start()
+        following = any(d.reference for d in deployments.active) and limits.reload_poll_s > 0
+        watcher = asyncio.create_task(deployments.watch(limits.reload_poll_s)) if following else None
         app.state.ready = True
         yield
         # uvicorn stops accepting and lets in-flight requests finish before this runs (graceful SIGTERM)
         app.state.ready = False
-        await batcher.stop()
+        if watcher is not None:
+            watcher.cancel()
+        if shadow_tasks:
+            await asyncio.gather(*shadow_tasks, return_exceptions=True)
+        await deployments.stop()
         explainer.shutdown(wait=True)
         if records is not None:
             records.close()
@@ -174,43 +274,98 @@ def create_app(
 
     app = FastAPI(title=f"forgeml: {runtime.name}", version=runtime.version, lifespan=lifespan)
     app.state.ready = False
+    app.state.deployments = deployments
 
     install_basics(app, limits, registry)
     require = scope_checker(keys, limits)
 
+    def caller(request: Request, key_id: str | None) -> str | None:
+        """Who is asking, for a sticky canary: the route header, else the API key, else the client address."""
+        header = request.headers.get(ROUTE_HEADER)
+        if header:
+            return header[:200]
+        if key_id:
+            return key_id
+        return request.client.host if request.client else None
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def demo() -> HTMLResponse:
-        return HTMLResponse(demo_page(runtime.describe(), auth=keys is not None))
+        return HTMLResponse(demo_page(deployments.primary.runtime.describe(), auth=keys is not None))
 
     @app.get("/v1/models")
     def models(_: str | None = Depends(require("predict"))) -> dict[str, Any]:
-        return {"models": [runtime.describe()]}
+        failures = [vars(failure) for failure in deployments.failures[-20:]]
+        return {"models": [d.describe() for d in deployments.active], "reload_failures": failures}
+
+    @app.post("/v1/admin/reload")
+    async def reload(_: str | None = Depends(require("admin"))) -> dict[str, Any]:
+        """Switch every deployment that follows an alias to the version it points at now."""
+        if follower is None:
+            raise HTTPException(404, "reload: this server serves a run folder, not a registry alias (NAME@ALIAS)")
+        changes = await deployments.reload()
+        return {"changes": changes, "models": [d.describe() for d in deployments.active]}
 
     @app.post("/v1/predict", response_model=PredictResponse, response_model_exclude_none=True)
-    async def predict(body: PredictRequest, _: str | None = Depends(require("predict"))) -> JSONResponse:
+    async def predict(
+        body: PredictRequest, request: Request, key_id: str | None = Depends(require("predict"))
+    ) -> JSONResponse:
         rows = _records(body, limits)
         request_id = uuid.uuid4().hex
+        chosen = deployments.route(caller(request, key_id))
+        started = time.perf_counter()
         try:
-            answers = await batcher.submit(rows, request_id)
+            answers = await chosen.batcher.submit(rows, request_id)
         except ForgeError as error:  # a record missing a column, a value of the wrong kind, ...
             raise HTTPException(422, str(error)) from None
+        seconds = time.perf_counter() - started
+        model = chosen.runtime
+        chosen.stats.requests += 1
+        chosen.stats.records += len(rows)
+        chosen.stats.seconds += seconds
+        served.labels(model.version, chosen.role).inc()
+        served_latency.labels(model.version, chosen.role).observe(seconds)
+        if deployments.wants_shadow(request_id):  # scored after the answer is on its way, never awaited here
+            shadow_deployment = deployments.shadow
+            assert shadow_deployment is not None
+            task = asyncio.create_task(_shadow(shadow_deployment, rows, (request_id, model.version, answers)))
+            shadow_tasks.add(task)
+            task.add_done_callback(shadow_tasks.discard)
         # The answers are already plain JSON values in PredictResponse's shape (the documented schema):
         # validating them again would cost every request more than its share of the model call.
-        return JSONResponse(
-            {"model": runtime.name, "version": runtime.version, "request_id": request_id, "predictions": answers}
-        )
+        response = {"model": model.name, "version": model.version, "request_id": request_id, "predictions": answers}
+        if chosen.registry_version is not None:
+            response["registry_version"] = chosen.registry_version
+        return JSONResponse(response)
+
+    async def _shadow(shadow_deployment: Deployment, rows: list[Any], context: tuple) -> None:
+        started = time.perf_counter()
+        try:
+            await shadow_deployment.batcher.submit(rows, context)
+        except Exception:  # the caller has its answer; a failing shadow is counted, never raised
+            reloads.labels("shadow", "error").inc()
+            return
+        seconds = time.perf_counter() - started
+        shadow_deployment.stats.requests += 1
+        shadow_deployment.stats.records += len(rows)
+        shadow_deployment.stats.seconds += seconds
+        served.labels(shadow_deployment.runtime.version, "shadow").inc()
+        served_latency.labels(shadow_deployment.runtime.version, "shadow").observe(seconds)
 
     @app.post("/v1/explain", response_model=ExplainResponse, response_model_exclude_none=True)
-    async def explain(body: PredictRequest, _: str | None = Depends(require("predict"))) -> ExplainResponse:
+    async def explain(
+        body: PredictRequest, request: Request, key_id: str | None = Depends(require("predict"))
+    ) -> ExplainResponse:
         """Word attributions (integrated gradients) for text models: which words pushed the prediction."""
-        if not runtime.explainable:
+        chosen = deployments.route(caller(request, key_id))
+        model = chosen.runtime
+        if not model.explainable:
             raise HTTPException(404, "explanations: word attributions are for text models; this one is tabular")
         rows = _records(body, limits, min(limits.max_inputs, MAX_EXPLAIN_INPUTS))
         try:
-            explained = await explaining(runtime.explain, rows, limits.explain_steps)
+            explained = await explaining(chosen, model.explain, rows, limits.explain_steps)
         except ForgeError as error:
             raise HTTPException(422, str(error)) from None
-        return ExplainResponse(model=runtime.name, version=runtime.version, explanations=explained)
+        return ExplainResponse(model=model.name, version=model.version, explanations=explained)
 
     @app.post("/v1/feedback", status_code=201)
     def feedback(body: FeedbackRequest, key_id: str | None = Depends(require("feedback"))) -> dict[str, Any]:
@@ -218,20 +373,27 @@ def create_app(
             raise HTTPException(404, "feedback is not recorded by this server")
         if (body.request_id is None) == (body.inputs is None):
             raise HTTPException(422, "feedback: give either request_id (of an earlier prediction) or inputs")
-        if runtime.classes and body.label not in runtime.classes:
-            raise HTTPException(422, f"label: {body.label!r} is not a class; classes: {', '.join(runtime.classes)}")
-        predicted = None
-        inputs: Any = None if body.inputs is None else runtime.storable([body.inputs])[0]
+        primary = deployments.primary.runtime
+        if primary.classes and body.label not in primary.classes:
+            raise HTTPException(422, f"label: {body.label!r} is not a class; classes: {', '.join(primary.classes)}")
+        predicted, version = None, primary.version
+        inputs: Any = None if body.inputs is None else primary.storable([body.inputs])[0]
         if body.request_id is not None:
             earlier = records.prediction(body.request_id, body.position)
             if earlier is None:
                 raise HTTPException(404, f"no prediction {body.request_id!r} at position {body.position}")
-            inputs, predicted = earlier.inputs, earlier.answer.get("label")
+            inputs, predicted, version = earlier.inputs, earlier.answer.get("label"), earlier.version
+            stats = deployments.by_version(version)
+            if stats is not None and predicted is not None:  # accuracy per version, from what users report
+                stats.feedback += 1
+                stats.feedback_correct += predicted == body.label
+            if predicted is not None:
+                corrected.labels(version, str(predicted == body.label).lower()).inc()
         feedback_id = records.add_feedback(
             request_id=body.request_id,
             position=body.position if body.request_id else None,
-            model=runtime.name,
-            version=runtime.version,
+            model=primary.name,
+            version=version,
             inputs=inputs,
             predicted=predicted,
             label=body.label,
@@ -241,3 +403,10 @@ def create_app(
         return {"feedback_id": feedback_id, "label": body.label, "predicted": predicted}
 
     return app
+
+
+def _same_answer(first: dict[str, Any], second: dict[str, Any]) -> bool:
+    """Whether two answers agree: the same label, or values within 1e-6 relative."""
+    if "label" in first:
+        return first["label"] == second.get("label")
+    return abs(first["value"] - second["value"]) <= 1e-6 * max(1.0, abs(second["value"]))

@@ -13,7 +13,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Integer, String, Text, select
+from sqlalchemy import JSON, Boolean, DateTime, Integer, String, Text, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from forgeml.errors import ForgeError
@@ -49,10 +49,30 @@ class FeedbackRecord(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
+class ShadowRecord(Base):
+    """A shadow version's answer to a served record, beside the answer the caller got."""
+
+    __tablename__ = "shadow_predictions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    request_id: Mapped[str] = mapped_column(String(32), index=True)
+    position: Mapped[int] = mapped_column(Integer)
+    model: Mapped[str] = mapped_column(String(200))
+    version: Mapped[str] = mapped_column(String(64))  # the shadow's run
+    answered_by: Mapped[str] = mapped_column(String(64))  # the run whose answer the caller got
+    answer: Mapped[dict] = mapped_column(JSON)
+    served_answer: Mapped[dict] = mapped_column(JSON)
+    agrees: Mapped[bool] = mapped_column(Boolean)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+TABLES = [PredictionRecord.__table__, FeedbackRecord.__table__, ShadowRecord.__table__]
+
+
 class RecordStore:
     def __init__(self, url: str):
         self.engine = connect(url)
-        Base.metadata.create_all(self.engine, tables=[PredictionRecord.__table__, FeedbackRecord.__table__])
+        Base.metadata.create_all(self.engine, tables=TABLES)
 
     def add_predictions(self, model: str, version: str, requests: list[tuple[str, list, list[dict]]]) -> None:
         """Store the (request id, inputs, answers) of several requests in one transaction."""
@@ -64,6 +84,25 @@ class RecordStore:
                 )
                 for request_id, inputs, answers in requests
                 for i, (x, a) in enumerate(zip(inputs, answers, strict=True))
+            )
+
+    def add_shadow(self, model: str, version: str, rows: list[tuple[str, int, str, dict, dict, bool]]) -> None:
+        """Store shadow answers: (request id, position, run that answered, shadow answer, served answer, agrees)."""
+        now = datetime.now(UTC)
+        with Session(self.engine) as session, session.begin():
+            session.add_all(
+                ShadowRecord(
+                    request_id=request_id,
+                    position=position,
+                    model=model,
+                    version=version,
+                    answered_by=answered_by,
+                    answer=answer,
+                    served_answer=served,
+                    agrees=agrees,
+                    created_at=now,
+                )
+                for request_id, position, answered_by, answer, served, agrees in rows
             )
 
     def close(self) -> None:
