@@ -862,6 +862,52 @@ def retrain(
     console.print(f"  forgeml models promote {name} {run_arg} --alias {alias}", soft_wrap=True, markup=False)
 
 
+@app.command()
+def backup(
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="the archive to write (.tar.zst)")] = None,
+    list_archive: Annotated[
+        Path | None, typer.Option("--list", help="show what an archive holds (its manifest) instead")
+    ] = None,
+    workspace: Workspace = None,
+    db: Database = None,
+) -> None:
+    """One archive of the workspace: every run, the corrections files, and a consistent snapshot of the store
+    (SQLite's online backup API while servers write; pg_dump for PostgreSQL), with a manifest of hashes."""
+    from forgeml.backup import backup_workspace, read_manifest
+    from forgeml.workspace import workspace_root
+
+    if list_archive is not None:
+        manifest = read_manifest(list_archive)
+        console.print(f"{list_archive}: {len(manifest['members'])} files, made {manifest['created_at']}")
+        console.print_json(json.dumps({"database": manifest["database"]}, default=str))
+        return
+    if output is None:
+        raise ConfigError("backup: give --output FILE.tar.zst (or --list ARCHIVE)")
+    summary = backup_workspace(workspace_root(workspace), output, db)
+    rows = ", ".join(f"{table} {count:,}" for table, count in sorted(summary["rows"].items()))
+    console.print(
+        f"wrote {summary['path']}: {summary['files']:,} files, {summary['archive_bytes']:,} bytes", markup=False
+    )
+    if rows:
+        console.print(f"store rows at the snapshot: {rows}", markup=False)
+    for skipped in summary["skipped"]:
+        errors.print(f"left out: {skipped}", markup=False)
+
+
+@app.command()
+def restore(
+    archive: Annotated[Path, typer.Argument(help="an archive written by forgeml backup")],
+    workspace: Annotated[Path, typer.Option("--workspace", "-w", help="an empty (or new) folder to restore into")],
+    db: Database = None,
+) -> None:
+    """Restore a backup into an empty folder. Every file's hash is checked before anything is written; a
+    damaged archive is refused (exit 2) and nothing is written."""
+    from forgeml.backup import restore_workspace
+
+    summary = restore_workspace(archive, workspace, db or os.environ.get("FORGEML_DB_URL"))
+    console.print(f"restored {summary['files']:,} files into {summary['path']} (every hash verified)", markup=False)
+
+
 @config_app.command("schema")
 def config_schema() -> None:
     """Print the JSON schema of the config file."""

@@ -10,7 +10,7 @@ from forgeml.encryption import on_plaintext, plaintext_view
 from forgeml.errors import ForgeError
 from forgeml.improve.gate import COMPARISON, Contender, gate_plot, judge, refusal, require_same_split, run_facts
 from forgeml.registry import Registry, parse_reference
-from forgeml.workspace import RunDir, atomic_write_json, read_json, resolve_run_path
+from forgeml.workspace import MANIFEST, RunDir, atomic_write_json, read_json, resolve_run_path
 
 GATE_REPORT = "gate/report.json"
 GATE_PLOT = "gate/gate.png"
@@ -97,7 +97,7 @@ def promote(
         gate = gate or _gate_of(run_dir)
         report = None
         if current is not None and alias in gate.protected:
-            report = compare(f"{name}@{current}", run_dir, workspace, gate)
+            report = _earlier_report(run_dir, current, gate) or compare(f"{name}@{current}", run_dir, workspace, gate)
             if not report["passed"] and not force:
                 raise ForgeError(refusal(report))
         why = reason or ("first version under this alias" if current is None else "")
@@ -115,6 +115,18 @@ def promote(
         return {**entry, "report": report}
     finally:
         registry.close()
+
+
+def _earlier_report(run_dir: Path, champion_version: int, gate: GateConfig) -> dict[str, Any] | None:
+    """The candidate's last comparison, when it was against this very version under the same gate settings
+    (both runs' files are hash-checked, so the same versions give the same answers: no need to score again)."""
+    with plaintext_view(run_dir, only=(MANIFEST, GATE_REPORT)) as plain:
+        if not (plain / GATE_REPORT).is_file():
+            return None
+        RunDir(plain).verify(GATE_REPORT)
+        report = read_json(plain / GATE_REPORT)
+    same = report.get("champion", {}).get("version") == champion_version and report.get("gate") == gate.model_dump()
+    return report if same else None
 
 
 def _contender(reference: str | Path, workspace: str | Path | None) -> Contender:
