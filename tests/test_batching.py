@@ -152,3 +152,23 @@ def test_a_micro_batch_of_scattered_lengths_is_split_to_bound_padding() -> None:
         assert padded - lengths[batch].sum() <= 0.25 * padded
     assert [sorted(lengths[b].tolist()) for b in batches] == [[30, 58, 59, 60], [10, 11, 12]]
     assert _batches(order, lengths, batch_size=4, max_padding=None) == [order[:4].tolist(), order[4:].tolist()]
+
+
+def test_background_batcher_runs_its_calls_at_the_lowest_priority() -> None:
+    import os
+
+    priorities: list[int] = []
+
+    def handle(records: list, contexts: list) -> list:
+        priorities.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return records
+
+    async def scenario() -> None:
+        for background in (True, False):
+            batcher = MicroBatcher(handle, background=background)
+            await batcher.start()
+            assert await batcher.submit([1, 2]) == [1, 2]
+            await batcher.stop()
+
+    asyncio.run(scenario())
+    assert priorities[0] == 19 and priorities[1] < 19

@@ -169,6 +169,7 @@ def create_app(
                 limits.max_batch,
                 limits.max_wait_ms,
                 workers=1,
+                background=True,  # nobody waits for a shadow's answer: it gets the CPU the answers leave
             )
         return MicroBatcher(
             lambda rows, contexts: score(model, rows, contexts),

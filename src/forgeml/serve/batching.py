@@ -43,6 +43,7 @@ class MicroBatcher:
     `handle(records, contexts)` gets the records of several requests in one list, plus each request's
     `context` (what the caller passed along, e.g. its request id), and returns one answer per record.
     If a combined call raises, each request is retried alone, so one bad request fails only itself.
+    With `background`, the inference threads run at the lowest CPU priority (for work nobody waits for).
     """
 
     def __init__(
@@ -52,6 +53,7 @@ class MicroBatcher:
         max_wait_ms: float = 5.0,
         on_batch: Callable[[int], None] | None = None,
         workers: int = 1,
+        background: bool = False,
     ):
         if max_batch < 1 or max_wait_ms < 0 or workers < 1:
             raise ValueError(
@@ -66,7 +68,11 @@ class MicroBatcher:
         # One inference thread per worker: with one worker the model's own threads use the cores, and two
         # calls at once would fight over them.
         self.workers = workers
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="forgeml-inference")
+        self._executor = ThreadPoolExecutor(
+            max_workers=workers,
+            thread_name_prefix="forgeml-background" if background else "forgeml-inference",
+            initializer=_lowest_priority if background else None,
+        )
 
     async def start(self) -> None:
         self._queue, self._stopping = asyncio.Queue(), False
@@ -167,3 +173,14 @@ class MicroBatcher:
         if len(answers) != len(records):
             raise RuntimeError(f"the model gave {len(answers)} answers for {len(records)} records")
         return answers
+
+
+def _lowest_priority() -> None:
+    """Run this inference thread at the lowest CPU priority (Linux threads have their own nice value): work
+    nobody waits for, such as shadow scoring, takes only the CPU time the answers being waited for leave."""
+    import contextlib
+    import os
+    import threading
+
+    with contextlib.suppress(AttributeError, OSError):  # not Linux, or not allowed: normal priority then
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
