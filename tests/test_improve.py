@@ -42,9 +42,8 @@ def champion(tiny_backbone: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     (root / "cfg.yaml").write_text(yaml.safe_dump(config))
     workspace = root / "ws"
     result = forgeml.run(root / "cfg.yaml", workspace=workspace)
+    forgeml.register("tiny", result.run_dir, alias="champion", workspace=workspace)  # the public API
     registry = Registry(database_url(workspace))
-    registry.register("tiny", result.run_dir)
-    promote("tiny", result.run_dir, "champion", workspace=workspace)
     return {"root": root, "workspace": workspace, "run_dir": result.run_dir, "rows": rows, "registry": registry}
 
 

@@ -16,7 +16,25 @@ from forgeml.errors import ArtifactError, ConfigError, DataError, ForgeError
 
 # torch and transformers take seconds to import: load the API only when it is first used, so
 # `forgeml --help` and `forgeml config schema` stay instant.
-_API = ("Predictor", "RunResult", "audit", "evaluate", "explain", "load", "predict", "report", "resume", "run", "runs")
+_API = (
+    "Predictor",
+    "RunResult",
+    "audit",
+    "backup",
+    "compare",
+    "evaluate",
+    "explain",
+    "load",
+    "predict",
+    "promote",
+    "register",
+    "report",
+    "restore",
+    "resume",
+    "retrain",
+    "run",
+    "runs",
+)
 
 
 def __getattr__(name: str) -> Any:

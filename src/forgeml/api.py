@@ -45,12 +45,18 @@ __all__ = [
     "Predictor",
     "RunResult",
     "audit",
+    "backup",
+    "compare",
     "evaluate",
     "explain",
     "load",
     "predict",
+    "promote",
+    "register",
     "report",
+    "restore",
     "resume",
+    "retrain",
     "run",
     "runs",
 ]
@@ -505,3 +511,69 @@ def runs(workspace: str | Path | None = None, name: str | None = None, limit: in
 
 def run_record(run_id: str, workspace: str | Path | None = None) -> dict[str, Any]:
     return Store(database_url(workspace_root(workspace))).run(run_id)
+
+
+# --- the improvement loop: registry, retraining, promotion, backup ------------------------------------
+
+
+def register(
+    name: str, run_dir: str | Path, alias: str | None = None, workspace: str | Path | None = None, description: str = ""
+) -> dict[str, Any]:
+    """Register a finished run as the next version of model `name`; with `alias`, also point `name@alias` at
+    it (through the promotion gate when the alias is protected). Returns the version record."""
+    from forgeml.improve.promote import promote as move_alias
+    from forgeml.registry import Registry
+
+    registry = Registry(database_url(workspace_root(workspace)))
+    try:
+        version = registry.register(name, resolve_run_path(run_dir, workspace), description=description)
+    finally:
+        registry.close()
+    if alias:
+        move_alias(name, version["run_path"], alias, workspace=workspace)
+    return version
+
+
+def retrain(name: str, workspace: str | Path | None = None, quiet: bool = True, **options: Any) -> RunResult:
+    """A new run of `name@champion`'s config and data plus its served corrections, on the same test split
+    (options: alias, since, weight, holdout, overrides; see `forgeml.improve.retrain.retrain`)."""
+    from forgeml.improve.retrain import retrain as retrain_model
+
+    return retrain_model(name, workspace=workspace, quiet=quiet, **options)
+
+
+def compare(champion: str | Path, candidate: str | Path, workspace: str | Path | None = None) -> dict[str, Any]:
+    """The promotion gate's report: both models on the candidate's fixed test split (McNemar's exact test or
+    a paired bootstrap, plus the fairness/robustness/latency limits); written to the candidate's card."""
+    from forgeml.improve.promote import compare as gate_report
+
+    return gate_report(champion, candidate, workspace)
+
+
+def promote(
+    name: str,
+    candidate: str | Path,
+    alias: str = "champion",
+    force: bool = False,
+    reason: str = "",
+    workspace: str | Path | None = None,
+) -> dict[str, Any]:
+    """Point `name@alias` at `candidate` (registered first if new); a protected alias only through the gate
+    or with `force`. Returns the promotion log entry and the gate report."""
+    from forgeml.improve.promote import promote as move_alias
+
+    return move_alias(name, candidate, alias, force=force, reason=reason, workspace=workspace)
+
+
+def backup(output: str | Path, workspace: str | Path | None = None) -> dict[str, Any]:
+    """Write the workspace (runs, corrections, a consistent snapshot of the store) to one verified archive."""
+    from forgeml.backup import backup_workspace
+
+    return backup_workspace(workspace_root(workspace), Path(output))
+
+
+def restore(archive: str | Path, target: str | Path) -> dict[str, Any]:
+    """Restore an archive from `backup` into an empty folder; every hash is checked before anything is written."""
+    from forgeml.backup import restore_workspace
+
+    return restore_workspace(Path(archive), Path(target))
