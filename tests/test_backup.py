@@ -4,20 +4,16 @@ anything is written, encrypted runs kept encrypted, and a PostgreSQL store dumpe
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import io
 import json
-import os
 import shutil
 import sqlite3
-import subprocess
 import tarfile
-import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -32,7 +28,6 @@ from forgeml.store import Store
 from forgeml.workspace import RunDir, sha256_file
 
 from conftest import sentiment_rows, write_csv
-from serving import free_port
 
 TEXTS = [row["text"] for row in sentiment_rows(16, seed=5)]
 KEY = generate_key()
@@ -376,43 +371,11 @@ def test_encrypted_run_stays_encrypted(trained: dict, tmp_path: Path, monkeypatc
 # --- a PostgreSQL store -------------------------------------------------------------------------------
 
 
-def _postgres_bin() -> Path | None:
-    found = shutil.which("pg_ctl")
-    if found:
-        return Path(found).parent
-    versions = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
-    return Path(versions[-1]).parent if versions else None
-
-
-@pytest.fixture(scope="module")
-def postgres_url() -> Iterator[str]:
-    """A throwaway PostgreSQL cluster on 127.0.0.1 (as in test_postgres.py)."""
-    pytest.importorskip("psycopg", reason="psycopg not installed (pip install 'forgeml[postgres]')")
-    binaries = _postgres_bin()
-    if binaries is None or shutil.which("pg_dump") is None:
-        pytest.skip("PostgreSQL server binaries or pg_dump not found (Debian: apt-get install postgresql)")
-    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []  # PostgreSQL refuses root
-    folder = Path(tempfile.mkdtemp(prefix="forgeml-pg-"))
-    if as_user:
-        shutil.chown(folder, "postgres")
-    port, data = free_port(), folder / "data"
-
-    def run(*command: str) -> None:
-        subprocess.run([*as_user, *command], check=True, capture_output=True, timeout=120)
-
-    run(str(binaries / "initdb"), "-D", str(data), "-A", "trust", "-U", "forgeml")
-    options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off"
-    run(str(binaries / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(folder / "log"), "-w", "start")
-    try:
-        yield f"postgresql://forgeml@127.0.0.1:{port}/postgres"
-    finally:
-        run(str(binaries / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop")
-        shutil.rmtree(folder, ignore_errors=True)
-
-
 def test_postgres_store_is_dumped_and_restored(trained: dict, postgres_url: str, tmp_path: Path) -> None:
     from sqlalchemy import create_engine
 
+    if shutil.which("pg_dump") is None or shutil.which("pg_restore") is None:
+        pytest.skip("pg_dump / pg_restore not found (Debian: apt-get install postgresql-client)")
     run_dir = trained["run"]
     store = Store(postgres_url)  # the run as the pipeline records it in a PostgreSQL store
     store.start_run(id=run_dir.name, name="tiny", task="text-classification", path=str(run_dir), config_hash="0")

@@ -3,14 +3,8 @@ feedback written by the service, read back by `forgeml keys list` and `forgeml f
 
 from __future__ import annotations
 
-import glob
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -19,42 +13,7 @@ from forgeml.serve.keys import KeyStore
 from forgeml.serve.records import RecordStore
 from forgeml.serve.runtime import ModelRuntime
 
-from serving import free_port, serving
-
-
-def _postgres_bin() -> Path | None:
-    found = shutil.which("pg_ctl")
-    if found:
-        return Path(found).parent
-    versions = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
-    return Path(versions[-1]).parent if versions else None
-
-
-@pytest.fixture(scope="module")
-def postgres_url() -> Iterator[str]:
-    pytest.importorskip("psycopg", reason="psycopg not installed (pip install 'forgeml[postgres]')")
-    binaries = _postgres_bin()
-    if binaries is None:
-        pytest.skip("PostgreSQL server binaries not found (Debian: apt-get install postgresql)")
-    # PostgreSQL refuses to run as root: as root, the cluster belongs to the `postgres` system user.
-    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    folder = Path(tempfile.mkdtemp(prefix="forgeml-pg-"))
-    if as_user:
-        shutil.chown(folder, "postgres")
-    port = free_port()
-    data = folder / "data"
-
-    def run(*command: str) -> None:
-        subprocess.run([*as_user, *command], check=True, capture_output=True, timeout=120)
-
-    run(str(binaries / "initdb"), "-D", str(data), "-A", "trust", "-U", "forgeml")
-    options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off"
-    run(str(binaries / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(folder / "log"), "-w", "start")
-    try:
-        yield f"postgresql://forgeml@127.0.0.1:{port}/postgres"
-    finally:
-        run(str(binaries / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop")
-        shutil.rmtree(folder, ignore_errors=True)
+from serving import serving
 
 
 def test_service_keeps_keys_predictions_and_feedback_in_postgres(sentiment_model, postgres_url, tmp_path) -> None:
@@ -90,3 +49,21 @@ def test_a_missing_database_driver_is_named() -> None:
 
     with pytest.raises(ForgeError, match="driver is not installed"):
         connect("postgresql+psycopg2://user@127.0.0.1/db")  # psycopg2 is not a dependency
+
+
+def test_registry_on_postgres_numbers_versions_and_keeps_the_log_append_only(sentiment_model, postgres_url) -> None:
+    from sqlalchemy import text
+
+    from forgeml.registry import Registry
+
+    registry = Registry(postgres_url)
+    run = sentiment_model.run.path
+    first = registry.register("pg_model", run)
+    assert first["version"] == 1 and registry.resolve("pg_model@1")["run_path"] == str(run.resolve())
+    registry.set_alias("pg_model", "champion", 1, reason="first")
+    assert registry.resolve("pg_model@champion")["version"] == 1
+    for statement in ("UPDATE promotion_log SET reason = 'rewritten'", "DELETE FROM promotion_log"):
+        with registry.engine.begin() as connection, pytest.raises(Exception, match="append-only"):
+            connection.execute(text(statement))
+    assert [entry["reason"] for entry in registry.log("pg_model")] == ["first"]
+    Registry(postgres_url)  # a second process's start-up finds the trigger already there

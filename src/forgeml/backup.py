@@ -49,6 +49,7 @@ from sqlalchemy.exc import DatabaseError, OperationalError
 from forgeml import __version__
 from forgeml.errors import ArtifactError, ForgeError
 from forgeml.store import connect, database_url
+from forgeml.workspace import fsync_directory
 
 FORMAT = "forgeml-backup"
 FORMAT_VERSION = 1
@@ -322,7 +323,7 @@ def _atomic_output(path: Path) -> Iterator[IO[bytes]]:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-    _fsync_directory(path.parent)
+    fsync_directory(path.parent)
 
 
 # --- reading an archive ----------------------------------------------------------------------
@@ -664,10 +665,10 @@ def _move_into_place(staging: Path, target: Path) -> None:
         for entry in staging.iterdir():
             os.replace(entry, target / entry.name)
         staging.rmdir()
-        _fsync_directory(target)
+        fsync_directory(target)
     else:
         os.replace(staging, target)
-    _fsync_directory(target.parent)
+    fsync_directory(target.parent)
 
 
 # --- store helpers ---------------------------------------------------------------------------
@@ -748,20 +749,3 @@ def _run_postgres_tool(command: list[str], env: dict[str, str], action: str) -> 
 
 def _hide_password(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
-
-
-# --- small helpers ---------------------------------------------------------------------------
-
-
-def _fsync_directory(folder: Path) -> None:
-    """Make a rename durable (POSIX); a no-op where folders cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

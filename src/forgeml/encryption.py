@@ -44,7 +44,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from forgeml.errors import ArtifactError, ConfigError
-from forgeml.workspace import UNHASHED_DIRS, atomic_write_json, read_json
+from forgeml.workspace import UNHASHED_DIRS, atomic_write_json, fsync_directory, read_json
 
 KEY_VARIABLE = "FORGEML_KEY"
 ENCRYPT_VARIABLE = "FORGEML_ENCRYPT"
@@ -170,7 +170,7 @@ def decrypt_run(run_dir: str | Path, key: bytes | None = None) -> list[str]:
     for relative in encrypted:
         decrypt_file(run, relative, key)
     (run / METADATA).unlink()
-    _fsync_directory(run)
+    fsync_directory(run)
     return encrypted
 
 
@@ -189,7 +189,7 @@ def decrypt_file(run_dir: str | Path, relative: str, key: bytes) -> Path:
     source, target = run / (relative + SUFFIX), run / relative
     _open(source, target, relative, key)
     source.unlink()
-    _fsync_directory(source.parent)
+    fsync_directory(source.parent)
     return target
 
 
@@ -400,7 +400,7 @@ def _atomic_output(path: Path, durable: bool = True) -> Iterator[IO[bytes]]:
         _wipe(Path(temporary))  # it may hold part of a decrypted file
         raise
     if durable:
-        _fsync_directory(path.parent)
+        fsync_directory(path.parent)
 
 
 def _wipe(path: Path) -> None:
@@ -419,7 +419,7 @@ def _wipe(path: Path) -> None:
                 remaining -= handle.write(zeros[: min(remaining, len(zeros))])
             os.fsync(handle.fileno())
     path.unlink()
-    _fsync_directory(path.parent)
+    fsync_directory(path.parent)
 
 
 def _wipe_tree(folder: Path) -> None:
@@ -476,17 +476,3 @@ def _private_root(needed: int) -> str | None:
         if space.f_bavail * space.f_frsize > needed * 1.1 + (64 << 20):
             return str(shm)
     return None
-
-
-def _fsync_directory(folder: Path) -> None:
-    """Make a rename or delete durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
