@@ -642,8 +642,10 @@ class ServeConfig(Section):
     )
     explain_steps: int = Field(20, ge=1, le=500, description="integration steps for /v1/explain")
     reload_poll_s: float = Field(
-        2.0, ge=0.0, description="served by NAME@ALIAS: how often to check whether the alias moved (0: only on "
-        "POST /v1/admin/reload)"
+        2.0,
+        ge=0.0,
+        description="served by NAME@ALIAS: how often to check whether the alias moved (0: only on "
+        "POST /v1/admin/reload)",
     )
     # Language models (completions and chat); max_batch is the number of sequences decoding together.
     max_queue: int = Field(64, ge=0, le=100_000, description="requests waiting for a decoding slot (429 beyond)")
