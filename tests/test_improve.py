@@ -247,3 +247,52 @@ def test_cli_models_commands(champion: dict) -> None:
     assert missing.returncode == 2 and "no model named 'nope'" in missing.stderr
     predicted = forgeml_cli("models", "compare", "tiny@1", "tiny@1", "--workspace", workspace)
     assert predicted.returncode == 1 and "REFUSED" in predicted.stdout  # a model is not better than itself
+
+
+def test_retrain_a_tabular_model_with_corrections_of_another_type(tmp_path: Path) -> None:
+    """Corrections arrive as the server stores them (a dict of features, the label as a string); the merged
+    training split keeps the file's types (integer labels, float features)."""
+    import random
+
+    rng = random.Random(0)
+    rows = []
+    for _ in range(300):
+        x1, x2 = rng.uniform(-1, 1), rng.uniform(-1, 1)
+        rows.append({"x1": round(x1, 3), "x2": round(x2, 3), "colour": rng.choice("rgb"), "label": int(x1 + x2 > 0)})
+    write_csv(tmp_path / "points.csv", rows)
+    config = {
+        "name": "points",
+        "task": "tabular-classification",
+        "data": {"train": str(tmp_path / "points.csv"), "split": {"validation": 0.2, "test": 0.2}},
+        "model": {"backbone": "mlp", "hidden_sizes": [16]},
+        "train": {"epochs": 3, "batch_size": 32, "threads": 1},
+    }
+    workspace = tmp_path / "ws"
+    champion = forgeml.run(config, workspace=workspace).run_dir
+    forgeml.register("points", champion, alias="champion", workspace=workspace)
+    store = RecordStore(database_url(workspace))
+    for _ in range(30):
+        x1, x2 = rng.uniform(-1, 1), rng.uniform(-1, 1)
+        features = {"x1": round(x1, 3), "x2": round(x2, 3), "colour": "g"}
+        store.add_feedback(
+            request_id=None,
+            position=None,
+            model="points",
+            version=champion.name,
+            inputs=features,
+            predicted=None,
+            label=str(int(x1 + x2 > 0)),
+            comment="",
+            key_id=None,
+        )
+    store.close()
+    result = forgeml.retrain("points", workspace=workspace)
+    lineage = read_json(result.run_dir / LINEAGE)
+    assert lineage["feedback"]["trained"] == 30 and lineage["feedback"]["added_training_rows"] == 30
+    from forgeml.data.prepare import prepare
+
+    prepared = prepare(forgeml.load(result.run_dir).config)
+    assert prepared.train.features["label"].dtype == "int64" and prepared.train.features["x1"].dtype == "float64"
+    assert len(prepared.train) == 180 + 30
+    report = forgeml.compare("points@champion", result.run_dir, workspace=workspace)
+    assert report["split"]["rows"] == 60
