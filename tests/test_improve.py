@@ -19,7 +19,7 @@ from forgeml.improve.retrain import retrain
 from forgeml.registry import Registry
 from forgeml.serve.records import RecordStore
 from forgeml.store import database_url
-from forgeml.workspace import LINEAGE, read_json, resolve_run_path
+from forgeml.workspace import LINEAGE, read_json, resolve_run_path, sha256_file
 
 from conftest import sentiment_rows, write_csv
 
@@ -82,7 +82,8 @@ def test_registry_numbers_versions_and_resolves_references(champion: dict, monke
     assert registry.resolve("tiny@1")["run_id"] == champion["run_dir"].name
     lineage = version["lineage"]
     assert lineage["splits_sha256"]["test"] and lineage["config"]["task"] == "text-classification"
-    assert lineage["data_files"]["train"].endswith("reviews.csv")
+    assert lineage["data_files"]["train"]["path"].endswith("reviews.csv")
+    assert lineage["data_files"]["train"]["sha256"] == sha256_file(champion["root"] / "reviews.csv")
     with pytest.raises(ForgeError, match=r"no alias 'canary'.*champion -> 1"):
         registry.resolve("tiny@canary")
     with pytest.raises(ForgeError, match="already tiny@1"):

@@ -305,7 +305,10 @@ def _run_facts(run: Path) -> dict[str, Any]:
     from forgeml.evaluate.metrics import scalar_metrics
 
     data = config.get("data", {})
-    files = {split: data.get(split) for split in ("train", "validation", "test") if data.get(split)}
+    # Paths with their SHA-256 as read (runs from before the data profile recorded them: paths only).
+    files = profile.get("files") or {
+        split: {"path": data[split]} for split in ("train", "validation", "test") if data.get(split)
+    }
     recorded = {
         "config": config,
         "data_files": files,
