@@ -173,7 +173,10 @@ def test_retrain_merges_corrections_and_keeps_the_test_split(champion: dict) -> 
 
 def test_gate_compares_on_the_fixed_split_and_refuses_a_model_that_is_not_better(champion: dict) -> None:
     workspace = champion["workspace"]
-    candidate = champion.get("retrained") or retrain("tiny", workspace=workspace).run_dir
+    if "retrained" not in champion:  # run alone (-k): a retrain of its own
+        _send(workspace, [("a fine film and a superb cast", "positive")])
+        champion["retrained"] = retrain("tiny", workspace=workspace).run_dir
+    candidate = champion["retrained"]
     report = compare("tiny@champion", candidate, workspace)
     assert report["split"]["rows"] == 60 and report["metric"] == "accuracy"
     test = report["test"]
@@ -224,9 +227,11 @@ def test_mcnemar_exact_and_paired_bootstrap() -> None:
     candidate = np.array([True] * 90 + [True] * 10)  # right on the ten rows the champion misses
     result = paired_classification(champion, candidate)
     assert result["only_candidate_right"] == 10 and result["only_champion_right"] == 0
-    assert result["p_value"] == pytest.approx(2 * 0.5**10)
+    assert result["p_value"] == pytest.approx(0.5**10)  # one-sided: ten of ten discordant rows for the candidate
     tied = paired_classification(champion, np.array([False] * 5 + [True] * 85 + [True] * 5 + [False] * 5))
-    assert tied["p_value"] == pytest.approx(1.0)
+    assert tied["p_value"] == pytest.approx(638 / 1024)  # P(at least 5 of 10 heads)
+    worse = paired_classification(candidate, champion)
+    assert worse["p_value"] == pytest.approx(1.0) and worse["only_champion_right"] == 10
     rng = np.random.default_rng(0)
     errors = rng.normal(0, 1, 400)
     better = paired_regression(errors, errors * 0.8, resamples=2000)

@@ -675,7 +675,13 @@ class GateConfig(Section):
     min_gain: float = Field(
         0.0, ge=0.0, description="smallest improvement of the primary metric (accuracy, or RMSE lower by) to promote"
     )
-    alpha: float = Field(0.05, gt=0.0, lt=1.0, description="significance level of the paired test")
+    alpha: float = Field(
+        0.05,
+        gt=0.0,
+        lt=1.0,
+        description="significance level of the one-sided paired test: the chance of "
+        "promoting a candidate that is not better",
+    )
     max_fairness_regression: float | None = Field(
         0.05, ge=0.0, description="largest rise of any group's demographic parity difference; null: not checked"
     )

@@ -1,9 +1,10 @@
 """The promotion gate: is a candidate better than the model it would replace, on the same rows?
 
 Both models answer the same fixed test split, row by row, so the comparison is paired:
-- classification: McNemar's exact test on the rows exactly one of the two gets right (a two-sided
-  binomial test of the discordant counts). Dietterich (1998) found it the test with acceptable type-I
-  error when each model is trained once, where a t-test over resamples of the test set is not.
+- classification: McNemar's exact test on the rows exactly one of the two gets right (a binomial test of
+  the discordant counts). Dietterich (1998) found it the test with acceptable type-I error when each
+  model is trained once, where a t-test over resamples of the test set is not. The test is one-sided:
+  the gate asks whether the candidate is better, so `alpha` is the chance of promoting one that is not.
 - regression: a paired bootstrap of the difference in RMSE over the rows (the p-value is the share of
   resamples in which the candidate is not better).
 The gain must also reach `gate.min_gain`. Fairness, robustness and latency may not regress by more than
@@ -35,15 +36,16 @@ class Contender:
 
 
 def paired_classification(correct_champion: np.ndarray, correct_candidate: np.ndarray) -> dict[str, Any]:
-    """McNemar's exact test of two models' per-row correctness on the same rows."""
+    """McNemar's exact test (one-sided: is the candidate right more often?) of two models' per-row correctness
+    on the same rows."""
     from scipy.stats import binomtest
 
     champion_only = int(np.sum(correct_champion & ~correct_candidate))
     candidate_only = int(np.sum(~correct_champion & correct_candidate))
     discordant = champion_only + candidate_only
-    p_value = binomtest(candidate_only, discordant, 0.5).pvalue if discordant else 1.0
+    p_value = binomtest(candidate_only, discordant, 0.5, alternative="greater").pvalue if discordant else 1.0
     return {
-        "name": "McNemar exact (two-sided)",
+        "name": "McNemar exact (one-sided)",
         "both_right": int(np.sum(correct_champion & correct_candidate)),
         "both_wrong": int(np.sum(~correct_champion & ~correct_candidate)),
         "only_champion_right": champion_only,
