@@ -174,8 +174,8 @@ def test_retrain_merges_corrections_and_keeps_the_test_split(champion: dict) -> 
 def test_gate_compares_on_the_fixed_split_and_refuses_a_model_that_is_not_better(champion: dict) -> None:
     workspace = champion["workspace"]
     if "retrained" not in champion:  # run alone (-k): a retrain of its own
-        _send(workspace, [("a fine film and a superb cast", "positive")])
-        champion["retrained"] = retrain("tiny", workspace=workspace).run_dir
+        _send(workspace, [("a fine film and a superb cast", "positive"), ("a sad and dull plot", "negative")])
+        champion["retrained"] = retrain("tiny", workspace=workspace, holdout=0.5).run_dir
     candidate = champion["retrained"]
     report = compare("tiny@champion", candidate, workspace)
     assert report["split"]["rows"] == 60 and report["metric"] == "accuracy"
