@@ -135,6 +135,7 @@ def main() -> int:
                 if shadow:
                     summary["shadow_scored"] = shadow["requests"]
                     summary["agreement"] = shadow["agreement_with_primary"]
+                    summary["shadow_skipped_while_behind"] = shadow.get("skipped_while_behind", 0)
                 rounds.setdefault(str(concurrency), []).append({"label": label, "round": round_index, **summary})
                 print(json.dumps({"concurrency": concurrency, "label": label, **summary}), flush=True)
     report["shadow"] = {}

@@ -226,3 +226,37 @@ def test_serve_refuses_a_bad_canary_option(two_versions: dict) -> None:
     assert result.returncode == 2 and "--canary" in result.stderr and "NAME@ALIAS:PCT" in result.stderr
     result = forgeml_cli("serve", str(two_versions["runs"][0]), "--shadow", "tiny@2", "--no-auth", "-w", workspace)
     assert result.returncode == 2 and "need the model registry" in result.stderr
+
+
+def test_a_shadow_that_falls_behind_skips_requests_instead_of_queueing() -> None:
+    import asyncio
+
+    from forgeml.serve.batching import MicroBatcher
+    from forgeml.serve.deployments import Deployment, Deployments
+
+    release = threading.Event()
+
+    def slow(records: list, contexts: list) -> list:
+        release.wait(timeout=30)  # holds the shadow's first call: what arrives meanwhile waits
+        return records
+
+    async def scenario() -> tuple[list[bool], int]:
+        primary = Deployment("primary", None, MicroBatcher(lambda r, c: r))  # type: ignore[arg-type]
+        shadow = Deployment("shadow", None, MicroBatcher(slow, max_wait_ms=0), share=100.0)  # type: ignore[arg-type]
+        deployments = Deployments(primary, shadow=shadow)
+        await deployments.start()
+        decisions, pending = [], []
+        for index in range(12):
+            wanted = deployments.wants_shadow(f"request-{index}", backlog=4)
+            decisions.append(wanted)
+            if wanted:
+                pending.append(asyncio.create_task(shadow.batcher.submit([index])))
+            await asyncio.sleep(0)  # lets the batcher take what it can
+        release.set()
+        await asyncio.gather(*pending)
+        await deployments.stop()
+        return decisions, shadow.stats.skipped
+
+    decisions, skipped = asyncio.run(scenario())
+    assert decisions[:4] == [True] * 4 and not all(decisions)  # scored while it kept up, then sampled
+    assert skipped == decisions.count(False) and skipped >= 6

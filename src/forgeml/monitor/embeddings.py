@@ -3,6 +3,7 @@ token facts the drift tests need (length, [UNK] tokens), from one pass through t
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -55,8 +56,14 @@ def text_pass(
     split = task.encode(dataset, "monitor", with_targets=False)
 
     captured: list[torch.Tensor] = []
+    here = threading.get_ident()
+
+    def capture(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        if threading.get_ident() == here:  # a server may be answering with the same model in another thread
+            captured.append(args[0].detach().float().cpu())
+
     # The head's input is the pooled vector (dropout is off in eval mode): a hook takes it whatever the pooling.
-    hook = head.register_forward_pre_hook(lambda _module, args: captured.append(args[0].detach().float().cpu()))
+    hook = head.register_forward_pre_hook(capture)
     was_training = model.training
     model.eval()
     order = np.argsort(-split.lengths, kind="stable")  # length-sorted batches waste little on padding

@@ -325,7 +325,7 @@ def create_app(
         chosen.stats.seconds += seconds
         served.labels(model.version, chosen.role).inc()
         served_latency.labels(model.version, chosen.role).observe(seconds)
-        if deployments.wants_shadow(request_id):  # scored after the answer is on its way, never awaited here
+        if deployments.wants_shadow(request_id, backlog=limits.max_batch):  # scored off the answer path
             shadow_deployment = deployments.shadow
             assert shadow_deployment is not None
             task = asyncio.create_task(_shadow(shadow_deployment, rows, (request_id, model.version, answers)))

@@ -96,6 +96,11 @@ class MicroBatcher:
         self._queue.put_nowait(_Pending(records, context, future))
         return await future
 
+    @property
+    def waiting(self) -> int:
+        """Requests submitted and not yet taken into a model call."""
+        return self._backlog() if self._queue is not None else 0
+
     async def run_alone(self, function: Callable[..., Any], *args: Any) -> Any:
         """`function(*args)` on the inference thread, between batches (e.g. an explanation)."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)

@@ -37,6 +37,7 @@ class VersionStats:
     agreed: int = 0
     feedback: int = 0
     feedback_correct: int = 0
+    skipped: int = 0  # shadow: requests not scored because it was behind
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -46,6 +47,7 @@ class VersionStats:
             "agreement_with_primary": round(self.agreed / self.compared, 4) if self.compared else None,
             "feedback": self.feedback,
             "feedback_accuracy": round(self.feedback_correct / self.feedback, 4) if self.feedback else None,
+            **({"skipped_while_behind": self.skipped} if self.skipped else {}),
         }
 
 
@@ -118,8 +120,16 @@ class Deployments:
             return self.primary
         return self.canary if bucket(caller) < self.canary.share else self.primary
 
-    def wants_shadow(self, request_id: str) -> bool:
-        return self.shadow is not None and bucket(request_id) < self.shadow.share
+    def wants_shadow(self, request_id: str, backlog: int) -> bool:
+        """Whether to score this request on the shadow too: its share of requests, unless the shadow already
+        has `backlog` requests waiting (under a load the machine cannot carry twice, the shadow samples
+        what it can instead of queueing without end)."""
+        if self.shadow is None or bucket(request_id) >= self.shadow.share:
+            return False
+        if self.shadow.batcher.waiting >= backlog:
+            self.shadow.stats.skipped += 1
+            return False
+        return True
 
     def by_version(self, version: str) -> VersionStats | None:
         """The stats of whichever deployment (current or retired) served run `version`."""
