@@ -88,6 +88,20 @@ def test_domain_classifier_auc_is_high_for_separable_vectors_and_chance_for_the_
     assert moved["rows"] == 150 and moved["permutations"] == 49
 
 
+def test_the_batched_logistic_regression_is_scikit_learns() -> None:
+    """The permutation test fits its models itself (all labellings at once); they are LogisticRegression(C=1)."""
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(4)
+    x = np.vstack([rng.normal(0, 1, (300, 6)), rng.normal(0.7, 1, (300, 6))])
+    labels = np.vstack([np.r_[np.zeros(300), np.ones(300)], rng.permutation(np.r_[np.zeros(300), np.ones(300)])])
+    test = rng.normal(0.3, 1, (50, 6))
+    ours = stats.logistic_scores(x, labels, test)
+    for row, y in enumerate(labels):
+        theirs = LogisticRegression(C=1.0, tol=1e-10, max_iter=1000).fit(x, y).decision_function(test)
+        assert np.abs(ours[row] - theirs).max() < 1e-4
+
+
 def test_since_accepts_durations_and_iso_times() -> None:
     now = datetime(2026, 5, 2, 12, 0, tzinfo=UTC)
     assert since_time("24h", now) == now - timedelta(hours=24)
@@ -293,3 +307,22 @@ def test_the_report_of_a_text_window_has_json_and_plots(text_monitor: DriftMonit
     with pytest.raises(ForgeError, match="at least"):
         text_monitor.compare(window.take(range(5)))
     assert Counter(text_monitor.reference.label_counts).keys() <= {"positive", "negative"}
+
+
+def test_cli_monitor_on_a_registered_model_exits_1_on_drift(table_run: Path, tmp_path: Path) -> None:
+    from forgeml.store import database_url
+
+    from test_cli import forgeml_cli
+
+    workspace = table_run.parent.parent.parent
+    forgeml.register("table", table_run, alias="champion", workspace=workspace)
+    predictor = forgeml.load(table_run)
+    shifted = inputs_of(table_rows(250, seed=31, shift=1.2))
+    store = RecordStore(database_url(workspace))
+    store.add_predictions("table", table_run.name, [("cli", shifted, predictor.predict(shifted))])
+    store.close()
+    result = forgeml_cli("monitor", "table", "--window", "200", "-o", str(tmp_path / "out"), "-w", str(workspace))
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "DRIFT  feature:x" in result.stdout and (tmp_path / "out" / "report.json").is_file()
+    missing = forgeml_cli("monitor", "table", "--since", "yesterday", "-w", str(workspace))
+    assert missing.returncode == 2 and "since: 'yesterday'" in missing.stderr

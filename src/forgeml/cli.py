@@ -809,23 +809,12 @@ def models_promote(
 
 
 def _since(text: str | None):
-    """A time from "24h", "7d", "30m" (ago) or an ISO date/time."""
+    """A time from "24h", "7d", "30m" (ago) or an ISO date/time; None stays None."""
     if text is None:
         return None
-    import re
-    from datetime import UTC, datetime, timedelta
+    from forgeml.monitor.served import since_time
 
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhdw])", text.strip())
-    if match:
-        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}[match[2]]
-        return datetime.now(UTC) - timedelta(**{unit: float(match[1])})
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise ConfigError(
-            f"--since: {text!r} is neither a duration (24h, 7d, 30m) nor an ISO date (2026-12-01)"
-        ) from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    return since_time(text)
 
 
 @app.command()
@@ -860,6 +849,56 @@ def retrain(
     console.print("next:")
     console.print(f"  forgeml models compare {name}@{alias} {run_arg}", soft_wrap=True, markup=False)
     console.print(f"  forgeml models promote {name} {run_arg} --alias {alias}", soft_wrap=True, markup=False)
+
+
+@app.command()
+def monitor(
+    model: Annotated[str, typer.Argument(help="a registered model (its champion), NAME@ALIAS, a run name or folder")],
+    since: Annotated[str | None, typer.Option(help="only requests served since: 24h, 7d or 2026-12-01")] = None,
+    window: Annotated[int, typer.Option(help="rows per window (the newest window decides)")] = 500,
+    alpha: Annotated[float, typer.Option(help="false-alarm rate per window (Holm over every test)")] = 0.05,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="report folder (default: RUN/monitor/TIME)")
+    ] = None,
+    workspace: Workspace = None,
+    db: Database = None,
+) -> None:
+    """Drift of served inputs against the model's training data: KS / chi-squared per feature with PSI
+    (tabular), a domain classifier on the model's own embeddings plus length and unknown-token rates (text),
+    and the predicted labels; a JSON report and plots. Exit code 1 when the newest window drifted."""
+    from forgeml.monitor import monitor_run
+    from forgeml.registry import Registry, parse_reference
+    from forgeml.store import Store
+
+    url = _database(workspace, db)
+    registry = Registry(url)
+    reference = model if parse_reference(model) else (f"{model}@champion" if model in registry.names() else None)
+    if Path(model).is_dir():
+        run_dir, name = Path(model), None
+    elif reference is not None:
+        version = registry.resolve(reference)
+        run_dir, name = Path(version["run_path"]), version["name"]
+    else:
+        run_dir, name = Store(url).locate(model), None
+    report = monitor_run(run_dir, url, model=name, since=_since(since), window=window, output_dir=output, alpha=alpha)
+    latest = report["windows"][-1]
+    console.print(
+        f"{report['rows']:,} served rows of {report['model']} in {len(report['windows'])} window(s) of {window}; "
+        f"{report['windows_drifted']} drifted",
+        markup=False,
+    )
+    tests = {f"feature:{name}": test for name, test in latest.get("features", {}).items()}
+    tests |= {f"text:{name}": test for name, test in latest.get("text", {}).items()}
+    if latest.get("predictions"):
+        tests["predictions"] = latest["predictions"]
+    for name_ in latest["ranking"][:8]:  # the most drifted first
+        test = tests[name_]
+        psi = f", PSI {test['psi']:.3f}" if test.get("psi") is not None else ""
+        mark = "DRIFT" if test["drift"] else "ok"
+        console.print(f"  {mark:5}  {name_}: p = {test['p_adjusted']:.3g} (Holm){psi}", markup=False, emoji=False)
+    console.print(f"report: {report['files'][0] if report['files'] else output}", markup=False)
+    if report["drift"]:
+        raise typer.Exit(1)
 
 
 @app.command()
