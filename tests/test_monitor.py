@@ -326,3 +326,30 @@ def test_cli_monitor_on_a_registered_model_exits_1_on_drift(table_run: Path, tmp
     assert "DRIFT  feature:x" in result.stdout and (tmp_path / "out" / "report.json").is_file()
     missing = forgeml_cli("monitor", "table", "--since", "yesterday", "-w", str(workspace))
     assert missing.returncode == 2 and "since: 'yesterday'" in missing.stderr
+
+
+def test_a_server_publishes_drift_gauges_checked_in_the_background(table_run: Path, tmp_path: Path) -> None:
+    import time
+
+    from forgeml.config import ServeConfig
+    from forgeml.serve.app import create_app
+    from forgeml.serve.runtime import ModelRuntime
+
+    from serving import serving
+
+    url = f"sqlite:///{tmp_path / 'forgeml.db'}"
+    runtime = ModelRuntime(table_run)
+    shifted = inputs_of(table_rows(150, seed=41, shift=1.5))
+    store = RecordStore(url)
+    store.add_predictions(runtime.name, runtime.version, [("old", shifted, runtime.predict(shifted))])
+    settings = ServeConfig(drift_every_s=0.2, drift_window=100)
+    with serving(create_app(runtime, None, settings, RecordStore(url))) as client:
+        deadline, metrics = time.monotonic() + 120, ""
+        while "forgeml_drift_detected{" not in metrics and time.monotonic() < deadline:
+            time.sleep(0.2)  # waiting for the background check, not timing anything
+            metrics = client.call("GET", "/metrics")[1]
+        assert client.call("POST", "/v1/predict", {"inputs": shifted[0]})[0] == 200  # serving meanwhile
+    store.close()
+    assert f'forgeml_drift_detected{{version="{runtime.version}"}} 1.0' in metrics
+    assert f'forgeml_drift_rows{{version="{runtime.version}"}} 100.0' in metrics
+    assert 'test="feature:x"' in metrics and 'feature="x"' in metrics  # p-value and PSI of the shifted column

@@ -385,6 +385,10 @@ def serve(
     shadow: Annotated[
         str | None, typer.Option(help="NAME@ALIAS[:PCT] also scores (PCT % of) requests off the answer path")
     ] = None,
+    drift_every: Annotated[
+        float | None,
+        typer.Option(help="check drift of the newest served inputs every this many seconds, for /metrics"),
+    ] = None,
     workspace: Workspace = None,
     db: Database = None,
 ) -> None:
@@ -399,7 +403,7 @@ def serve(
     from forgeml.store import Store
 
     options = {"host": host, "port": port, "engine": engine, "max_batch": max_batch, "max_wait_ms": max_wait_ms}
-    options |= {"rate_limit": rate_limit, "workers": workers}
+    options |= {"rate_limit": rate_limit, "workers": workers, "drift_every_s": drift_every}
     with_changes(ServeConfig(), "serve", **options)  # bad options fail before the model loads
     if no_auth and host is not None:
         _refuse_open_without_keys(host)  # before the model loads, when the option says where

@@ -641,6 +641,13 @@ class ServeConfig(Section):
         None, ge=1, description="requests a key may send at once; default: ten seconds' worth of rate_limit"
     )
     explain_steps: int = Field(20, ge=1, le=500, description="integration steps for /v1/explain")
+    drift_every_s: float | None = Field(
+        None,
+        gt=0.0,
+        description="check the newest drift_window served inputs against the training data this "
+        "often, in the background, for /metrics (forgeml_drift_*); null: off",
+    )
+    drift_window: int = Field(500, ge=20, le=100_000, description="served rows per background drift check")
     reload_poll_s: float = Field(
         2.0,
         ge=0.0,

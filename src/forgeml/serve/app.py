@@ -27,6 +27,7 @@ from forgeml.serve.batching import MicroBatcher
 from forgeml.serve.common import install_basics, scope_checker
 from forgeml.serve.demo import demo_page
 from forgeml.serve.deployments import Deployment, Deployments, RegistryFollower
+from forgeml.serve.drift import DriftGauges
 from forgeml.serve.keys import KeyStore
 from forgeml.serve.records import RecordStore
 from forgeml.serve.runtime import ModelRuntime, record_values
@@ -161,6 +162,9 @@ def create_app(
         registry=registry,
     )
     reloads = Counter("forgeml_reloads", "Alias moves acted on", ["role", "outcome"], registry=registry)
+    shadow_errors = Counter(
+        "forgeml_shadow_errors", "Shadow scorings that failed (never seen by callers)", registry=registry
+    )
 
     def make_batcher(model: ModelRuntime, role: str) -> MicroBatcher:
         if role == "shadow":
@@ -259,12 +263,18 @@ def create_app(
         await deployments.start()
         following = any(d.reference for d in deployments.active) and limits.reload_poll_s > 0
         watcher = asyncio.create_task(deployments.watch(limits.reload_poll_s)) if following else None
+        drifting = None
+        if limits.drift_every_s and records is not None:  # the primary version's served inputs, in the background
+            url = records.engine.url.render_as_string(hide_password=False)
+            gauges = DriftGauges(registry, url, limits.drift_window)
+            drifting = asyncio.create_task(gauges.watch(lambda: deployments.primary.runtime, limits.drift_every_s))
         app.state.ready = True
         yield
         # uvicorn stops accepting and lets in-flight requests finish before this runs (graceful SIGTERM)
         app.state.ready = False
-        if watcher is not None:
-            watcher.cancel()
+        for task in (watcher, drifting):
+            if task is not None:
+                task.cancel()
         if shadow_tasks:
             await asyncio.gather(*shadow_tasks, return_exceptions=True)
         await deployments.stop()
@@ -343,7 +353,7 @@ def create_app(
         try:
             await shadow_deployment.batcher.submit(rows, context)
         except Exception:  # the caller has its answer; a failing shadow is counted, never raised
-            reloads.labels("shadow", "error").inc()
+            shadow_errors.inc()
             return
         seconds = time.perf_counter() - started
         shadow_deployment.stats.requests += 1

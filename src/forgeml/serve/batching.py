@@ -71,7 +71,7 @@ class MicroBatcher:
         self._executor = ThreadPoolExecutor(
             max_workers=workers,
             thread_name_prefix="forgeml-background" if background else "forgeml-inference",
-            initializer=_lowest_priority if background else None,
+            initializer=lowest_priority if background else None,
         )
 
     async def start(self) -> None:
@@ -180,7 +180,7 @@ class MicroBatcher:
         return answers
 
 
-def _lowest_priority() -> None:
+def lowest_priority() -> None:
     """Run this inference thread at the lowest CPU priority (Linux threads have their own nice value): work
     nobody waits for, such as shadow scoring, takes only the CPU time the answers being waited for leave."""
     import contextlib
