@@ -413,12 +413,10 @@ def serve(
     if not Path(run).is_dir() and parse_reference(run):  # NAME@ALIAS: follow the alias as it moves
         from forgeml.serve.deployments import RegistryFollower
 
-        registry = Registry(_database(workspace, db))
-        version = registry.resolve(run)
-        runtime = load_runtime(version["run_path"], engine, workers)
-        runtime.name = version["name"]  # predictions and feedback are recorded under the registered name
-        if not getattr(runtime, "generates", False):  # language models are served as the version named now
-            follower = RegistryFollower(registry, engine, workers)
+        follower = RegistryFollower(Registry(_database(workspace, db)), engine, workers)
+        runtime = follower.load_any(run)[0]
+        if getattr(runtime, "generates", False):  # language models are served as the version named now
+            follower = None
     else:
         if canary or shadow:
             raise ForgeError("--canary and --shadow need the model registry: serve NAME@ALIAS (forgeml models)")
@@ -727,13 +725,11 @@ def _gate_settings(candidate: str, workspace: Path | None, **changes: Any):
     """The candidate's `gate:` section with the command's options applied (None: the section's own)."""
     if all(value is None for value in changes.values()):
         return None
-    from forgeml.config import load_config, with_changes
-    from forgeml.encryption import plaintext_view
+    from forgeml.config import with_changes
+    from forgeml.improve.promote import gate_settings
     from forgeml.workspace import resolve_run_path
 
-    with plaintext_view(resolve_run_path(candidate, workspace), only=("config.yaml",)) as plain:
-        gate = load_config(plain / "config.yaml").gate
-    return with_changes(gate, "gate", **changes)
+    return with_changes(gate_settings(resolve_run_path(candidate, workspace)), "gate", **changes)
 
 
 @models_app.command("compare")
@@ -870,7 +866,7 @@ def monitor(
     """Drift of served inputs against the model's training data: KS / chi-squared per feature with PSI
     (tabular), a domain classifier on the model's own embeddings plus length and unknown-token rates (text),
     and the predicted labels; a JSON report and plots. Exit code 1 when the newest window drifted."""
-    from forgeml.monitor import monitor_run
+    from forgeml.monitor import monitor_run, tests_by_name
     from forgeml.registry import Registry, parse_reference
     from forgeml.store import Store
 
@@ -891,10 +887,7 @@ def monitor(
         f"{report['windows_drifted']} drifted",
         markup=False,
     )
-    tests = {f"feature:{name}": test for name, test in latest.get("features", {}).items()}
-    tests |= {f"text:{name}": test for name, test in latest.get("text", {}).items()}
-    if latest.get("predictions"):
-        tests["predictions"] = latest["predictions"]
+    tests = tests_by_name(latest)
     for name_ in latest["ranking"][:8]:  # the most drifted first
         test = tests[name_]
         psi = f", PSI {test['psi']:.3f}" if test.get("psi") is not None else ""

@@ -240,10 +240,6 @@ def on_plaintext(writes: bool = False) -> Callable:
             from forgeml.workspace import resolve_run_path
 
             run_dir = resolve_run_path(kwargs["run_dir"] if "run_dir" in kwargs else args[0])  # sst2@champion too
-            if "run_dir" in kwargs:
-                kwargs["run_dir"] = run_dir
-            else:
-                args = (run_dir, *args[1:])
             with plaintext_view(run_dir, writable=writes) as view:
                 if "run_dir" in kwargs:
                     kwargs["run_dir"] = view

@@ -62,20 +62,21 @@ def merge_feedback(
     evaluated = set()
     for name in ("validation", "test"):
         if splits.get(name) is not None:
-            evaluated |= _keys(splits[name], inputs)
+            evaluated.update(_keys(splits[name], inputs))
     kept = {key: row for key, row in latest.items() if key not in evaluated}
 
     rng = random.Random(options.seed)
-    keys = sorted(kept)
-    rng.shuffle(keys)
-    held_out_keys = set(keys[: round(len(keys) * options.holdout)])
-    trained = [kept[key] for key in sorted(kept) if key not in held_out_keys]
-    held_out = [kept[key] for key in sorted(kept) if key in held_out_keys]
+    ordered = sorted(kept)
+    shuffled = list(ordered)
+    rng.shuffle(shuffled)
+    held_out_keys = set(shuffled[: round(len(shuffled) * options.holdout)])
+    corrected = [key for key in ordered if key not in held_out_keys]
+    trained = [kept[key] for key in corrected]
+    held_out = [kept[key] for key in ordered if key in held_out_keys]
 
     train = splits["train"]
-    train_keys = [input_key(values) for values in zip(*(column(train, n) for n in inputs), strict=True)]
-    corrected = {input_key([row[name] for name in inputs]) for row in trained}
-    keep = [index for index, key in enumerate(train_keys) if key not in corrected]
+    train_keys, replacing = _keys(train, inputs), set(corrected)
+    keep = [index for index, key in enumerate(train_keys) if key not in replacing]
     replaced = len(train_keys) - len(keep)
     copies = _copies(len(trained), options.weight, rng)
     added = [row for row, count in zip(trained, copies, strict=True) for _ in range(count)]
@@ -99,8 +100,9 @@ def merge_feedback(
     return merged, facts
 
 
-def _keys(dataset: Dataset, inputs: list[str]) -> set[str]:
-    return {input_key(values) for values in zip(*(column(dataset, n) for n in inputs), strict=True)}
+def _keys(dataset: Dataset, inputs: list[str]) -> list[str]:
+    """Each row's input key, in row order."""
+    return [input_key(values) for values in zip(*(column(dataset, n) for n in inputs), strict=True)]
 
 
 def _copies(count: int, weight: float, rng: random.Random) -> list[int]:

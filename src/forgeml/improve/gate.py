@@ -71,10 +71,13 @@ def paired_regression(
     }
 
 
-def bootstrap_interval(values: np.ndarray, resamples: int = 2_000, seed: int = 0) -> list[float]:
-    """95 % bootstrap interval of the mean of `values` (e.g. per-row correctness: accuracy)."""
+def bootstrap_interval(values: np.ndarray, resamples: int = 2_000, seed: int = 0, of_mean: Any = None) -> list[float]:
+    """95 % bootstrap interval of the mean of `values` (e.g. per-row correctness: accuracy), or of
+    `of_mean(mean)` (e.g. the RMSE from squared errors: `np.sqrt`)."""
     rng = np.random.default_rng(seed)
     means = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(axis=1)
+    if of_mean is not None:
+        means = of_mean(means)
     return [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))]
 
 
@@ -103,7 +106,7 @@ def judge(
         errors = {side: np.array([a["value"] for a in answers[side]]) - expected for side in answers}
         test = paired_regression(errors["champion"], errors["candidate"], gate.bootstrap)
         values = {side: float(np.sqrt(np.mean(errors[side] ** 2))) for side in errors}
-        intervals = {side: _rmse_interval(errors[side], gate.bootstrap) for side in errors}
+        intervals = {side: bootstrap_interval(errors[side] ** 2, gate.bootstrap, of_mean=np.sqrt) for side in errors}
         metric, gain = "rmse", values["champion"] - values["candidate"]
         better = gain > 0
     checks = [
@@ -133,13 +136,6 @@ def judge(
         "passed": all(check["passed"] is not False for check in checks),
         "gate": gate.model_dump(),
     }
-
-
-def _rmse_interval(errors: np.ndarray, resamples: int) -> list[float]:
-    rng = np.random.default_rng(0)
-    squared = errors**2
-    values = np.sqrt(squared[rng.integers(0, len(errors), size=(resamples, len(errors)))].mean(axis=1))
-    return [float(np.quantile(values, 0.025)), float(np.quantile(values, 0.975))]
 
 
 def _regression_checks(facts: dict[str, dict[str, Any]], gate: GateConfig) -> list[dict[str, Any]]:

@@ -94,7 +94,7 @@ def promote(
         current = registry.alias_version(name, alias)
         if current == version["version"]:
             raise ForgeError(f"{name}@{alias} already points at version {current}")
-        gate = gate or _gate_of(run_dir)
+        gate = gate or gate_settings(run_dir)
         report = None
         if current is not None and alias in gate.protected:
             report = _earlier_report(run_dir, current, gate) or compare(f"{name}@{current}", run_dir, workspace, gate)
@@ -166,7 +166,8 @@ def _facts(run_dir: Path) -> dict[str, float | None]:
         return run_facts(plain)
 
 
-def _gate_of(run_dir: Path) -> GateConfig:
+def gate_settings(run_dir: Path) -> GateConfig:
+    """The `gate:` section of a run's config (decrypted for the moment it is read)."""
     with plaintext_view(run_dir, only=("config.yaml",)) as plain:
         return load_config(plain / "config.yaml").gate
 

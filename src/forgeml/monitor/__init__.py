@@ -7,7 +7,7 @@ monitor_run("runs/sst2/latest", "sqlite:///forgeml.db", since=since_time("24h"),
 
 from forgeml.monitor.embeddings import TextPass, text_embeddings, text_pass
 from forgeml.monitor.monitor import DriftMonitor, Reference, Window
-from forgeml.monitor.report import monitor_run, window_bounds, write_report
+from forgeml.monitor.report import monitor_run, tests_by_name, window_bounds, write_report
 from forgeml.monitor.served import served_rows, since_time
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "monitor_run",
     "served_rows",
     "since_time",
+    "tests_by_name",
     "text_embeddings",
     "text_pass",
     "window_bounds",

@@ -112,7 +112,7 @@ def write_report(report: dict[str, Any], reference: Reference, window: Window, f
 
 def test_chart(result: dict[str, Any], path: Path) -> Path:
     """Each test's Holm-adjusted p-value (as -log10, the alpha line drawn) and, beside it, PSI."""
-    tests = _tests(result)
+    tests = tests_by_name(result)
     names = list(reversed(result["ranking"]))  # most drifted on top
     strength = [-np.log10(max(tests[name]["p_adjusted"], 1e-300)) for name in names]
     psis = [tests[name].get("psi") or 0.0 for name in names]
@@ -191,7 +191,7 @@ def prediction_plot(test: dict[str, Any], reference: Reference, window: Window, 
 def timeline(windows: list[dict[str, Any]], alpha: float, path: Path) -> Path:
     """The smallest adjusted p-value of each window over time (drifted windows in red)."""
     figure, axis = plt.subplots(figsize=(7, 3.5))
-    smallest = [min(_tests(w)[name]["p_adjusted"] for name in w["ranking"]) for w in windows]
+    smallest = [min(tests_by_name(w)[name]["p_adjusted"] for name in w["ranking"]) for w in windows]
     positions = np.arange(len(windows))
     axis.plot(positions, np.maximum(smallest, 1e-300), color="tab:gray", marker="o")
     drifted = [i for i, w in enumerate(windows) if w["drift"]]
@@ -204,7 +204,7 @@ def timeline(windows: list[dict[str, Any]], alpha: float, path: Path) -> Path:
     return save_figure(figure, path)
 
 
-def _tests(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def tests_by_name(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Every test of a window's result by its name in `ranking`."""
     tests = {f"feature:{name}": test for name, test in result.get("features", {}).items()}
     tests |= {f"text:{name}": test for name, test in result.get("text", {}).items()}

@@ -330,11 +330,7 @@ def create_app(
             raise HTTPException(422, str(error)) from None
         seconds = time.perf_counter() - started
         model = chosen.runtime
-        chosen.stats.requests += 1
-        chosen.stats.records += len(rows)
-        chosen.stats.seconds += seconds
-        served.labels(model.version, chosen.role).inc()
-        served_latency.labels(model.version, chosen.role).observe(seconds)
+        count(chosen, rows, seconds)
         if deployments.wants_shadow(request_id, backlog=limits.max_batch):  # scored off the answer path
             shadow_deployment = deployments.shadow
             assert shadow_deployment is not None
@@ -355,12 +351,15 @@ def create_app(
         except Exception:  # the caller has its answer; a failing shadow is counted, never raised
             shadow_errors.inc()
             return
-        seconds = time.perf_counter() - started
-        shadow_deployment.stats.requests += 1
-        shadow_deployment.stats.records += len(rows)
-        shadow_deployment.stats.seconds += seconds
-        served.labels(shadow_deployment.runtime.version, "shadow").inc()
-        served_latency.labels(shadow_deployment.runtime.version, "shadow").observe(seconds)
+        count(shadow_deployment, rows, time.perf_counter() - started)
+
+    def count(deployment: Deployment, rows: list[Any], seconds: float) -> None:
+        """A request a version answered: its stats at /v1/models and its metrics."""
+        deployment.stats.requests += 1
+        deployment.stats.records += len(rows)
+        deployment.stats.seconds += seconds
+        served.labels(deployment.runtime.version, deployment.role).inc()
+        served_latency.labels(deployment.runtime.version, deployment.role).observe(seconds)
 
     @app.post("/v1/explain", response_model=ExplainResponse, response_model_exclude_none=True)
     async def explain(

@@ -246,13 +246,20 @@ class RegistryFollower:
             return int(target)
         return self.registry.alias_version(name, target)
 
-    def load(self, reference: str) -> tuple[ModelRuntime, int]:
-        from forgeml.errors import ForgeError
+    def load_any(self, reference: str) -> tuple[Any, int]:
+        """The runtime of the version `reference` names now (a language model's too) and its version number."""
         from forgeml.serve.runtime import load_runtime
 
         version = self.registry.resolve(reference)
         runtime = load_runtime(version["run_path"], self.engine, self.workers)
-        if getattr(runtime, "generates", False):
-            raise ForgeError(f"{reference}: a language model; canary, shadow and reload serve predictive models")
         runtime.name = version["name"]  # predictions and feedback are recorded under the registered name
         return runtime, version["version"]
+
+    def load(self, reference: str) -> tuple[ModelRuntime, int]:
+        """`load_any` for a predictive model (what canary, shadow and reload serve)."""
+        from forgeml.errors import ForgeError
+
+        runtime, version = self.load_any(reference)
+        if getattr(runtime, "generates", False):
+            raise ForgeError(f"{reference}: a language model; canary, shadow and reload serve predictive models")
+        return runtime, version

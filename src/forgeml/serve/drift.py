@@ -84,11 +84,9 @@ class DriftGauges:
         self.rows.clear()
         self.detected.labels(version).set(1.0 if result["drift"] else 0.0)
         self.rows.labels(version).set(result["rows"])
-        tests = {f"feature:{name}": test for name, test in result.get("features", {}).items()}
-        tests |= {f"text:{name}": test for name, test in result.get("text", {}).items()}
-        if result.get("predictions"):
-            tests["predictions"] = result["predictions"]
-        for name, test in tests.items():
+        from forgeml.monitor import tests_by_name
+
+        for name, test in tests_by_name(result).items():
             self.p_value.labels(version, name).set(test["p_adjusted"])
             if test.get("psi") is not None and name.startswith("feature:"):
                 self.psi.labels(version, name.removeprefix("feature:")).set(test["psi"])
