@@ -260,3 +260,15 @@ def test_a_shadow_that_falls_behind_skips_requests_instead_of_queueing() -> None
     decisions, skipped = asyncio.run(scenario())
     assert decisions[:4] == [True] * 4 and not all(decisions)  # scored while it kept up, then sampled
     assert skipped == decisions.count(False) and skipped >= 6
+
+
+def test_forgeml_serve_follows_a_registry_reference(two_versions: dict) -> None:
+    from serving import server_process
+
+    registry, first = two_versions["registry"], two_versions["runs"][0]
+    registry.set_alias("tiny", "champion", 1)
+    with server_process("tiny@champion", two_versions["workspace"], "--no-auth") as (_, client):
+        status, body = client.call("POST", "/v1/predict", {"inputs": "a great film"})
+        models = client.call("GET", "/v1/models")[1]["models"]
+    assert status == 200 and body["version"] == first.name and body["registry_version"] == 1
+    assert models[0]["follows"] == "tiny@champion" and models[0]["name"] == "tiny"
