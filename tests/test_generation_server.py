@@ -488,11 +488,7 @@ def test_a_mixed_load_gives_no_5xx_stores_every_generation_and_leaks_nothing(lm_
             rss_warm = _rss_bytes(process.pid)
             results = list(pool.map(lambda i: _mixed_request(client.port, i), range(LOAD_REQUESTS)))
         rss_after = _rss_bytes(process.pid)
-        for _ in range(200):
-            if metric(client, "forgeml_batch_rows") == 0.0:
-                break
-            threading.Event().wait(0.05)  # polling the gauge, not timing anything
-        assert metric(client, "forgeml_batch_rows") == 0.0  # no slot leaked
+        assert wait_for_gauge(client, "forgeml_batch_rows", 0.0)  # no slot leaked
         assert metric(client, "forgeml_queue_length") == 0.0
     statuses = Counter(status for status, _ in warm + results)
     rss = f"RSS after warm-up {rss_warm / 2**20:.1f} MiB, after {rss_after / 2**20:.1f} MiB"
