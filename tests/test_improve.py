@@ -302,3 +302,48 @@ def test_retrain_a_tabular_model_with_corrections_of_another_type(tmp_path: Path
     assert len(prepared.train) == 180 + 30
     report = forgeml.compare("points@champion", result.run_dir, workspace=workspace)
     assert report["split"]["rows"] == 60
+
+
+def test_paired_bootstrap_of_bits_per_character() -> None:
+    from forgeml.improve.gate import paired_generation
+
+    rng = np.random.default_rng(0)
+    characters = rng.integers(200, 600, 300).astype(float)
+    nll = characters * rng.uniform(1.0, 1.4, 300)  # about 1.2 nats a character
+    better = paired_generation(nll, nll * 0.95, characters, resamples=2000)
+    assert better["p_value"] < 0.01 and better["ci95"][0] > 0
+    low, high = better["intervals95"]["champion"]
+    assert low < nll.sum() / characters.sum() / np.log(2) < high
+    same = paired_generation(nll, nll.copy(), characters, resamples=500)
+    assert same["p_value"] == 1.0  # a model is never better than itself
+
+
+@pytest.fixture(scope="module")
+def language_models(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Two tiny character GPTs on the same corpus and test split: 10 steps (barely trained) and 150."""
+    from test_language_modeling import corpus, lm_config
+
+    root = tmp_path_factory.mktemp("lm_gate")
+    (root / "corpus.txt").write_text(corpus(1200), encoding="utf-8")
+    runs = {}
+    for name, steps in (("short", 10), ("long", 150)):
+        config = lm_config(root / "corpus.txt", max_steps=steps, eval_every=steps)
+        config["data"]["split"] = {"validation": 0.1, "test": 0.1}
+        runs[name] = forgeml.run(config, workspace=root / "ws").run_dir
+    return {"workspace": root / "ws", **runs}
+
+
+def test_gate_pairs_language_models_by_bits_per_character(language_models: dict) -> None:
+    workspace = language_models["workspace"]
+    forgeml.register("lm", language_models["short"], alias="champion", workspace=workspace)
+    report = compare("lm@champion", language_models["long"], workspace)
+    assert report["metric"] == "bits_per_character" and report["passed"], report["checks"]
+    assert report["values"]["candidate"] < report["values"]["champion"] and report["gain"] > 0
+    assert report["test"]["pieces"] >= 5 and report["test"]["p_value"] < 0.05
+    assert "Promotion gate" in (language_models["long"] / "card.md").read_text()
+    entry = promote("lm", language_models["long"], "champion", workspace=workspace)
+    assert entry["version"] == 2 and entry["gate"]["passed"]
+    backwards = compare("lm@champion", language_models["short"], workspace, write=False)
+    assert not backwards["passed"] and backwards["test"]["p_value"] > 0.5
+    with pytest.raises(ForgeError, match="the gate refuses"):
+        promote("lm", language_models["short"], "champion", workspace=workspace)

@@ -178,6 +178,13 @@ class Predictor:
 
         return perplexity(*self._language_model(), texts, stride=stride)
 
+    def paired_scores(self, dataset: Dataset) -> list[dict[str, float]]:
+        """A language model's summed loss (nats) and characters per piece of a prepared split's text (per
+        example for instruction data): what the promotion gate pairs between two models."""
+        self._language_model()
+        nll, characters = self.task.paired_scores(self.model, dataset)
+        return [{"nll": float(n), "characters": float(c)} for n, c in zip(nll, characters, strict=True)]
+
     @property
     def generates(self) -> bool:
         """Whether this is a language model (it generates text rather than predicting a label or value)."""

@@ -7,6 +7,9 @@ Both models answer the same fixed test split, row by row, so the comparison is p
   the gate asks whether the candidate is better, so `alpha` is the chance of promoting one that is not.
 - regression: a paired bootstrap of the difference in RMSE over the rows (the p-value is the share of
   resamples in which the candidate is not better).
+- language models: a paired bootstrap of the difference in bits per character over the same pieces of
+  held-out text (or the same examples' responses): per character, not per token, so models with different
+  tokenizers are compared on the same footing.
 The gain must also reach `gate.min_gain`. Fairness, robustness and latency may not regress by more than
 the gate allows, each checked when both runs measured it (audits, `forgeml compress`).
 """
@@ -71,6 +74,27 @@ def paired_regression(
     }
 
 
+def paired_generation(
+    nll_champion: np.ndarray, nll_candidate: np.ndarray, characters: np.ndarray, resamples: int, seed: int = 0
+) -> dict[str, Any]:
+    """Paired bootstrap of bits per character, champion minus candidate (positive: candidate better), over
+    the same pieces of text; each side's 95 % interval comes from the same draws."""
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(characters), size=(resamples, len(characters)))
+    per_character = characters[draws].sum(axis=1) * np.log(2)
+    bits = {"champion": nll_champion[draws].sum(axis=1) / per_character}
+    bits["candidate"] = nll_candidate[draws].sum(axis=1) / per_character
+    gains = bits["champion"] - bits["candidate"]
+    return {
+        "name": "paired bootstrap of the bits-per-character difference",
+        "resamples": resamples,
+        "pieces": len(characters),
+        "ci95": [float(np.quantile(gains, 0.025)), float(np.quantile(gains, 0.975))],
+        "p_value": float(np.mean(gains <= 0)),
+        "intervals95": {side: [float(np.quantile(b, 0.025)), float(np.quantile(b, 0.975))] for side, b in bits.items()},
+    }
+
+
 def bootstrap_interval(values: np.ndarray, resamples: int = 2_000, seed: int = 0, of_mean: Any = None) -> list[float]:
     """95 % bootstrap interval of the mean of `values` (e.g. per-row correctness: accuracy), or of
     `of_mean(mean)` (e.g. the RMSE from squared errors: `np.sqrt`)."""
@@ -84,16 +108,25 @@ def bootstrap_interval(values: np.ndarray, resamples: int = 2_000, seed: int = 0
 def judge(
     champion: Contender,
     candidate: Contender,
-    truth: list[Any],
+    truth: list[Any] | None,
     answers: dict[str, list[dict[str, Any]]],
     gate: GateConfig,
     split: dict[str, Any],
     facts: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
     """The gate's verdict from both models' answers on the same rows (`answers["champion"]`, `["candidate"]`),
-    the true values, and each run's audit/compression figures (`facts`)."""
+    the true values, and each run's audit/compression figures (`facts`). A language model's answers are
+    its scores of the same pieces of text (`{"nll", "characters"}` each) and `truth` is unused."""
     classification = "label" in answers["champion"][0]
-    if classification:
+    if "nll" in answers["champion"][0]:
+        nll = {side: np.array([a["nll"] for a in answers[side]]) for side in answers}
+        characters = np.array([a["characters"] for a in answers["champion"]], dtype=np.float64)
+        test = paired_generation(nll["champion"], nll["candidate"], characters, gate.bootstrap)
+        values = {side: float(nll[side].sum() / (characters.sum() * np.log(2))) for side in nll}
+        intervals = test.pop("intervals95")
+        metric, gain = "bits_per_character", values["champion"] - values["candidate"]
+        better = gain > 0
+    elif classification:
         expected = np.array([str(value) for value in truth])
         right = {side: np.array([str(a["label"]) for a in answers[side]]) == expected for side in answers}
         test = paired_classification(right["champion"], right["candidate"])

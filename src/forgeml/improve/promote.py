@@ -27,15 +27,14 @@ def compare(
     match) and apply the gate (`gate`, else the candidate's `gate:` section). With `write`, the report and
     its plot go to the candidate's gate/ folder and card."""
     from forgeml.api import Predictor
-    from forgeml.data.io import column
-    from forgeml.data.prepare import prepare
+    from forgeml.tasks import prepare_data
 
     contenders = {"champion": _contender(champion, workspace), "candidate": _contender(candidate, workspace)}
     predictors = {side: Predictor(c.run_dir) for side, c in contenders.items()}
     _require_comparable(predictors)
     config = predictors["candidate"].config
     gate = gate or config.gate
-    data = prepare(config)
+    data = prepare_data(config)
     if data.test is None:
         raise ForgeError(
             f"{contenders['candidate'].run_dir}: the run has no test split to compare on (data.split.test is 0 and "
@@ -45,25 +44,17 @@ def compare(
     require_same_split(
         "test", {"rows": data.hashes["test"], **{side: recorded[side].get("test") for side in contenders}}
     )
-    label = config.data.label
-    answers = {side: predictor.predict(data.test) for side, predictor in predictors.items()}
     facts = {side: _facts(c.run_dir) for side, c in contenders.items()}
     split = {"name": "test", "rows": len(data.test), "sha256": data.hashes["test"]}
-    report = judge(
-        contenders["champion"], contenders["candidate"], column(data.test, label), answers, gate, split, facts
-    )
+    truth, answers = _answers(predictors, data.test)
+    report = judge(contenders["champion"], contenders["candidate"], truth, answers, gate, split, facts)
     held_out = data.splits.get("feedback")
     if held_out is not None and len(held_out):  # corrections kept out of training: evidence, not the gate's
-        feedback_answers = {side: predictor.predict(held_out) for side, predictor in predictors.items()}
         feedback_split = {"name": "feedback", "rows": len(held_out), "sha256": data.hashes["feedback"]}
+        truth, answers = _answers(predictors, held_out)
+        no_facts = {"champion": {}, "candidate": {}}
         feedback = judge(
-            contenders["champion"],
-            contenders["candidate"],
-            column(held_out, label),
-            feedback_answers,
-            gate,
-            feedback_split,
-            {"champion": {}, "candidate": {}},
+            contenders["champion"], contenders["candidate"], truth, answers, gate, feedback_split, no_facts
         )
         report["feedback_holdout"] = {key: feedback[key] for key in ("split", "metric", "values", "gain", "test")}
     if write:
@@ -141,13 +132,19 @@ def _contender(reference: str | Path, workspace: str | Path | None) -> Contender
     return Contender(f"{version['name']}@{version['version']}", Path(version["run_path"]), version["version"])
 
 
+def _answers(predictors: dict[str, Any], rows: Any) -> tuple[list[Any] | None, dict[str, list[dict[str, Any]]]]:
+    """Both models' answers on the same rows, and the true values (a language model's answers are its scores
+    of the rows' text: there is nothing else to compare them with)."""
+    from forgeml.data.io import column
+
+    if predictors["candidate"].generates:
+        return None, {side: predictor.paired_scores(rows) for side, predictor in predictors.items()}
+    truth = column(rows, predictors["candidate"].config.data.label)
+    return truth, {side: predictor.predict(rows) for side, predictor in predictors.items()}
+
+
 def _require_comparable(predictors: dict[str, Any]) -> None:
     champion, candidate = predictors["champion"], predictors["candidate"]
-    if champion.generates or candidate.generates:
-        raise ForgeError(
-            "models compare: language models are not gated yet (no per-row paired statistic for generations); "
-            "compare their perplexity with forgeml evaluate"
-        )
     if champion.config.task != candidate.config.task:
         raise ForgeError(f"models compare: a {candidate.config.task} run cannot replace a {champion.config.task} run")
     classes = [getattr(p.task.target, "classes", None) for p in (champion, candidate)]

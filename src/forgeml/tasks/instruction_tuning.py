@@ -36,7 +36,14 @@ from forgeml.data.instructions import MESSAGES_COLUMN, as_conversation
 from forgeml.errors import DataError, ForgeError
 from forgeml.models.hf import load_tokenizer, resolve_backbone
 from forgeml.tasks.base import HuggingFaceFolderTask
-from forgeml.tasks.language_modeling import CausalLM, build_causal_lm, load_saved_causal_lm, save_causal_lm
+from forgeml.tasks.language_modeling import (
+    CausalLM,
+    ExampleSplit,
+    build_causal_lm,
+    load_saved_causal_lm,
+    save_causal_lm,
+    summed_losses,
+)
 from forgeml.workspace import atomic_write_text
 
 # Zephyr's template with the tokenizer's own end-of-sequence token closing every turn.
@@ -51,30 +58,6 @@ TEMPLATE_NAMES = {
 }
 SAMPLE_COUNT = 3
 GENERATIONS = "generations.jsonl"  # every scored answer of the generation evaluation
-
-
-class ExampleSplit:
-    """Tokenized examples, padded per batch (right) with an attention mask; labels pre-shifted, -100 unlearnt."""
-
-    def __init__(self, inputs: list[np.ndarray], labels: list[np.ndarray], pad_id: int, counts: dict[str, int]):
-        self.inputs, self.labels, self.pad_id, self.counts = inputs, labels, pad_id, counts
-        self.lengths = np.array([len(row) for row in inputs], dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def batch(self, rows: Sequence[int]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        width = int(self.lengths[list(rows)].max())
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for slot, row in enumerate(rows):
-            length = len(self.inputs[row])
-            input_ids[slot, :length] = torch.from_numpy(self.inputs[row])
-            labels[slot, :length] = torch.from_numpy(self.labels[row])
-            attention_mask[slot, :length] = 1
-        inputs = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
-        return inputs, (labels != -100).sum(dim=1)
 
 
 class PackedSplit:
@@ -247,13 +230,26 @@ class InstructionTuningTask(HuggingFaceFolderTask):
         return build_causal_lm(self.model_options)
 
     def encode(self, dataset: Dataset, source: str = "", with_targets: bool = True) -> ExampleSplit | PackedSplit:
+        inputs, labels, counts = self._tokenize(dataset, self.options["loss_on"])
+        if counts["no_response_tokens"] == len(dataset):
+            raise DataError(
+                f"{source or 'input'}: no example keeps a response token within model.max_length "
+                f"{self.max_length}; raise it or shorten the prompts"
+            )
+        pad = self.tokenizer.pad_token_id
+        if self.options.get("packing"):
+            return PackedSplit(inputs, labels, self.max_length, pad, counts)
+        return ExampleSplit(inputs, labels, pad, counts)
+
+    def _tokenize(self, dataset: Dataset, loss_on: str) -> tuple[list[np.ndarray], list[np.ndarray], dict[str, int]]:
+        """Each example's input ids and pre-shifted labels (-100 where nothing is learnt), cut to max_length."""
         inputs, labels = [], []
         counts = {"examples": len(dataset), "truncated": 0, "no_response_tokens": 0, "tokens": 0, "learnt_tokens": 0}
         for row in dataset:
             ids, learnt = [], []
             for piece, is_response in self.pieces(as_conversation(row)):
                 ids += piece
-                learnt += [is_response or self.options["loss_on"] == "all"] * len(piece)
+                learnt += [is_response or loss_on == "all"] * len(piece)
             if len(ids) > self.max_length + 1:
                 counts["truncated"] += 1
                 ids, learnt = ids[: self.max_length + 1], learnt[: self.max_length + 1]
@@ -264,15 +260,18 @@ class InstructionTuningTask(HuggingFaceFolderTask):
             labels.append(targets)
             counts["tokens"] += len(ids) - 1
             counts["learnt_tokens"] += int((targets != -100).sum())
-        if counts["no_response_tokens"] == len(dataset):
-            raise DataError(
-                f"{source or 'input'}: no example keeps a response token within model.max_length "
-                f"{self.max_length}; raise it or shorten the prompts"
-            )
-        pad = self.tokenizer.pad_token_id
-        if self.options.get("packing"):
-            return PackedSplit(inputs, labels, self.max_length, pad, counts)
-        return ExampleSplit(inputs, labels, pad, counts)
+        return inputs, labels, counts
+
+    def paired_scores(self, model: CausalLM, dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
+        """Per example: the summed loss (nats) of its responses given the conversation before them (whatever
+        `loss_on` trained), and the responses' characters. Per character, two models with different
+        tokenizers or templates are scored on the same footing (the promotion gate pairs them by example)."""
+        inputs, labels, _ = self._tokenize(dataset, "response")
+        losses = summed_losses(model, ExampleSplit(inputs, labels, self.tokenizer.pad_token_id, {}))
+        characters = [
+            sum(len(m["content"]) for m in as_conversation(row) if m["role"] == "assistant") for row in dataset
+        ]
+        return losses[:, 0], np.array(characters, dtype=np.float64)
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy over every learnt token in the batch."""

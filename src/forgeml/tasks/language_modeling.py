@@ -38,6 +38,8 @@ from forgeml.tasks.base import HuggingFaceFolderTask
 SAMPLE_COUNT = 3
 SAMPLE_TOKENS = 200
 PROMPT_CHARACTERS = 24
+# The promotion gate pairs two models on held-out text cut into pieces of about this many characters.
+PIECE_CHARACTERS = 400
 
 
 class CausalLM(nn.Module):
@@ -94,6 +96,60 @@ class BlockSplit:
         blocks = self.blocks[torch.as_tensor(list(rows), dtype=torch.long)]
         labels = blocks[:, 1:]
         return {"input_ids": blocks[:, :-1], "labels": labels}, (labels != -100).sum(dim=1)
+
+
+class ExampleSplit:
+    """Tokenized examples, padded per batch (right) with an attention mask; labels pre-shifted, -100 unlearnt."""
+
+    def __init__(self, inputs: list[np.ndarray], labels: list[np.ndarray], pad_id: int, counts: dict[str, int]):
+        self.inputs, self.labels, self.pad_id, self.counts = inputs, labels, pad_id, counts
+        self.lengths = np.array([len(row) for row in inputs], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def batch(self, rows: Sequence[int]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        width = int(self.lengths[list(rows)].max())
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for slot, row in enumerate(rows):
+            length = len(self.inputs[row])
+            input_ids[slot, :length] = torch.from_numpy(self.inputs[row])
+            labels[slot, :length] = torch.from_numpy(self.labels[row])
+            attention_mask[slot, :length] = 1
+        inputs = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        return inputs, (labels != -100).sum(dim=1)
+
+
+def summed_losses(model: CausalLM, split: Any, batch_size: int = 16) -> np.ndarray:
+    """[summed next-token loss (nats), tokens predicted] per row of an encoded split, without gradients."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    rows = []
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(split), batch_size):
+                inputs, _ = split.batch(range(start, min(start + batch_size, len(split))))
+                rows.append(model(**{name: value.to(device) for name, value in inputs.items()}).float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(rows).numpy().astype(np.float64) if rows else np.zeros((0, 2))
+
+
+def text_pieces(text: str, characters: int) -> list[str]:
+    """`text` cut at line breaks into pieces of at least `characters` (the last may be shorter);
+    `"".join(pieces) == text`."""
+    pieces, current = [], ""
+    for line in text.splitlines(keepends=True):
+        current += line
+        if len(current) >= characters:
+            pieces.append(current)
+            current = ""
+    if current:
+        pieces.append(current)
+    return pieces
 
 
 class LanguageModelingTask(HuggingFaceFolderTask):
@@ -156,6 +212,27 @@ class LanguageModelingTask(HuggingFaceFolderTask):
 
     def predictions(self, outputs: np.ndarray) -> dict[str, Any]:
         raise ForgeError("a language model generates text: use forgeml generate (or Predictor.generate)")
+
+    def paired_scores(self, model: CausalLM, dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
+        """Per piece of the documents (lines gathered into pieces of about PIECE_CHARACTERS): the summed loss
+        (nats) of its tokens read from an end-of-text token on, in windows of the model's context, and its
+        characters. Per character, two models with different tokenizers are scored on the same pieces (the
+        promotion gate pairs them by piece)."""
+        pieces = [piece for text in column(dataset, "text") for piece in text_pieces(text, PIECE_CHARACTERS)]
+        eos = self.tokenizer.eos_token_id
+        start = [eos] if eos is not None else []  # training joins documents with it: a piece starts after one
+        inputs, labels, owners = [], [], []
+        for index, piece in enumerate(pieces):
+            ids = np.array([*start, *self.tokenizer(piece, add_special_tokens=False)["input_ids"]], dtype=np.int64)
+            for begin in range(0, len(ids) - 1, self.block_size):  # windows overlap by one token, as blocks do
+                window = ids[begin : begin + self.block_size + 1]
+                inputs.append(window[:-1])
+                labels.append(window[1:])
+                owners.append(index)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (eos or 0)
+        losses = summed_losses(model, ExampleSplit(inputs, labels, pad, {}))
+        nll = np.bincount(np.array(owners, dtype=np.int64), weights=losses[:, 0], minlength=len(pieces))
+        return nll, np.array([len(piece) for piece in pieces], dtype=np.float64)
 
     def evaluation_plots(self, outputs: np.ndarray, targets: np.ndarray, metrics: dict[str, Any], folder: Path) -> None:
         """None beyond the training curves: loss over training is the picture of a language model."""
