@@ -345,5 +345,75 @@ def test_gate_pairs_language_models_by_bits_per_character(language_models: dict)
     assert entry["version"] == 2 and entry["gate"]["passed"]
     backwards = compare("lm@champion", language_models["short"], workspace, write=False)
     assert not backwards["passed"] and backwards["test"]["p_value"] > 0.5
+    from test_cli import forgeml_cli
+
+    shown = forgeml_cli("models", "compare", "lm@1", "lm@2", "--workspace", str(workspace))
+    assert shown.returncode == 0 and "bits_per_character" in shown.stdout and "PASSED" in shown.stdout, shown.stderr
     with pytest.raises(ForgeError, match="the gate refuses"):
         promote("lm", language_models["short"], "champion", workspace=workspace)
+
+
+def test_retrain_an_instruction_tuned_model_from_generation_feedback(tmp_path: Path) -> None:
+    """Served corrections and answers rated up become examples; a correction replaces the training example with
+    the same prompt, one of a test prompt is left out, a thumbs-down alone teaches nothing; the test split is
+    the champion's and the gate compares the two by bits per character."""
+    from forgeml.serve.generations import GenerationStore
+    from forgeml.tasks import prepare_data
+
+    from test_instruction_tuning import PROMPT, reviews, save_base, sft_config
+
+    write_csv(tmp_path / "reviews.csv", reviews(200))
+    base = save_base(tmp_path / "base")
+    evaluation = {"generation": {"max_new_tokens": 2, "max_examples": 5}}
+    config = sft_config(tmp_path / "reviews.csv", base, train={"epochs": 2}, evaluate=evaluation)
+    workspace = tmp_path / "ws"
+    champion = forgeml.run(config, workspace=workspace).run_dir
+    forgeml.register("sft", champion, alias="champion", workspace=workspace)
+    splits = prepare_data(forgeml.load(champion).config).splits
+    trained_prompt, tested_prompt = splits["train"][0]["prompt"], splits["test"][0]["prompt"]
+    new_prompt = PROMPT.format(text="film 999 was superb")
+    feedback = [  # (prompt, what the model said, rating, correction)
+        (trained_prompt, " positive", "down", " corrected"),
+        (new_prompt, " negative", None, " positive"),
+        (tested_prompt, " positive", None, " negative"),
+        (PROMPT.format(text="film 998 was dull"), " negative", "up", None),
+        (PROMPT.format(text="film 997 was weak"), " positive", "down", None),
+    ]
+    store = GenerationStore(database_url(workspace))
+    run_id = forgeml.load(champion).run.id
+    for index, (prompt, said, rating, correction) in enumerate(feedback):
+        store.add(
+            id=f"gen-{index}",
+            model="tiny_sft",
+            version=run_id,
+            kind="completion",
+            prompt=prompt,
+            choices=[{"text": said, "finish_reason": "stop", "completion_tokens": 1}],
+            settings={},
+            prompt_tokens=4,
+            completion_tokens=1,
+            first_token_s=0.01,
+            seconds=0.01,
+            key_id=None,
+        )
+        store.add_feedback(
+            generation_id=f"gen-{index}", choice=0, rating=rating, correction=correction, comment="", key_id=None
+        )
+    store.close()
+
+    retrained = retrain("sft", workspace=workspace).run_dir
+    lineage = read_json(retrained / LINEAGE)
+    facts = lineage["feedback"]
+    assert facts["corrections"] == 4 and facts["left_out_in_evaluation_splits"] == 1
+    assert facts["trained"] == 3 and facts["replaced_training_rows"] == 1
+    assert {row["request_id"] for row in facts["used"]} == {"gen-0", "gen-1", "gen-3"}
+    assert lineage["parent"]["version"] == 1
+    new_splits = prepare_data(forgeml.load(retrained).config).splits
+    answers = {row["prompt"]: row["response"] for row in new_splits["train"]}
+    assert answers[trained_prompt] == " corrected" and answers[new_prompt] == " positive"
+    assert tested_prompt not in answers
+    profiles = [read_json(run / "data_profile.json")["sha256"]["test"] for run in (champion, retrained)]
+    assert profiles[0] == profiles[1]
+    report = compare("sft@champion", retrained, workspace)
+    assert report["metric"] == "bits_per_character" and report["split"]["rows"] == len(splits["test"])
+    assert report["test"]["pieces"] == len(splits["test"])

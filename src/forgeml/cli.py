@@ -740,8 +740,9 @@ def models_compare(
     min_gain: GateOption = None,
     workspace: Workspace = None,
 ) -> None:
-    """Score both on the fixed test split: McNemar's exact test (classification) or a paired bootstrap
-    (regression), plus the fairness/robustness/latency limits. The report goes to the candidate's card."""
+    """Score both on the fixed test split: McNemar's exact test (classification), or a paired bootstrap of
+    RMSE (regression) or of bits per character (language models), plus the fairness/robustness/latency
+    limits. The report goes to the candidate's card."""
     from forgeml.improve.promote import GATE_PLOT, compare
 
     gate = _gate_settings(candidate, workspace, alpha=alpha, min_gain=min_gain)
@@ -754,9 +755,10 @@ def models_compare(
 
 def _print_gate(report: dict[str, Any]) -> None:
     metric, values, test = report["metric"], report["values"], report["test"]
-    table = Table(
-        "", report["champion"]["label"], report["candidate"]["label"], title=f"on {report['split']['rows']} test rows"
-    )
+    title = f"on {report['split']['rows']} test rows"
+    if "pieces" in test:  # a language model: scored on the test text, cut into pieces (or per example)
+        title = f"on the test split, {test['pieces']} pieces of text"
+    table = Table("", report["champion"]["label"], report["candidate"]["label"], title=title)
     table.add_row(metric, f"{values['champion']:.4f}", f"{values['candidate']:.4f}")
     if "feedback_holdout" in report:
         held = report["feedback_holdout"]

@@ -923,9 +923,10 @@ class ForgeConfig(Section):
             ("data.sensitive", data.sensitive),
             ("data.text_pair", data.text_pair),
             ("data.features", data.features),
-            ("data.feedback", data.feedback),  # generations' feedback goes through `forgeml feedback export`
         ]
         if self.task != "instruction-tuning":
+            # A language model's corrections are prompt/response examples: only instruction tuning learns them.
+            refused.append(("data.feedback", data.feedback))
             refused += [("data.sample", data.sample), ("data.prompt", data.prompt), ("data.response", data.response)]
             refused += [("data.messages", data.messages), ("data.packing", data.packing)]
             refused += [("evaluate.generation", self.evaluate.generation)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
@@ -54,15 +55,54 @@ def merge_feedback(
     corrections, _ = clean(corrections, texts, inputs, label, options_clean)
     if config.data.pii.redact and texts:
         corrections, _ = redact_pii(corrections, texts, config.data.pii)
+    return _merge(splits, corrections, lambda dataset: _keys(dataset, inputs), options)
+
+
+def merge_instruction_feedback(
+    splits: dict[str, Dataset | None], options: FeedbackDataConfig, columns: list[str]
+) -> tuple[dict[str, Dataset | None], dict[str, Any]]:
+    """`merge_feedback` for instruction data: a correction is an example in the run's canonical columns
+    (`prompt` + `response`, or `messages`) whose response replaces the answer to the same prompt (the same
+    conversation up to its last answer) in training."""
+    from forgeml.data.instructions import MESSAGES_COLUMN, canonical_examples
+
+    table = read_table(options.path, "jsonl" if options.path.suffix in (".jsonl", ".ndjson") else "auto")
+    validate.require_columns(table, columns, options.path, "example column")
+    corrections = canonical_examples(table, columns, options.path)
+    origins = {name: column(table, name) for name in ORIGIN_COLUMNS if name in table.column_names}
+    for name, values in origins.items():
+        corrections = corrections.add_column(name, [None if value is None else str(value) for value in values])
+
+    def keys(dataset: Dataset) -> list[str]:
+        if MESSAGES_COLUMN in columns:  # the conversation before its last answer
+            return [json.dumps(_asked(messages), ensure_ascii=False) for messages in column(dataset, MESSAGES_COLUMN)]
+        return [input_key([prompt]) for prompt in column(dataset, "prompt")]
+
+    return _merge(splits, corrections, keys, options)
+
+
+def _asked(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    last = max(index for index, message in enumerate(messages) if message["role"] == "assistant")
+    return [{"role": m["role"], "content": m["content"]} for m in messages[:last]]
+
+
+def _merge(
+    splits: dict[str, Dataset | None],
+    corrections: Dataset,
+    keys_of: Callable[[Dataset], list[str]],
+    options: FeedbackDataConfig,
+) -> tuple[dict[str, Dataset | None], dict[str, Any]]:
+    """The latest correction of each input replaces the training rows with that input (or is added);
+    corrections of evaluated inputs are left out; a seeded share is held out as the "feedback" split."""
     rows = corrections.to_list()
     latest: dict[str, dict[str, Any]] = {}
-    for row in rows:  # the file is in time order: a later correction of the same input wins
-        latest[input_key([row[name] for name in inputs])] = row
+    for key, row in zip(keys_of(corrections), rows, strict=True):  # in time order: a later correction wins
+        latest[key] = row
 
     evaluated = set()
     for name in ("validation", "test"):
         if splits.get(name) is not None:
-            evaluated.update(_keys(splits[name], inputs))
+            evaluated.update(keys_of(splits[name]))
     kept = {key: row for key, row in latest.items() if key not in evaluated}
 
     rng = random.Random(options.seed)
@@ -75,7 +115,7 @@ def merge_feedback(
     held_out = [kept[key] for key in ordered if key in held_out_keys]
 
     train = splits["train"]
-    train_keys, replacing = _keys(train, inputs), set(corrected)
+    train_keys, replacing = keys_of(train), set(corrected)
     keep = [index for index, key in enumerate(train_keys) if key not in replacing]
     replaced = len(train_keys) - len(keep)
     copies = _copies(len(trained), options.weight, rng)

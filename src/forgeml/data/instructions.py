@@ -25,6 +25,7 @@ from forgeml.data.pii import redact_texts
 from forgeml.data.prepare import PreparedData
 from forgeml.data.split import content_hash, holdout, sample
 from forgeml.errors import DataError
+from forgeml.workspace import sha256_file
 
 ROLES = ("system", "user", "assistant")
 PAIR_COLUMNS = ["prompt", "response"]
@@ -59,11 +60,27 @@ def read_examples(path: Path, config: ForgeConfig) -> Dataset:
         else:
             cells = {field: column(table, field) for field in fields}
             texts = [name.format_map({f: cells[f][row] for f in fields}) for row in range(len(table))]
-        for row, text in enumerate(texts):
-            if not isinstance(text, str) or not text.strip():
-                raise DataError(f"{path}: row {row + 1}, column {name!r}: expected text, got {text!r}")
-        values[canonical] = texts
+        values[canonical] = _checked_texts(texts, path, name)
     return Dataset.from_dict(values)
+
+
+def canonical_examples(table: Dataset, columns: list[str], path: Path) -> Dataset:
+    """The examples of a table already in canonical columns (`columns`: ['messages'] or ['prompt',
+    'response']), e.g. corrections `forgeml retrain` wrote; checked row by row like `read_examples`."""
+    if columns == [MESSAGES_COLUMN]:
+        values = column(table, MESSAGES_COLUMN)
+        where = f"{path}: row {{}}, column {MESSAGES_COLUMN!r}"
+        return Dataset.from_dict(
+            {MESSAGES_COLUMN: [_conversation(value, where.format(row + 1)) for row, value in enumerate(values)]}
+        )
+    return Dataset.from_dict({name: _checked_texts(column(table, name), path, name) for name in PAIR_COLUMNS})
+
+
+def _checked_texts(texts: list[Any], path: Path, name: str) -> list[str]:
+    for row, text in enumerate(texts):
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{path}: row {row + 1}, column {name!r}: expected text, got {text!r}")
+    return texts
 
 
 def template_fields(source: str) -> list[str]:
@@ -121,6 +138,11 @@ def prepare_instructions(config: ForgeConfig) -> PreparedData:
     for name, size in (data.sample or {}).items():
         if splits[name] is not None:
             splits[name] = sample(splits[name], size, data.split.seed)
+    feedback = None
+    if data.feedback is not None:  # after the held-out splits are fixed: corrections never move rows between them
+        from forgeml.data.feedback import merge_instruction_feedback
+
+        splits, feedback = merge_instruction_feedback(splits, data.feedback, instruction_columns(config))
     redactions = {}
     if data.pii.redact:
         for name, dataset in splits.items():
@@ -138,9 +160,18 @@ def prepare_instructions(config: ForgeConfig) -> PreparedData:
     }
     for name, counts in redactions.items():
         profile["cleaning"].setdefault(name, {})["pii_redacted"] = counts
+    # The files as they were read: a lineage names data by content, not only by path.
+    files = {name: path for name, path in sources.items() if path}
+    if data.feedback is not None:
+        files["feedback"] = data.feedback.path
+    profile["files"] = {name: {"path": str(path), "sha256": sha256_file(path)} for name, path in files.items()}
+    if feedback is not None:
+        profile["feedback"] = {key: value for key, value in feedback.items() if not isinstance(value, list)}
     hashes = {name: content_hash(dataset) for name, dataset in splits.items() if dataset is not None}
     profile["sha256"] = hashes
-    return PreparedData(splits=splits, input_columns=columns, text_columns=columns, profile=profile, hashes=hashes)
+    return PreparedData(
+        splits=splits, input_columns=columns, text_columns=columns, profile=profile, hashes=hashes, feedback=feedback
+    )
 
 
 def as_conversation(row: dict[str, Any]) -> list[dict[str, str]]:

@@ -56,13 +56,23 @@ def retrain(
             f"{name}@{alias} has no test split (data.split.test was 0 and data.test unset): a retrained model could "
             "not be compared with it on the same rows; give its config a test split and train it again"
         )
-    corrections = _corrections(name, run_ids, database_url(root), since)
+    if config.task in ("language-modeling", "masked-lm"):
+        raise ForgeError(
+            f"retrain {name}: a {config.task} model learns from raw text, not from corrections of its answers; "
+            "fine-tune it with task instruction-tuning on `forgeml feedback export --kind generation`"
+        )
+    generative = config.task == "instruction-tuning"
+    collect = _generation_corrections if generative else _corrections
+    corrections = collect(name, run_ids, database_url(root), since)
     if not corrections:
         when = f" since {since.isoformat()}" if since else ""
         raise ForgeError(f"retrain {name}: no corrections{when} recorded for it (POST /v1/feedback while it is served)")
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     file = root / "feedback" / name / f"{stamp}.jsonl"
-    atomic_write_text(file, _jsonl(corrections, profile["inputs"], config.data.label))
+    if generative:
+        atomic_write_text(file, _examples_jsonl(corrections, profile["inputs"]))
+    else:
+        atomic_write_text(file, _jsonl(corrections, profile["inputs"], config.data.label))
     config = _with_feedback(config, FeedbackDataConfig(path=file, weight=weight, holdout=holdout), overrides)
     lineage = {
         "parent": {"name": name, "version": parent["version"], "run_id": parent["run_id"], "alias": alias},
@@ -92,6 +102,39 @@ def _corrections(name: str, run_ids: set[str], url: str, since: datetime | None)
         since = since if since.tzinfo else since.replace(tzinfo=UTC)
         rows = [row for row in rows if _aware(row["created_at"]) >= since]
     return rows
+
+
+def _generation_corrections(name: str, run_ids: set[str], url: str, since: datetime | None) -> list[dict[str, Any]]:
+    """The model's generation feedback as examples (a correction, or an answer rated up), oldest first."""
+    from forgeml.serve.generations import GenerationStore
+
+    store = GenerationStore(url)
+    try:
+        rows = [row for row in store.feedback_examples() if row["model"] == name or row["version"] in run_ids]
+    finally:
+        store.close()
+    if since is not None:
+        since = since if since.tzinfo else since.replace(tzinfo=UTC)
+        rows = [row for row in rows if datetime.fromisoformat(row["created_at"]) >= since]
+    return rows
+
+
+def _examples_jsonl(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """One example per line in the run's canonical columns (prompt + response, or messages), with its origin."""
+    lines = []
+    for row in rows:
+        if columns == ["messages"]:
+            record = {"messages": row.get("messages") or _as_messages(row["prompt"], row["response"])}
+        else:
+            record = {"prompt": row["prompt"], "response": row["response"]}
+        record |= {"feedback_id": row["feedback_id"], "request_id": row["generation_id"]}
+        record |= {"created_at": row["created_at"], "source": row["source"]}
+        lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+    return "".join(lines)
+
+
+def _as_messages(prompt: str, response: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
 
 
 def _jsonl(rows: list[dict[str, Any]], inputs: list[str], label: str) -> str:

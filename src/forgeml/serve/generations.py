@@ -81,6 +81,15 @@ class GenerationStore:
         return feedback_id
 
     def export_rows(self, model: str | None = None) -> list[dict[str, Any]]:
+        """`feedback_examples`, refusing to export nothing."""
+        rows = self.feedback_examples(model)
+        if not rows:
+            raise ForgeError(
+                "feedback: no generation feedback recorded yet" + (f" for model {model!r}" if model else "")
+            )
+        return rows
+
+    def feedback_examples(self, model: str | None = None) -> list[dict[str, Any]]:
         """Training rows from the feedback, oldest first; the latest feedback on a choice wins.
 
         A correction gives (prompt, corrected response) and the pair chosen=correction,
@@ -96,10 +105,6 @@ class GenerationStore:
             latest: dict[tuple[str, int], tuple[Any, Any]] = {}
             for feedback, generation in session.execute(query.order_by(GenerationFeedbackRecord.created_at)):
                 latest[(generation.id, feedback.choice)] = (feedback, generation)
-        if not latest:
-            raise ForgeError(
-                "feedback: no generation feedback recorded yet" + (f" for model {model!r}" if model else "")
-            )
         rows = []
         for feedback, generation in latest.values():
             answered = generation.choices[feedback.choice]["text"]
@@ -113,10 +118,12 @@ class GenerationStore:
             row.update(
                 rating=feedback.rating,
                 comment=feedback.comment,
+                feedback_id=feedback.id,
                 generation_id=generation.id,
                 model=generation.model,
                 version=generation.version,
-                created_at=feedback.created_at.isoformat(),
+                # SQLite gives times back without their zone; they were written in UTC.
+                created_at=feedback.created_at.replace(tzinfo=feedback.created_at.tzinfo or UTC).isoformat(),
             )
             rows.append(row)
         return rows
