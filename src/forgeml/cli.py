@@ -415,8 +415,6 @@ def serve(
 
         follower = RegistryFollower(Registry(_database(workspace, db)), engine, workers)
         runtime = follower.load_any(run)[0]
-        if getattr(runtime, "generates", False):  # language models are served as the version named now
-            follower = None
     else:
         if canary or shadow:
             raise ForgeError("--canary and --shadow need the model registry: serve NAME@ALIAS (forgeml models)")
@@ -430,6 +428,7 @@ def serve(
         errors.print(f"authentication is OFF: anyone who can reach {address} may call the API")
     elif not keys.list():
         errors.print("no API keys yet: create one with `forgeml keys create --scope predict`")
+    reference = run if follower is not None else None  # NAME@ALIAS: followed as the alias moves
     if getattr(runtime, "generates", False):
         if canary or shadow:
             raise ForgeError("--canary and --shadow serve predictive models; this is a language model")
@@ -440,7 +439,10 @@ def serve(
             f"serving {runtime.name} {runtime.version} with {runtime.engine} on http://{address}/v1 (OpenAI "
             f"completions and chat; up to {settings.max_batch} sequences decoding together)"
         )
-        app = create_generation_app(runtime, keys, settings, GenerationStore(_database(workspace, db)))
+        store = GenerationStore(_database(workspace, db))
+        app = create_generation_app(runtime, keys, settings, store, follower, reference)
+        if follower is not None:
+            errors.print(f"following {run}: switches when the alias moves (checked every {settings.reload_poll_s:g} s)")
         run_server(app, settings.host, settings.port, graceful_s=settings.drain_s + 5)
         return
     from forgeml.serve.app import create_app
@@ -452,7 +454,6 @@ def serve(
         f"{runtime.workers} at once)"
     )
     records = RecordStore(_database(workspace, db))  # predictions and feedback
-    reference = run if follower is not None else None
     app = create_app(runtime, keys, settings, records, follower, reference, splits["canary"], splits["shadow"])
     for role, (followed, share) in ((r, v) for r, v in splits.items() if v is not None):
         errors.print(f"{role}: {followed} on {share:g} % of {'callers' if role == 'canary' else 'requests'}")

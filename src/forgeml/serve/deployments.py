@@ -263,3 +263,12 @@ class RegistryFollower:
         if getattr(runtime, "generates", False):
             raise ForgeError(f"{reference}: a language model; canary, shadow and reload serve predictive models")
         return runtime, version
+
+    def load_generative(self, reference: str) -> tuple[Any, int]:
+        """`load_any` for a language model (what a language-model server switches to when its alias moves)."""
+        from forgeml.errors import ForgeError
+
+        runtime, version = self.load_any(reference)
+        if not getattr(runtime, "generates", False):
+            raise ForgeError(f"{reference}: version {version} predicts; this server serves a language model")
+        return runtime, version
