@@ -34,6 +34,8 @@ _API = (
     "retrain",
     "run",
     "runs",
+    "study",
+    "tune",
 )
 
 

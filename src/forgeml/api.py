@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from datasets import Dataset
 
+from forgeml import _API
 from forgeml.config import ForgeConfig, load_config
 from forgeml.data.clean import clean, normalize_text
 from forgeml.data.io import column, read_table, replace_column
@@ -41,25 +42,7 @@ from forgeml.workspace import (
 if TYPE_CHECKING:  # generation loads only for language models
     from forgeml.generate import GenerationOptions
 
-__all__ = [
-    "Predictor",
-    "RunResult",
-    "audit",
-    "backup",
-    "compare",
-    "evaluate",
-    "explain",
-    "load",
-    "predict",
-    "promote",
-    "register",
-    "report",
-    "restore",
-    "resume",
-    "retrain",
-    "run",
-    "runs",
-]
+__all__ = list(_API)  # one list: the package exposes these lazily
 
 
 def run(
@@ -547,6 +530,27 @@ def retrain(name: str, workspace: str | Path | None = None, quiet: bool = True, 
     from forgeml.improve.retrain import retrain as retrain_model
 
     return retrain_model(name, workspace=workspace, quiet=quiet, **options)
+
+
+def tune(
+    config: str | Path | dict,
+    overrides: list[str] | tuple[str, ...] = (),
+    trials: int | None = None,
+    workspace: str | Path | None = None,
+    quiet: bool = True,
+) -> dict[str, Any]:
+    """Run `trials` trials (default `tune.trials`) of the Optuna study the config's `tune:` section describes
+    (joining it if another worker started it) and write its card; returns the study's summary."""
+    from forgeml.tuning import run_study
+
+    return run_study(config, overrides, trials, workspace, show_progress=not quiet)
+
+
+def study(name: str, workspace: str | Path | None = None) -> dict[str, Any]:
+    """A study's summary (trials, best trial and its run); writes its card and best.yaml to studies/NAME/."""
+    from forgeml.tuning import write_study_card
+
+    return write_study_card(name, workspace)
 
 
 def compare(champion: str | Path, candidate: str | Path, workspace: str | Path | None = None) -> dict[str, Any]:

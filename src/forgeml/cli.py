@@ -821,6 +821,49 @@ def _since(text: str | None):
 
 
 @app.command()
+def tune(
+    config: Annotated[str, typer.Argument(help="config YAML with a tune: section, or `show` to report on a study")],
+    rest: Annotated[
+        list[str] | None, typer.Argument(help="key.path=value overrides; after `show`: the study name")
+    ] = None,
+    trials: Annotated[int | None, typer.Option(help="trials this worker runs (default: tune.trials)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="show: print the summary as JSON")] = False,
+    workspace: Workspace = None,
+    quiet: Quiet = False,
+) -> None:
+    """Search hyper-parameters with Optuna: each trial is a normal run, the study lives in the workspace
+    database, so more workers (here or on machines sharing a PostgreSQL store) join with the same command.
+    `forgeml tune show NAME` prints the best trial and writes the study card and best.yaml."""
+    from forgeml.tuning import BEST_CONFIG, run_study, write_study_card
+
+    if config == "show":
+        if not rest or len(rest) != 1:
+            raise ForgeError("forgeml tune show NAME: give one study name")
+        summary = write_study_card(rest[0], workspace)
+    else:
+        from forgeml.config import load_config
+        from forgeml.train.progress import progress_enabled
+
+        load_config(config, rest or [])  # a typo is reported before Optuna and torch load
+        if as_json:
+            raise ForgeError("--json is for `forgeml tune show NAME`")
+        summary = run_study(config, rest or [], trials, workspace, show_progress=progress_enabled(quiet))
+    if as_json:
+        console.print_json(data={key: value for key, value in summary.items() if key != "config"})
+        return
+    states = ", ".join(f"{count} {state}" for state, count in sorted(summary["states"].items()))
+    console.print(f"study {summary['study']}: {summary['trials']} trials ({states}); {summary['objective']}")
+    best = summary["best"]
+    if best is not None:
+        params = ", ".join(f"{key}={json.dumps(value)}" for key, value in best["params"].items())
+        console.print(f"best: trial {best['number']}, {summary['metric']} {best['value']:.5g}: {params}", markup=False)
+        console.print(f"best run: {best['run_dir']}", soft_wrap=True, markup=False)
+        best_file = Path(summary["folder"]) / BEST_CONFIG
+        console.print(f"best config: {best_file} (forgeml run it for test metrics)", soft_wrap=True, markup=False)
+    console.print(f"study card: {Path(summary['folder']) / 'card.html'}", soft_wrap=True, markup=False)
+
+
+@app.command()
 def retrain(
     name: Annotated[str, typer.Argument(help="a registered model")],
     overrides: Annotated[list[str] | None, typer.Argument(help="key.path=value overrides, e.g. train.seed=7")] = None,

@@ -704,6 +704,94 @@ class GateConfig(Section):
     )
 
 
+class SearchRange(Section):
+    """Where `forgeml tune` looks for one config key's value: a float or int range, or a list of choices."""
+
+    type: Literal["float", "int", "choice"] = Field(description="float | int (a range) or choice (a list)")
+    low: float | None = Field(None, description="float/int: smallest value")
+    high: float | None = Field(None, description="float/int: largest value")
+    log: bool = Field(False, description="float/int: search on a log scale (learning rates, widths)")
+    step: float | None = Field(None, gt=0, description="float/int: only multiples of this above low")
+    values: list[Any] | None = Field(None, description="choice: the values to choose from")
+
+    @model_validator(mode="after")
+    def _complete(self) -> SearchRange:
+        if self.type == "choice":
+            if not self.values:
+                raise ValueError("a choice needs a non-empty list of values")
+            if self.low is not None or self.high is not None or self.log or self.step is not None:
+                raise ValueError("a choice takes values only (low, high, log and step are for float and int)")
+            return self
+        if self.values is not None:
+            raise ValueError(f"values: for type choice; a {self.type} range takes low and high")
+        if self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError(f"a {self.type} range needs low < high, got low={self.low!r}, high={self.high!r}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log: a log-scale range needs low > 0, got {self.low!r}")
+        if self.log and self.step is not None:
+            raise ValueError("step: a log-scale range cannot also have a step")
+        if self.type == "int" and any(v is not None and v != int(v) for v in (self.low, self.high, self.step)):
+            raise ValueError("an int range needs whole numbers for low, high and step")
+        return self
+
+
+class TuneConfig(Section):
+    """A hyper-parameter search over config keys (`forgeml tune`): an Optuna study in the workspace database,
+    so any number of worker processes, on any machine that reaches the database, share it."""
+
+    space: dict[str, SearchRange] = Field(
+        min_length=1, description="config key path -> its range, e.g. train.lr: {type: float, low: 1e-4, high: 1e-2}"
+    )
+    study: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="study name; default: the run name"
+    )
+    trials: int = Field(20, ge=1, le=100_000, description="trials this worker runs (forgeml tune --trials)")
+    sampler: Literal["tpe", "random", "grid", "cmaes"] = Field(
+        "tpe", description="tpe (default), random, grid (choices and stepped ranges only), cmaes (ranges only)"
+    )
+    pruner: Literal["median", "hyperband", "none"] = Field(
+        "median", description="stop trials whose validation metric lags: median, hyperband or none"
+    )
+    startup_trials: int = Field(
+        5, ge=0, description="trials before TPE models the space and before the median pruner prunes"
+    )
+    metric: str | None = Field(None, description="validation metric to optimise; default: the task's primary metric")
+    direction: Literal["maximize", "minimize"] | None = Field(None, description="default: inferred from the metric")
+    seed: int = Field(42, description="sampler seed (a worker joining a study offsets it by the trials already run)")
+    timeout_s: float | None = Field(None, gt=0, description="this worker stops starting trials after this long")
+    heartbeat_s: int = Field(
+        30, ge=1, description="a running trial's heartbeat; a trial silent for 2x this (a killed worker) is failed"
+    )
+
+    @model_validator(mode="after")
+    def _space_fits_sampler(self) -> TuneConfig:
+        for key in self.space:
+            if key.split(".")[0] in ("name", "task", "tune", "data"):
+                raise ValueError(
+                    f"tune.space.{key}: {key.split('.')[0]} is not tuned (it defines the run and its data)"
+                )
+        if self.sampler == "grid":
+            continuous = [k for k, r in self.space.items() if r.type == "float" and r.step is None]
+            if continuous:
+                raise ValueError(
+                    f"tune.space.{continuous[0]}: the grid sampler needs finite values: give a step or use a choice"
+                )
+        if self.sampler == "cmaes":
+            choices = [k for k, r in self.space.items() if r.type == "choice"]
+            if choices:
+                raise ValueError(f"tune.space.{choices[0]}: CMA-ES searches ranges only; use tpe for choices")
+        return self
+
+
+class TrackingConfig(Section):
+    """Where else a run is logged. Nothing is sent anywhere unless set."""
+
+    mlflow: str | None = Field(
+        None, description="MLflow tracking URI (file:./mlruns or http://host:5000); needs forgeml[mlflow]"
+    )
+    experiment: str | None = Field(None, description="MLflow experiment; default: the run name")
+
+
 class ForgeConfig(Section):
     """A whole run: one YAML file."""
 
@@ -718,6 +806,8 @@ class ForgeConfig(Section):
     compress: CompressConfig | None = Field(None, description="compressed variants after the audits; null skips")
     serve: ServeConfig = Field(default_factory=ServeConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
+    tune: TuneConfig | None = Field(None, description="hyper-parameter search (forgeml tune); a run ignores it")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _backbone_fits_task(self) -> ForgeConfig:

@@ -12,7 +12,7 @@ import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -60,6 +60,14 @@ class RunResult:
         return f"RunResult(run_dir={str(self.run_dir)!r}, test={scalar_metrics(self.metrics.get('test', {}))})"
 
 
+class RunObserver(Protocol):
+    """Who watches a run from outside (the tuner): told its id, then every validation during training."""
+
+    def run_started(self, run_id: str, run_dir: Path) -> None: ...
+
+    def evaluated(self, step: int, metrics: dict[str, float]) -> None: ...
+
+
 def library_versions() -> dict[str, str]:
     import accelerate
     import datasets
@@ -85,12 +93,14 @@ def execute(
     encrypt: bool = False,
     same_splits_as: dict[str, str] | None = None,
     lineage: dict[str, Any] | None = None,
+    observer: RunObserver | None = None,
 ) -> RunResult:
     """Run (or resume) the whole pipeline, recording status in the store whatever happens.
 
     With `encrypt`, the finished run is encrypted in place ($FORGEML_KEY); its plaintext exists only while it runs.
     `same_splits_as` maps split names to the SHA-256 they must have (a retrain is judged on its parent's
-    test split, or not at all); `lineage` (where the run comes from) is saved as lineage.json.
+    test split, or not at all); `lineage` (where the run comes from) is saved as lineage.json. An `observer`
+    hears the run start and every validation during training (a tuner: it may stop the run).
     """
     workspace.mkdir(parents=True, exist_ok=True)
     store = Store(database_url(workspace))
@@ -112,6 +122,8 @@ def execute(
         mark_running(run.path)
         store.update_run(run.id, status="running", error=None)
     durations: dict[str, float] = {}
+    if observer is not None:
+        observer.run_started(run.id, run.path)
     try:
         clock = time.perf_counter()
         data = prepare_data(config)
@@ -147,6 +159,7 @@ def execute(
             log_path=run.train_log,
             resume=resume_dir is not None,
             show_progress=show_progress,
+            on_evaluation=observer.evaluated if observer is not None else None,
         )
         task.save(run.model, model)
         durations["train_s"] = time.perf_counter() - clock
@@ -227,7 +240,9 @@ def execute(
             encrypt_run(run.path)
         return RunResult(run.path, run.id, metrics)
     except BaseException as error:
-        store.update_run(run.id, status="failed", error=f"{type(error).__name__}: {error}", durations=durations)
+        # An observer may stop a run on purpose (a pruned trial): the error says what the status is.
+        status = getattr(error, "run_status", "failed")
+        store.update_run(run.id, status=status, error=f"{type(error).__name__}: {error}", durations=durations)
         raise
     finally:
         clear_running(run.path)

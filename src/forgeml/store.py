@@ -25,7 +25,7 @@ class RunRecord(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     name: Mapped[str] = mapped_column(String(200), index=True)
     task: Mapped[str] = mapped_column(String(64))
-    status: Mapped[str] = mapped_column(String(16), index=True)  # running | finished | failed
+    status: Mapped[str] = mapped_column(String(16), index=True)  # running | finished | failed | pruned
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     path: Mapped[str] = mapped_column(Text)
     config_hash: Mapped[str] = mapped_column(String(64))
@@ -50,7 +50,7 @@ def connect(url: str) -> Engine:
     """An engine for the store at `url`: SQLite in WAL mode (readers never block the writer), or a server
     database such as PostgreSQL (`postgresql://...` uses psycopg 3 when it is what is installed)."""
     if url.startswith("postgresql://"):
-        url = _postgres_driver(url)
+        url = postgres_driver(url)
     if url.startswith("sqlite"):
         engine = create_engine(url)
         event.listen(engine, "connect", _sqlite_wal)
@@ -64,7 +64,8 @@ def connect(url: str) -> Engine:
         ) from None
 
 
-def _postgres_driver(url: str) -> str:
+def postgres_driver(url: str) -> str:
+    """`postgresql://` with the psycopg 3 driver named when it is the one installed (SQLAlchemy assumes psycopg2)."""
     import importlib.util
 
     if importlib.util.find_spec("psycopg2") is None and importlib.util.find_spec("psycopg") is not None:
@@ -98,7 +99,7 @@ class Store:
                 return
             for key, value in fields.items():
                 setattr(record, key, value)
-            if fields.get("status") in ("finished", "failed"):
+            if fields.get("status") in ("finished", "failed", "pruned"):
                 record.finished_at = _now()
                 started = record.started_at.replace(tzinfo=record.started_at.tzinfo or UTC)
                 record.seconds = (record.finished_at - started).total_seconds()

@@ -13,7 +13,7 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,14 +185,28 @@ def train(
     log_path: Path | None = None,
     resume: bool = False,
     show_progress: bool = False,
+    on_evaluation: Callable[[int, dict[str, float]], None] | None = None,
 ) -> TrainResult:
     """Train `model` in place; at the end it holds the best weights seen on validation.
 
     With `checkpoints`, a resumable checkpoint is written every `config.checkpoint_every` steps and
     `resume=True` continues from the latest one; `log_path` receives JSON lines of progress.
+    `on_evaluation(step, metrics)` hears every validation (a tuner's pruner: an exception it raises stops
+    the training and propagates).
     """
     with thread_count(config.threads):
-        return _train(task, model, train_split, validation_split, config, checkpoints, log_path, resume, show_progress)
+        return _train(
+            task,
+            model,
+            train_split,
+            validation_split,
+            config,
+            checkpoints,
+            log_path,
+            resume,
+            show_progress,
+            on_evaluation,
+        )
 
 
 def _train(
@@ -205,6 +219,7 @@ def _train(
     log_path: Path | None,
     resume: bool,
     show_progress: bool,
+    on_evaluation: Callable[[int, dict[str, float]], None] | None,
 ) -> TrainResult:
     seed_everything(config.seed)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_precision(config))
@@ -277,6 +292,8 @@ def _train(
             raise ConfigError(
                 f"train.early_stopping.metric: {watched!r} is not a validation metric; choose from {sorted(metrics)}"
             )
+        if on_evaluation is not None:
+            on_evaluation(state["step"], metrics)
         best = state["best"]
         if best is None or (value < best if lower_is_better else value > best):
             state.update(best=value, best_step=state["step"], bad_evals=0)
