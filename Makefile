@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 #   make setup TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 TORCH  ?= torch==2.13.0
 # The extras `make setup` installs; the lock covers exactly these.
-EXTRAS := minilm,privacy,lora,postgres,dev
+EXTRAS := minilm,privacy,lora,postgres,mlflow,dev
 # Every package `make setup` installs, at the version CI tested. `make lock` rewrites it on purpose.
 LOCK   := requirements.lock
 
