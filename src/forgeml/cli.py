@@ -100,11 +100,15 @@ def run(
     encrypt: Annotated[
         bool, typer.Option("--encrypt", help="encrypt the finished run with $FORGEML_KEY (default: $FORGEML_ENCRYPT)")
     ] = False,
+    nproc: Annotated[
+        int, typer.Option(help="train with this many processes on this machine (DDP through torchrun)")
+    ] = 1,
     workspace: Workspace = None,
     quiet: Quiet = False,
 ) -> None:
     """Data -> train -> evaluate -> model card. Prints the validation and test metrics."""
     from forgeml.config import load_config
+    from forgeml.train import distributed
     from forgeml.train.progress import progress_enabled
 
     if resume is not None and (config is not None or overrides):
@@ -113,6 +117,13 @@ def run(
         raise ForgeError("give a config file (forgeml run my.yaml), or --resume RUN_DIR")
     # Check the config before importing torch and friends: a typo is reported in a blink.
     resolved = load_config(config, overrides or []) if config is not None else None
+    if nproc != 1 and distributed.rank_and_size()[1] == 1:  # this process launches the others, then waits
+        if resolved is not None and resolved.train.privacy:
+            raise ForgeError("--nproc: train.privacy (DP-SGD) trains in one process")
+        arguments = ["run", *([str(config), *(overrides or [])] if config is not None else ["--resume", str(resume)])]
+        arguments += [*(["--workspace", str(workspace)] if workspace else []), *(["--quiet"] if quiet else [])]
+        arguments += ["--encrypt"] if encrypt else []
+        raise typer.Exit(distributed.launch(arguments, nproc))
 
     from forgeml import api
 
@@ -122,6 +133,8 @@ def run(
         result = api.resume(resume, workspace, quiet=not show, encrypt=encrypted)
     else:
         result = api.run(resolved, workspace=workspace, quiet=not show, encrypt=encrypted)
+    if not distributed.is_lead():
+        return  # rank 0 reports
     _print_metrics(result.metrics)
     console.print(f"run directory: {result.run_dir}")
     # Where to look next, and the commands that use the run (paths quoted for copy-paste).

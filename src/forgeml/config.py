@@ -755,6 +755,9 @@ class TuneConfig(Section):
     startup_trials: int = Field(
         5, ge=0, description="trials before TPE models the space and before the median pruner prunes"
     )
+    prune_after: int = Field(
+        2, ge=0, description="validations a trial always gets before it may be pruned (early epochs mislead)"
+    )
     metric: str | None = Field(None, description="validation metric to optimise; default: the task's primary metric")
     direction: Literal["maximize", "minimize"] | None = Field(None, description="default: inferred from the metric")
     seed: int = Field(42, description="sampler seed (a worker joining a study offsets it by the trials already run)")

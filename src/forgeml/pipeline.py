@@ -6,10 +6,12 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import platform
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,7 +26,7 @@ from forgeml.config import ForgeConfig, dump_config, load_config
 from forgeml.data.io import table_dataset
 from forgeml.data.prepare import PreparedData
 from forgeml.data.profile import length_percentiles, vocabulary_warning
-from forgeml.errors import DataError
+from forgeml.errors import ConfigError, DataError
 from forgeml.evaluate import plots
 from forgeml.evaluate.baseline import fit_baselines
 from forgeml.evaluate.cross_validation import cross_validate
@@ -33,6 +35,7 @@ from forgeml.evaluate.outputs import model_outputs
 from forgeml.report.card import write_card
 from forgeml.store import Store, database_url
 from forgeml.tasks import Task, build_task, prepare_data
+from forgeml.train import distributed
 from forgeml.train.loop import TrainResult, seed_everything, train
 from forgeml.workspace import (
     LINEAGE,
@@ -102,6 +105,14 @@ def execute(
     test split, or not at all); `lineage` (where the run comes from) is saved as lineage.json. An `observer`
     hears the run start and every validation during training (a tuner: it may stop the run).
     """
+    rank, processes = distributed.rank_and_size()
+    if processes > 1:  # launched by torchrun: rank 0 leads, the others train beside it
+        distributed.join()
+        if rank != 0:
+            run_path = Path(distributed.from_lead(None))  # the run directory rank 0 made (or resumes)
+            return _train_beside_lead(config, run_path, resume_dir is not None)
+    if config.tracking.mlflow and importlib.util.find_spec("mlflow") is None:  # say so before training, not after
+        raise ConfigError("tracking.mlflow: MLflow is not installed; pip install 'forgeml[mlflow]'")
     workspace.mkdir(parents=True, exist_ok=True)
     store = Store(database_url(workspace))
     config_text = dump_config(config)
@@ -121,6 +132,8 @@ def execute(
         run = RunDir.open(resume_dir)
         mark_running(run.path)
         store.update_run(run.id, status="running", error=None)
+    if processes > 1:
+        distributed.from_lead(str(run.path))
     durations: dict[str, float] = {}
     if observer is not None:
         observer.run_started(run.id, run.path)
@@ -233,6 +246,15 @@ def execute(
             split_hashes=data.hashes,
             durations=durations,
         )
+        if config.tracking.mlflow:  # nothing is sent anywhere unless asked
+            from forgeml.tracking import log_run
+
+            uri, experiment = config.tracking.mlflow, config.tracking.experiment or config.name
+            try:  # an encrypted run sends its numbers, not its files
+                logged = log_run(run.path, uri, experiment, artifacts=not encrypt)
+                logger.info("tracking.mlflow: logged as MLflow run %s", logged)
+            except Exception as error:  # the run is complete here: a tracking failure must not lose it
+                logger.warning("tracking.mlflow: could not log the run to %s: %s", _without_password(uri), error)
         clear_running(run.path)  # before encrypting: the marker is not part of the run
         if encrypt:
             from forgeml.encryption import encrypt_run
@@ -246,6 +268,30 @@ def execute(
         raise
     finally:
         clear_running(run.path)
+        distributed.leave()
+
+
+def _without_password(uri: str) -> str:
+    """`uri` as it may be logged: a password in it replaced by ***."""
+    parts = urllib.parse.urlsplit(uri)
+    if not parts.password:
+        return uri
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")).geturl()
+
+
+def _train_beside_lead(config: ForgeConfig, run_path: Path, resuming: bool) -> RunResult:
+    """A process of rank > 0: the same data, task and model as rank 0, training its share of every batch
+    (and resuming from rank 0's checkpoints); it writes nothing. Returns no metrics: rank 0 reports them."""
+    data = prepare_data(config)
+    seed_everything(config.train.seed)
+    task = build_task(config, data.input_columns)
+    task.fit(data.train)
+    encoded = {name: task.encode(data.splits[name], name) for name in ("train", "validation") if data.splits[name]}
+    model = task.build_model()
+    checkpoints = RunDir(run_path).checkpoints
+    train(task, model, encoded["train"], encoded.get("validation"), config.train, checkpoints, resume=resuming)
+    distributed.leave()
+    return RunResult(run_path, run_path.name, {})
 
 
 def evaluate_split(

@@ -73,7 +73,10 @@ class TrialObserver:
         if self.metric not in metrics:
             raise ConfigError(f"tune.metric: {self.metric!r} is not a validation metric; choose from {sorted(metrics)}")
         value = float(metrics[self.metric])
-        self.trial.report(value, step)
+        # Trials are compared evaluation by evaluation (epoch by epoch by default), not optimizer step by step:
+        # a trial with twice the batch size takes half the steps to see the same data.
+        evaluation = len(self.reported) + 1
+        self.trial.report(value, evaluation)
         self.reported.append((step, value))
         if self.prunes and self.trial.should_prune():
             raise Pruned(f"trial {self.trial.number}: {self.metric} {value:.4g} at step {step} lags the other trials")
@@ -194,9 +197,9 @@ def _grid(space: dict[str, SearchRange]) -> dict[str, list[Any]]:
 def _pruner(settings: TuneConfig) -> Any:
     optuna = _optuna()
     if settings.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=settings.startup_trials)
+        return optuna.pruners.MedianPruner(n_startup_trials=settings.startup_trials, n_warmup_steps=settings.prune_after)
     if settings.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, reduction_factor=3)
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, settings.prune_after), reduction_factor=3)
     return optuna.pruners.NopPruner()
 
 
@@ -324,7 +327,7 @@ def summarize(name: str, workspace: str | Path | None = None) -> dict[str, Any]:
                 "value": trial.value,
                 "params": _decoded(trial.params, space),
                 "seconds": seconds,
-                "last_step": max(trial.intermediate_values) if trial.intermediate_values else None,
+                "evaluations": max(trial.intermediate_values) if trial.intermediate_values else 0,
                 "run_id": trial.user_attrs.get("run_id"),
                 "run_dir": trial.user_attrs.get("run_dir"),
             }

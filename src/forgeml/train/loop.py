@@ -29,6 +29,7 @@ from forgeml.errors import ConfigError
 from forgeml.evaluate.metrics import scalar_metrics
 from forgeml.evaluate.outputs import model_outputs
 from forgeml.tasks.base import EncodedSplit, Task
+from forgeml.train import distributed
 from forgeml.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_weights
 from forgeml.train.peak import matmul_peak_flops
 from forgeml.train.progress import ProgressBar
@@ -222,6 +223,10 @@ def _train(
     on_evaluation: Callable[[int, dict[str, float]], None] | None,
 ) -> TrainResult:
     seed_everything(config.seed)
+    rank, processes = distributed.rank_and_size()
+    lead = rank == 0  # the process that writes checkpoints and best weights (all of them train)
+    if processes > 1 and config.privacy:
+        raise ConfigError("train.privacy: DP-SGD runs in one process; remove --nproc (or train.privacy)")
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_precision(config))
     batches_per_epoch = math.ceil(len(train_split) / config.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum_steps)
@@ -281,7 +286,8 @@ def _train(
 
     def evaluate() -> bool:
         """Validate, keep the best weights, return True when early stopping says stop."""
-        outputs, targets = model_outputs(model, watched_split, config.eval_batch_size, accelerator.device)
+        # The unwrapped model: the same weights, without DDP's synchronisation (every process evaluates alike).
+        outputs, targets = model_outputs(raw_model, watched_split, config.eval_batch_size, accelerator.device)
         metrics = scalar_metrics(task.metrics(outputs, targets))
         metrics["loss"] = float(task.loss(torch.from_numpy(outputs), torch.from_numpy(targets)))
         if plan:
@@ -301,7 +307,8 @@ def _train(
             if state["step"] >= total_steps:
                 pass  # the last evaluation: the weights in memory are the ones to keep, no copy needed
             elif checkpoints:
-                save_weights(raw_model, checkpoints / BEST_WEIGHTS)
+                if lead:
+                    save_weights(raw_model, checkpoints / BEST_WEIGHTS)
             else:
                 best_in_memory.update({k: v.detach().clone() for k, v in raw_model.state_dict().items()})
             return False
@@ -321,6 +328,7 @@ def _train(
                 batches = privacy.poisson_batches(len(train_split), plan.sample_rate, batches_per_epoch, seed)
             else:
                 batches = epoch_batches(train_split.lengths, config.batch_size, seed, config.group_by_length)
+                batches = distributed.shard(batches, rank, processes)  # this process's rows of each batch
             for index in range(state["batch"], len(batches)):
                 tick = time.perf_counter()
                 rows = batches[index]
@@ -350,7 +358,7 @@ def _train(
                 elapsed = time.perf_counter() - tick
                 flops = raw_model.training_flops(rows, int(train_split.lengths[rows].max())) * (2 if adversary else 1)
                 for tally in (window, totals):
-                    tally["samples"] += len(rows)
+                    tally["samples"] += len(rows) * processes  # the whole job's throughput
                     tally["seconds"] += elapsed
                     tally["flops"] += flops
                 window["loss"] += loss.item()
@@ -400,7 +408,7 @@ def _train(
         adversary.remove()
     # The best weights were copied aside only when a later evaluation could still beat them.
     best_path = checkpoints / BEST_WEIGHTS if checkpoints else None
-    restore = state["best_step"] is not None and state["best_step"] < state["step"]
+    restore = lead and state["best_step"] is not None and state["best_step"] < state["step"]
     if restore and best_path is not None and best_path.is_file():
         load_model(raw_model, str(best_path))
     elif restore and best_in_memory:
