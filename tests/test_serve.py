@@ -246,6 +246,24 @@ def test_rate_limit_answers_429_with_retry_after_per_key(sentiment_model, tmp_pa
         assert client.call("POST", "/v1/predict", {"inputs": "fine"}, second)[0] == 200  # other keys unaffected
 
 
+def test_two_servers_on_one_store_share_revocation_and_rate_limits(sentiment_model, tmp_path: Path) -> None:
+    """Two server processes' worth of apps (each with its own store connection) on one database: a key
+    revoked through either is refused by both at once, and one key's rate limit is spent across both."""
+    url = database_url(tmp_path)
+    keys = [KeyStore(url), KeyStore(url)]
+    limited, revoked = keys[0].create(["predict"]), keys[0].create(["predict"])
+    settings = ServeConfig(rate_limit=6, rate_burst=4)  # 4 at once, then one every 10 s
+    runtime = ModelRuntime(sentiment_model.run.path)
+    with serving(create_app(runtime, keys[0], settings)) as one, serving(create_app(runtime, keys[1], settings)) as two:
+        statuses = [server.call("POST", "/v1/predict", {"inputs": "fine"}, limited)[0] for server in (one, two) * 3]
+        assert statuses == [200, 200, 200, 200, 429, 429]  # four tokens in all, not four per server
+        assert two.call("POST", "/v1/predict", {"inputs": "fine"}, revoked)[0] == 200
+        keys[1].revoke(revoked.split("_")[1])  # through the second store connection
+        for server in (one, two):
+            status, body = server.call("POST", "/v1/predict", {"inputs": "fine"}, revoked)
+            assert status == 401 and "revoked" in body["detail"]
+
+
 def test_chunked_upload_over_the_limit_is_refused_without_reading_it_all(service) -> None:
     client, keys, _, _ = service
     total, sent = 10_000_000, 0

@@ -17,13 +17,17 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from forgeml.config import ServeConfig
 from forgeml.serve.keys import KeyStore
 from forgeml.serve.middleware import BodyLimit, JsonBodies, RequestMetrics
-from forgeml.serve.ratelimit import RateLimiter
+from forgeml.serve.ratelimit import SharedRateLimiter
 
 
 def scope_checker(keys: KeyStore | None, limits: ServeConfig) -> Callable[[str], Any]:
     """`require(scope)`: a FastAPI dependency that lets a request through when its bearer key has `scope`
-    (and is under the key's request rate), returning the key's id; 401/403/429 otherwise."""
-    limiter = RateLimiter(limits.rate_limit, limits.rate_burst) if limits.rate_limit else None
+    (and is under the key's request rate), returning the key's id; 401/403/429 otherwise. Keys, their
+    revocation and their rate limits live in the store, so servers sharing it behave as one service."""
+    # In the key store's database: several server processes on one store spend one bucket per key.
+    limiter = (
+        SharedRateLimiter(keys.engine, limits.rate_limit, limits.rate_burst) if keys and limits.rate_limit else None
+    )
 
     def require(scope: str):
         # async: without keys nothing is looked up, and a sync dependency would cost every request a trip
@@ -36,7 +40,7 @@ def scope_checker(keys: KeyStore | None, limits: ServeConfig) -> Callable[[str],
             if verdict.status != 200:
                 headers = {"WWW-Authenticate": "Bearer"} if verdict.status == 401 else None
                 raise HTTPException(verdict.status, verdict.reason, headers=headers)
-            wait = limiter.acquire(verdict.key_id) if limiter and verdict.key_id else 0.0
+            wait = await run_in_threadpool(limiter.acquire, verdict.key_id) if limiter and verdict.key_id else 0.0
             if wait:
                 raise HTTPException(
                     429,
