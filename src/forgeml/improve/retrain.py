@@ -62,8 +62,7 @@ def retrain(
             "fine-tune it with task instruction-tuning on `forgeml feedback export --kind generation`"
         )
     generative = config.task == "instruction-tuning"
-    collect = _generation_corrections if generative else _corrections
-    corrections = collect(name, run_ids, database_url(root), since)
+    corrections = _corrections(name, run_ids, database_url(root), since, generative)
     if not corrections:
         when = f" since {since.isoformat()}" if since else ""
         raise ForgeError(f"retrain {name}: no corrections{when} recorded for it (POST /v1/feedback while it is served)")
@@ -89,33 +88,23 @@ def retrain(
     )
 
 
-def _corrections(name: str, run_ids: set[str], url: str, since: datetime | None) -> list[dict[str, Any]]:
-    """The model's corrections, oldest first: those recorded under its name or by one of its versions' runs."""
+def _corrections(
+    name: str, run_ids: set[str], url: str, since: datetime | None, generative: bool = False
+) -> list[dict[str, Any]]:
+    """The model's corrections, oldest first: those recorded under its name or by one of its versions' runs
+    (a language model's: its generation feedback as examples, a correction or an answer rated up)."""
+    from forgeml.serve.generations import GenerationStore
     from forgeml.serve.records import RecordStore
 
-    store = RecordStore(url)
+    store = GenerationStore(url) if generative else RecordStore(url)
     try:
-        rows = [row for row in store.feedback() if row["model"] == name or row["version"] in run_ids]
+        rows = store.feedback_examples() if generative else store.feedback()
     finally:
         store.close()
+    rows = [row for row in rows if row["model"] == name or row["version"] in run_ids]
     if since is not None:
         since = since if since.tzinfo else since.replace(tzinfo=UTC)
-        rows = [row for row in rows if _aware(row["created_at"]) >= since]
-    return rows
-
-
-def _generation_corrections(name: str, run_ids: set[str], url: str, since: datetime | None) -> list[dict[str, Any]]:
-    """The model's generation feedback as examples (a correction, or an answer rated up), oldest first."""
-    from forgeml.serve.generations import GenerationStore
-
-    store = GenerationStore(url)
-    try:
-        rows = [row for row in store.feedback_examples() if row["model"] == name or row["version"] in run_ids]
-    finally:
-        store.close()
-    if since is not None:
-        since = since if since.tzinfo else since.replace(tzinfo=UTC)
-        rows = [row for row in rows if datetime.fromisoformat(row["created_at"]) >= since]
+        rows = [row for row in rows if _moment(row["created_at"]) >= since]
     return rows
 
 
@@ -151,7 +140,7 @@ def _jsonl(rows: list[dict[str, Any]], inputs: list[str], label: str) -> str:
         record |= {
             "feedback_id": row["id"],
             "request_id": row["request_id"],
-            "created_at": _aware(row["created_at"]).isoformat(),
+            "created_at": _moment(row["created_at"]).isoformat(),
         }
         lines.append(json.dumps(record, ensure_ascii=False) + "\n")
     return "".join(lines)
@@ -166,6 +155,7 @@ def _with_feedback(
     return load_config(raw, list(overrides))
 
 
-def _aware(moment: datetime) -> datetime:
-    """Times read back from SQLite lose their zone; they were written in UTC."""
+def _moment(value: datetime | str) -> datetime:
+    """A stored time (or its ISO text) with its zone: times read back from SQLite lose it; they are UTC."""
+    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

@@ -15,7 +15,7 @@ import gc
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -148,12 +148,7 @@ class Deployments:
 
     async def watch(self, interval_s: float) -> None:
         """Check the aliases every `interval_s` seconds until cancelled."""
-        while True:
-            await asyncio.sleep(interval_s)
-            try:
-                await self.reload()
-            except Exception:  # a broken registry must not stop the watcher; it is logged and retried
-                logger.exception("checking the registry for alias moves failed")
+        await poll_registry(self.reload, interval_s)
 
     async def reload(self) -> list[dict[str, Any]]:
         """Move every deployment that follows an alias to the version it points at now."""
@@ -221,6 +216,16 @@ class Deployments:
         runtime, version = self.loader(reference)
         runtime.warm_up()  # a prediction through every layer: the smoke test
         return runtime, version
+
+
+async def poll_registry(reload: Callable[[], Awaitable[Any]], interval_s: float) -> None:
+    """Call `reload` every `interval_s` seconds until cancelled (a server following registry aliases)."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await reload()
+        except Exception:  # a broken registry must not stop the watcher; it is logged and retried
+            logger.exception("checking the registry for alias moves failed")
 
 
 def bucket(key: str) -> float:

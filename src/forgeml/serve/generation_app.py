@@ -44,7 +44,7 @@ from forgeml.serve.common import install_basics, scope_checker
 from forgeml.serve.completions import ChatRequest, CompletionRequest, CompletionWriter, openai_error, usage
 from forgeml.serve.decoding import FINISH_CANCELLED, Busy, DecodingEngine, EngineObserver, Job, Piece
 from forgeml.serve.demo import demo_page
-from forgeml.serve.deployments import RegistryFollower, ReloadFailure
+from forgeml.serve.deployments import RegistryFollower, ReloadFailure, poll_registry
 from forgeml.serve.generations import GenerationStore
 from forgeml.serve.keys import KeyStore
 from forgeml.serve.ratelimit import RateLimiter
@@ -247,12 +247,7 @@ class _Versions:
 
     async def watch(self, interval_s: float) -> None:
         """Check the alias every `interval_s` seconds until cancelled."""
-        while True:
-            await asyncio.sleep(interval_s)
-            try:
-                await self.reload()
-            except Exception:  # a broken registry must not stop the watcher; it is logged and retried
-                logger.exception("checking the registry for alias moves failed")
+        await poll_registry(self.reload, interval_s)
 
     async def reload(self) -> list[dict[str, Any]]:
         """Switch to the version the alias points at now, if it moved: the change made (or refused), if any."""
