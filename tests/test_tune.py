@@ -129,6 +129,13 @@ def _two_workers_share_one_study(table: Path, workspace: Path) -> None:
 
 def test_two_workers_share_one_sqlite_study(table: Path, tmp_path: Path) -> None:
     _two_workers_share_one_study(table, tmp_path / "ws")
+    from test_cli import forgeml_cli
+
+    shown = forgeml_cli("tune", "show", "tabular_tune", "--workspace", str(tmp_path / "ws"))
+    assert shown.returncode == 0 and "6 complete" in shown.stdout and "best: trial" in shown.stdout, shown.stderr
+    assert (tmp_path / "ws" / STUDIES / "tabular_tune" / BEST_CONFIG).is_file()
+    missing = forgeml_cli("tune", "show", "nope", "--workspace", str(tmp_path / "ws"))
+    assert missing.returncode == 2 and "no study named 'nope'" in missing.stderr
 
 
 def test_two_workers_share_one_postgres_study(
