@@ -76,6 +76,8 @@ def test_a_study_prunes_lagging_trials_and_every_trial_is_a_run(table: Path, tmp
     summary = forgeml.tune(config, workspace=tmp_path)
     assert summary["trials"] == 8 and summary["states"].get("complete", 0) >= 3
     assert summary["states"].get("pruned", 0) >= 1, summary["rows"]
+    first = next(row for row in summary["rows"] if row["number"] == 0)
+    assert first["params"]["train.lr"] == pytest.approx(1e-2)  # the search starts from the config's own values
     best = summary["best"]
     assert best["value"] > 0.9 and best["value"] == max(r["value"] for r in summary["rows"] if r["value"])
     runs = {record["id"]: record for record in Store(database_url(tmp_path)).runs("tabular_tune")}

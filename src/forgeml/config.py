@@ -755,6 +755,9 @@ class TuneConfig(Section):
     startup_trials: int = Field(
         5, ge=0, description="trials before TPE models the space and before the median pruner prunes"
     )
+    start_from_config: bool = Field(
+        True, description="the first trial of a new study tries the config's own values (where they lie in the space)"
+    )
     prune_after: int = Field(
         2, ge=0, description="validations a trial always gets before it may be pruned (early epochs mislead)"
     )

@@ -155,6 +155,24 @@ def suggest(trial: Any, space: dict[str, SearchRange]) -> dict[str, Any]:
     return params
 
 
+def _config_values(raw: dict[str, Any], space: dict[str, SearchRange]) -> dict[str, Any]:
+    """The config's own value of each searched key, as a trial parameter, where it lies in the space."""
+    values = {}
+    for key, search in space.items():
+        node: Any = raw
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is None:
+            continue
+        if search.type == "choice":
+            if node in search.values:
+                scalar = all(isinstance(v, str | int | float | bool) for v in search.values)
+                values[key] = node if scalar else json.dumps(node)
+        elif isinstance(node, int | float) and search.low <= node <= search.high:
+            values[key] = int(node) if search.type == "int" else float(node)
+    return values
+
+
 def _decoded(params: dict[str, Any], space: dict[str, SearchRange]) -> dict[str, Any]:
     """A finished trial's parameters as config values (undoing the JSON of non-scalar choices)."""
     decoded = {}
@@ -197,7 +215,9 @@ def _grid(space: dict[str, SearchRange]) -> dict[str, list[Any]]:
 def _pruner(settings: TuneConfig) -> Any:
     optuna = _optuna()
     if settings.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=settings.startup_trials, n_warmup_steps=settings.prune_after)
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=settings.startup_trials, n_warmup_steps=settings.prune_after
+        )
     if settings.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=max(1, settings.prune_after), reduction_factor=3)
     return optuna.pruners.NopPruner()
@@ -266,6 +286,10 @@ def run_study(
     )
     untuned = _untuned(config)
     base = _trial_base(untuned)
+    if not study.trials and settings.start_from_config and settings.sampler != "grid":  # a grid has its own list
+        starting = _config_values(untuned, settings.space)
+        if starting:  # the config's own values first: the search starts from what the user has
+            study.enqueue_trial(starting, skip_if_exists=True)
     study.set_user_attr(CONFIG_ATTRIBUTE, untuned)
     study.set_user_attr(METRIC_ATTRIBUTE, metric)
     study.set_user_attr("space", {key: value.model_dump() for key, value in settings.space.items()})
