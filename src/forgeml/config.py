@@ -763,7 +763,7 @@ class TuneConfig(Section):
     )
     metric: str | None = Field(None, description="validation metric to optimise; default: the task's primary metric")
     direction: Literal["maximize", "minimize"] | None = Field(None, description="default: inferred from the metric")
-    seed: int = Field(42, description="sampler seed (a worker joining a study offsets it by the trials already run)")
+    seed: int = Field(42, description="sampler seed of the worker that creates the study (others draw their own)")
     timeout_s: float | None = Field(None, gt=0, description="this worker stops starting trials after this long")
     heartbeat_s: int = Field(
         30, ge=1, description="a running trial's heartbeat; a trial silent for 2x this (a killed worker) is failed"

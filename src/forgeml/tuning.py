@@ -19,6 +19,7 @@ import copy
 import json
 import logging
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -274,16 +275,18 @@ def run_study(
             f"tune.study: study {name!r} optimises {existing.user_attrs[METRIC_ATTRIBUTE]}, this config {metric}; "
             "name another study (tune.study)"
         )
-    # A worker joining a study offsets the seed by the trials already there: two workers never replay one sequence.
-    seed = settings.seed + (len(existing.trials) if existing is not None else 0)
-    study = optuna.create_study(
-        storage=shared,
-        study_name=name,
-        direction=direction,
-        sampler=_sampler(settings, seed),
-        pruner=_pruner(settings),
-        load_if_exists=True,
-    )
+    try:  # the worker that creates the study samples with tune.seed: alone, it is reproducible
+        study = optuna.create_study(
+            storage=shared, study_name=name, direction=direction, sampler=_sampler(settings, settings.seed),
+            pruner=_pruner(settings),
+        )  # fmt: skip
+    except optuna.exceptions.DuplicatedStudyError:
+        # A worker joining a study (or resuming it) draws a seed of its own: two never replay one sequence.
+        joined = len(optuna.load_study(study_name=name, storage=shared).trials)
+        seed = settings.seed + 1 + joined + os.getpid()
+        study = optuna.load_study(
+            study_name=name, storage=shared, sampler=_sampler(settings, seed), pruner=_pruner(settings)
+        )
     untuned = _untuned(config)
     base = _trial_base(untuned)
     if not study.trials and settings.start_from_config and settings.sampler != "grid":  # a grid has its own list
