@@ -97,13 +97,15 @@ def execute(
     same_splits_as: dict[str, str] | None = None,
     lineage: dict[str, Any] | None = None,
     observer: RunObserver | None = None,
+    prepared: PreparedData | None = None,
 ) -> RunResult:
     """Run (or resume) the whole pipeline, recording status in the store whatever happens.
 
     With `encrypt`, the finished run is encrypted in place ($FORGEML_KEY); its plaintext exists only while it runs.
     `same_splits_as` maps split names to the SHA-256 they must have (a retrain is judged on its parent's
     test split, or not at all); `lineage` (where the run comes from) is saved as lineage.json. An `observer`
-    hears the run start and every validation during training (a tuner: it may stop the run).
+    hears the run start and every validation during training (a tuner: it may stop the run). `prepared` is
+    the config's data already prepared (a tuner's trials share one preparation: their data keys are equal).
     """
     rank, processes = distributed.rank_and_size()
     if processes > 1:  # launched by torchrun: rank 0 leads, the others train beside it
@@ -139,7 +141,7 @@ def execute(
         observer.run_started(run.id, run.path)
     try:
         clock = time.perf_counter()
-        data = prepare_data(config)
+        data = prepared if prepared is not None else prepare_data(config)
         if resume_dir is not None:
             _check_same_data(run, data)
         if same_splits_as:

@@ -117,6 +117,7 @@ def _trial_base(untuned: dict[str, Any]) -> dict[str, Any]:
     raw["audit"] = None
     raw["compress"] = None
     raw["evaluate"]["cross_validation"] = None
+    raw["evaluate"]["baseline"] = False  # the same data every trial: the baselines would be the same too
     raw["tracking"] = {"mlflow": None, "experiment": None}
     return raw
 
@@ -254,6 +255,7 @@ def run_study(
     """Run `trials` trials (default `tune.trials`) of the study the config's `tune:` section describes, joining
     it when another worker started it; then write the study card. Returns the study's summary."""
     from forgeml.pipeline import execute
+    from forgeml.tasks import prepare_data
     from forgeml.train.progress import ProgressBar
 
     config = load_config(source, list(overrides))
@@ -297,13 +299,17 @@ def run_study(
     study.set_user_attr(METRIC_ATTRIBUTE, metric)
     study.set_user_attr("space", {key: value.model_dump() for key, value in settings.space.items()})
     count = trials or settings.trials
+    # Every trial reads the same data (tune.space may not name data keys): prepare it once per worker.
+    prepared = prepare_data(trial_config(base, {}))
 
     def objective(trial: Any) -> float:
         params = suggest(trial, settings.space)
         observer = TrialObserver(trial, metric, settings.pruner != "none")
         lineage = {"study": name, "trial": trial.number, "params": params, "objective": f"validation {metric}"}
         try:
-            result = execute(trial_config(base, params), root, False, lineage=lineage, observer=observer)
+            result = execute(
+                trial_config(base, params), root, False, lineage=lineage, observer=observer, prepared=prepared
+            )
         except Pruned as pruned:
             raise optuna.TrialPruned(str(pruned)) from None
         value = result.metrics.get("validation", {}).get(metric)

@@ -13,6 +13,7 @@ from datasets import Dataset
 
 from forgeml.config import CleanConfig
 from forgeml.data.io import column, replace_column
+from forgeml.data.split import take
 
 _WHITESPACE = re.compile(r"\s+")
 
@@ -91,7 +92,7 @@ def clean(
         if options.conflicting_labels == "drop":
             report["dropped_conflicting"] = conflicting_rows
 
-    dataset = dataset.select([row for row, kept in enumerate(keep) if kept])
+    dataset = take(dataset, [row for row, kept in enumerate(keep) if kept])
     if options.max_chars and options.overlong == "truncate" and overlong:
         for name in text_columns:
             truncated = [(value or "")[: options.max_chars] for value in column(dataset, name)]

@@ -22,6 +22,7 @@ from forgeml.config import FeedbackDataConfig, ForgeConfig
 from forgeml.data import validate
 from forgeml.data.clean import clean
 from forgeml.data.io import column, read_table, table_dataset
+from forgeml.data.split import take
 from forgeml.errors import DataError
 
 # Where a correction came from: kept in the file for the lineage, never trained on.
@@ -121,7 +122,7 @@ def _merge(
     copies = _copies(len(trained), options.weight, rng)
     added = [row for row, count in zip(trained, copies, strict=True) for _ in range(count)]
     merged = dict(splits)
-    merged["train"] = _concatenate(train.select(keep), added, options)
+    merged["train"] = _concatenate(take(train, keep), added, options)
     if held_out:
         merged["feedback"] = _like(train, held_out, options)
     facts = {

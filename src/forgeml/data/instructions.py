@@ -23,7 +23,7 @@ from forgeml.config import ForgeConfig
 from forgeml.data.io import column, read_table
 from forgeml.data.pii import redact_texts
 from forgeml.data.prepare import PreparedData
-from forgeml.data.split import content_hash, holdout, sample
+from forgeml.data.split import content_hash, holdout, sample, take
 from forgeml.errors import DataError
 from forgeml.workspace import sha256_file
 
@@ -188,7 +188,7 @@ def _drop_duplicates(dataset: Dataset) -> tuple[Dataset, int]:
         if key not in seen:
             seen.add(key)
             keep.append(index)
-    return (dataset if len(keep) == len(dataset) else dataset.select(keep)), len(dataset) - len(keep)
+    return (dataset if len(keep) == len(dataset) else take(dataset, keep)), len(dataset) - len(keep)
 
 
 def _redact(dataset: Dataset, pii) -> tuple[Dataset, dict[str, int]]:
