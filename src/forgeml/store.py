@@ -52,7 +52,8 @@ def connect(url: str) -> Engine:
     if url.startswith("postgresql://"):
         url = postgres_driver(url)
     if url.startswith("sqlite"):
-        engine = create_engine(url)
+        # Several processes (servers, tuning workers) write one file: a writer waits up to 60 s for another.
+        engine = create_engine(url, connect_args={"timeout": 60})
         event.listen(engine, "connect", _sqlite_wal)
         return engine
     try:
@@ -75,11 +76,13 @@ def postgres_driver(url: str) -> str:
 
 def _sqlite_wal(connection, _record) -> None:
     cursor = connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=60000")
+    # WAL is a property of the file: switching takes a lock another process may hold, so only when needed.
+    if cursor.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+        cursor.execute("PRAGMA journal_mode=WAL")
     # In WAL mode NORMAL syncs at checkpoints, not at every commit: a crash of the process loses nothing,
     # a power cut at most the last commits, and writes stop costing an fsync each.
     cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=5000")
     cursor.close()
 
 

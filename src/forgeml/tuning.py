@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -231,14 +232,30 @@ def storage(url: str, heartbeat_s: int | None = None) -> Any:
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("sqlite"):
         engine_kwargs = {"connect_args": {"timeout": 60}}  # workers wait for each other's writes
+        from forgeml.store import connect
+
+        with connect(url).connect():  # the file in WAL mode before Optuna's tables go in (readers never wait)
+            pass
     elif url.startswith("postgresql://"):
         from forgeml.store import postgres_driver
 
         url = postgres_driver(url)
     heartbeat = {"heartbeat_interval": heartbeat_s, "grace_period": 2 * heartbeat_s} if heartbeat_s else {}
-    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna's terms; they are what we need
-        warnings.simplefilter("ignore", category=optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    def open_storage() -> Any:
+        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna's terms; we need them
+            warnings.simplefilter("ignore", category=optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
+
+    for attempt in range(4):
+        try:
+            return open_storage()
+        except (IntegrityError, OperationalError):
+            # Two workers starting on a new database both create Optuna's tables and one loses the race;
+            # once the other has finished, the tables are there and another try only reads them.
+            time.sleep(0.5 * (attempt + 1))
+    return open_storage()
 
 
 def study_name(config: ForgeConfig) -> str:
