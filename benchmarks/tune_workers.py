@@ -15,12 +15,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import glob
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -95,30 +92,15 @@ def killed_worker() -> dict:
 @contextlib.contextmanager
 def postgres() -> Iterator[str | None]:
     """A throwaway PostgreSQL cluster on 127.0.0.1 (None where no server binaries are installed)."""
-    found = shutil.which("pg_ctl") or (sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl")) or [None])[-1]
-    if found is None:
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from conftest import postgres_binaries, throwaway_postgres
+
+    binaries = postgres_binaries()
+    if binaries is None:
         yield None
         return
-    binaries = Path(found).parent
-    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    folder = Path(tempfile.mkdtemp(prefix="forgeml-pg-"))
-    if as_user:
-        shutil.chown(folder, "postgres")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-
-    def run(*command: str) -> None:
-        subprocess.run([*as_user, *command], check=True, capture_output=True, timeout=120)
-
-    run(str(binaries / "initdb"), "-D", str(folder / "data"), "-A", "trust", "-U", "forgeml")
-    options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off"
-    run(str(binaries / "pg_ctl"), "-D", str(folder / "data"), "-o", options, "-l", str(folder / "log"), "-w", "start")
-    try:
-        yield f"postgresql://forgeml@127.0.0.1:{port}/postgres"
-    finally:
-        run(str(binaries / "pg_ctl"), "-D", str(folder / "data"), "-m", "fast", "-w", "stop")
-        shutil.rmtree(folder, ignore_errors=True)
+    with throwaway_postgres(binaries) as url:
+        yield url
 
 
 def main() -> int:

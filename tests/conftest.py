@@ -3,6 +3,7 @@ and the shared real datasets (skipped with a reason where absent)."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import os
@@ -188,7 +189,7 @@ def resume_run(run_dir: Path) -> None:
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
 
-def _postgres_bin() -> Path | None:
+def postgres_binaries() -> Path | None:
     found = shutil.which("pg_ctl")
     if found:
         return Path(found).parent
@@ -196,13 +197,10 @@ def _postgres_bin() -> Path | None:
     return Path(versions[-1]).parent if versions else None
 
 
-@pytest.fixture(scope="module")
-def postgres_url() -> Iterator[str]:
-    """A throwaway PostgreSQL cluster on 127.0.0.1, one per test module (skipped where there is none)."""
-    pytest.importorskip("psycopg", reason="psycopg not installed (pip install 'forgeml[postgres]')")
-    binaries = _postgres_bin()
-    if binaries is None:
-        pytest.skip("PostgreSQL server binaries not found (Debian: apt-get install postgresql)")
+@contextlib.contextmanager
+def throwaway_postgres(binaries: Path) -> Iterator[str]:
+    """A PostgreSQL cluster on 127.0.0.1 made from the server `binaries`, deleted on exit (also used by
+    benchmarks/tune_workers.py)."""
     # PostgreSQL refuses to run as root: as root, the cluster belongs to the `postgres` system user.
     as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
     folder = Path(tempfile.mkdtemp(prefix="forgeml-pg-"))
@@ -224,3 +222,14 @@ def postgres_url() -> Iterator[str]:
     finally:
         run(str(binaries / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop")
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def postgres_url() -> Iterator[str]:
+    """A throwaway PostgreSQL cluster on 127.0.0.1, one per test module (skipped where there is none)."""
+    pytest.importorskip("psycopg", reason="psycopg not installed (pip install 'forgeml[postgres]')")
+    binaries = postgres_binaries()
+    if binaries is None:
+        pytest.skip("PostgreSQL server binaries not found (Debian: apt-get install postgresql)")
+    with throwaway_postgres(binaries) as url:
+        yield url
