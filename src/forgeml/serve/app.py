@@ -114,6 +114,43 @@ def _records(request: PredictRequest, limits: ServeConfig, max_inputs: int | Non
     return records
 
 
+class _ServiceMetrics:
+    """What /metrics reports beyond the basics (install_basics): batches, versions, shadow, feedback, reloads."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.batch_sizes = Histogram(
+            "forgeml_batch_size",
+            "Records per model call (requests coalesced by the micro-batcher)",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=registry,
+        )
+        self.info = Gauge(
+            "forgeml_model_info", "The models being served", ["name", "version", "engine", "role"], registry=registry
+        )
+        self.served = Counter(
+            "forgeml_version_requests", "Requests answered per version", ["version", "role"], registry=registry
+        )
+        self.served_latency = Histogram(
+            "forgeml_version_latency_seconds", "Model latency per version", ["version", "role"], registry=registry
+        )
+        self.compared = Counter(
+            "forgeml_shadow_comparisons",
+            "Shadow answers compared with the served one",
+            ["version", "agrees"],
+            registry=registry,
+        )
+        self.corrected = Counter(
+            "forgeml_feedback_by_version",
+            "Corrections of a version's predictions",
+            ["version", "correct"],
+            registry=registry,
+        )
+        self.reloads = Counter("forgeml_reloads", "Alias moves acted on", ["role", "outcome"], registry=registry)
+        self.shadow_errors = Counter(
+            "forgeml_shadow_errors", "Shadow scorings that failed (never seen by callers)", registry=registry
+        )
+
+
 def create_app(
     runtime: ModelRuntime,
     keys: KeyStore | None,
@@ -134,37 +171,7 @@ def create_app(
     """
     limits = settings or runtime.predictor.config.serve
     registry = CollectorRegistry()
-    batch_sizes = Histogram(
-        "forgeml_batch_size",
-        "Records per model call (requests coalesced by the micro-batcher)",
-        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
-        registry=registry,
-    )
-    info = Gauge(
-        "forgeml_model_info", "The models being served", ["name", "version", "engine", "role"], registry=registry
-    )
-    served = Counter(
-        "forgeml_version_requests", "Requests answered per version", ["version", "role"], registry=registry
-    )
-    served_latency = Histogram(
-        "forgeml_version_latency_seconds", "Model latency per version", ["version", "role"], registry=registry
-    )
-    compared = Counter(
-        "forgeml_shadow_comparisons",
-        "Shadow answers compared with the served one",
-        ["version", "agrees"],
-        registry=registry,
-    )
-    corrected = Counter(
-        "forgeml_feedback_by_version",
-        "Corrections of a version's predictions",
-        ["version", "correct"],
-        registry=registry,
-    )
-    reloads = Counter("forgeml_reloads", "Alias moves acted on", ["role", "outcome"], registry=registry)
-    shadow_errors = Counter(
-        "forgeml_shadow_errors", "Shadow scorings that failed (never seen by callers)", registry=registry
-    )
+    metrics = _ServiceMetrics(registry)
 
     def make_batcher(model: ModelRuntime, role: str) -> MicroBatcher:
         if role == "shadow":
@@ -179,7 +186,7 @@ def create_app(
             lambda rows, contexts: score(model, rows, contexts),
             limits.max_batch,
             limits.max_wait_ms,
-            on_batch=batch_sizes.observe,
+            on_batch=metrics.batch_sizes.observe,
             workers=model.workers,
         )
 
@@ -203,7 +210,7 @@ def create_app(
             for position, (mine, theirs) in enumerate(zip(answers[start : start + count], served_answers, strict=True)):
                 agrees = _same_answer(mine, theirs)
                 stored.append((request_id, position, answered_by, mine, theirs, agrees))
-                compared.labels(model.version, str(agrees).lower()).inc()
+                metrics.compared.labels(model.version, str(agrees).lower()).inc()
             start += count
         stats = deployments.shadow.stats if deployments.shadow is not None else None
         if stats is not None:
@@ -214,11 +221,13 @@ def create_app(
         return answers
 
     def on_reload(deployment: Deployment, switched: bool) -> None:
-        reloads.labels(deployment.role, "switched" if switched else "failed").inc()
+        metrics.reloads.labels(deployment.role, "switched" if switched else "failed").inc()
         if switched:
-            info.clear()
+            metrics.info.clear()
             for active in deployments.active:
-                info.labels(active.runtime.name, active.runtime.version, active.runtime.engine, active.role).set(1)
+                metrics.info.labels(
+                    active.runtime.name, active.runtime.version, active.runtime.engine, active.role
+                ).set(1)
 
     def deployment(model: ModelRuntime, role: str, followed: str | None, share: float = 100.0) -> Deployment:
         version = follower.lookup(followed) if follower is not None and followed else None
@@ -241,7 +250,7 @@ def create_app(
         on_reload=on_reload,
     )
     for active in deployments.active:
-        info.labels(active.runtime.name, active.runtime.version, active.runtime.engine, active.role).set(1)
+        metrics.info.labels(active.runtime.name, active.runtime.version, active.runtime.engine, active.role).set(1)
     # An explanation takes seconds: on its own thread it does not hold up the predictions queued behind it,
     # unless the model that predicts is the one explained (Captum hooks it while attributing).
     explainer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forgeml-explain")
@@ -349,7 +358,7 @@ def create_app(
         try:
             await shadow_deployment.batcher.submit(rows, context)
         except Exception:  # the caller has its answer; a failing shadow is counted, never raised
-            shadow_errors.inc()
+            metrics.shadow_errors.inc()
             return
         count(shadow_deployment, rows, time.perf_counter() - started)
 
@@ -358,8 +367,8 @@ def create_app(
         deployment.stats.requests += 1
         deployment.stats.records += len(rows)
         deployment.stats.seconds += seconds
-        served.labels(deployment.runtime.version, deployment.role).inc()
-        served_latency.labels(deployment.runtime.version, deployment.role).observe(seconds)
+        metrics.served.labels(deployment.runtime.version, deployment.role).inc()
+        metrics.served_latency.labels(deployment.runtime.version, deployment.role).observe(seconds)
 
     @app.post("/v1/explain", response_model=ExplainResponse, response_model_exclude_none=True)
     async def explain(
@@ -398,7 +407,7 @@ def create_app(
                 stats.feedback += 1
                 stats.feedback_correct += predicted == body.label
             if predicted is not None:
-                corrected.labels(version, str(predicted == body.label).lower()).inc()
+                metrics.corrected.labels(version, str(predicted == body.label).lower()).inc()
         feedback_id = records.add_feedback(
             request_id=body.request_id,
             position=body.position if body.request_id else None,
