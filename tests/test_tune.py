@@ -177,3 +177,25 @@ def test_a_killed_workers_trial_is_failed_and_the_study_goes_on(table: Path, tmp
     summary = forgeml.study("tabular_tune", tmp_path)
     states = [row["state"] for row in sorted(summary["rows"], key=lambda row: row["number"])]
     assert states == ["fail", "complete", "complete"], states
+
+
+@pytest.mark.parametrize(
+    ("sampler", "pruner", "space"),
+    [
+        ("grid", "none", {"train.lr": {"type": "float", "low": 0.005, "high": 0.015, "step": 0.005}}),
+        ("cmaes", "hyperband", {"train.lr": {"type": "float", "low": 1e-3, "high": 3e-2, "log": True},
+                                "model.dropout": {"type": "float", "low": 0.0, "high": 0.3}}),
+    ],
+)  # fmt: skip
+def test_grid_and_cmaes_samplers_and_the_hyperband_pruner_run(
+    table: Path, tmp_path: Path, sampler: str, pruner: str, space: dict
+) -> None:
+    config = tune_config(table, sampler=sampler, pruner=pruner, space=space, trials=3, startup_trials=1)
+    config["train"]["epochs"] = 3
+    summary = forgeml.tune(config, workspace=tmp_path)
+    assert summary["trials"] == 3 and summary["best"] is not None
+    values = [row["params"]["train.lr"] for row in summary["rows"]]
+    if sampler == "grid":  # every point of the grid once
+        assert sorted(values) == pytest.approx([0.005, 0.01, 0.015])
+    else:
+        assert all(1e-3 <= value <= 3e-2 for value in values)

@@ -533,7 +533,7 @@ def _study_plots(study: Any, summary: dict[str, Any], folder: Path) -> list[tupl
             logger.info("parameter importance not computed: %s", error)
             importances = {}
         if importances:
-            figure, axis = plt.subplots(figsize=(6, 0.5 + 0.4 * len(importances)))
+            figure, axis = plt.subplots(figsize=(6, max(2.2, 0.6 + 0.4 * len(importances))))
             names = list(importances)[::-1]
             axis.barh(names, [importances[name] for name in names], color="#2b7bba")
             axis.set_xlabel("importance (fANOVA)")
