@@ -22,11 +22,9 @@ import math
 import os
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from forgeml.config import GENERATIVE_TASKS, LOWER_IS_BETTER, ForgeConfig, SearchRange, TuneConfig, load_config
 from forgeml.errors import ConfigError, ForgeError
@@ -62,12 +60,9 @@ class TrialObserver:
     trial: Any
     metric: str
     prunes: bool
-    run_id: str | None = None
-    run_dir: Path | None = None
-    reported: list[tuple[int, float]] = field(default_factory=list)
+    evaluations: int = 0
 
     def run_started(self, run_id: str, run_dir: Path) -> None:
-        self.run_id, self.run_dir = run_id, run_dir
         self.trial.set_user_attr("run_id", run_id)
         self.trial.set_user_attr("run_dir", str(run_dir))
 
@@ -77,9 +72,8 @@ class TrialObserver:
         value = float(metrics[self.metric])
         # Trials are compared evaluation by evaluation (epoch by epoch by default), not optimizer step by step:
         # a trial with twice the batch size takes half the steps to see the same data.
-        evaluation = len(self.reported) + 1
-        self.trial.report(value, evaluation)
-        self.reported.append((step, value))
+        self.evaluations += 1
+        self.trial.report(value, self.evaluations)
         if self.prunes and self.trial.should_prune():
             raise Pruned(f"trial {self.trial.number}: {self.metric} {value:.4g} at step {step} lags the other trials")
 
@@ -151,7 +145,7 @@ def suggest(trial: Any, space: dict[str, SearchRange]) -> dict[str, Any]:
         elif search.type == "int":
             step = int(search.step or 1)
             params[key] = trial.suggest_int(key, int(search.low), int(search.high), log=search.log, step=step)
-        elif all(value is None or isinstance(value, str | int | float | bool) for value in search.values):
+        elif _plain(search.values):
             params[key] = trial.suggest_categorical(key, search.values)
         else:  # e.g. hidden_sizes: [[64], [128, 64]]; Optuna stores scalars only
             params[key] = json.loads(trial.suggest_categorical(key, [json.dumps(v) for v in search.values]))
@@ -169,8 +163,7 @@ def _config_values(raw: dict[str, Any], space: dict[str, SearchRange]) -> dict[s
             continue
         if search.type == "choice":
             if node in search.values:
-                scalar = all(isinstance(v, str | int | float | bool) for v in search.values)
-                values[key] = node if scalar else json.dumps(node)
+                values[key] = node if _plain(search.values) else json.dumps(node)
         elif isinstance(node, int | float) and search.low <= node <= search.high:
             values[key] = int(node) if search.type == "int" else float(node)
     return values
@@ -181,9 +174,14 @@ def _decoded(params: dict[str, Any], space: dict[str, SearchRange]) -> dict[str,
     decoded = {}
     for key, value in params.items():
         search = space.get(key)
-        scalar = search is None or search.type != "choice" or value in search.values
-        decoded[key] = value if scalar else json.loads(value)
+        encoded = search is not None and search.type == "choice" and not _plain(search.values)
+        decoded[key] = json.loads(value) if encoded else value
     return decoded
+
+
+def _plain(values: list[Any]) -> bool:
+    """Whether Optuna can store these choices as they are (None, str, int, float, bool); others go as JSON."""
+    return all(value is None or isinstance(value, str | int | float | bool) for value in values)
 
 
 def _sampler(settings: TuneConfig, seed: int) -> Any:
@@ -202,11 +200,7 @@ def _grid(space: dict[str, SearchRange]) -> dict[str, list[Any]]:
     grid = {}
     for key, search in space.items():
         if search.type == "choice":
-            grid[key] = (
-                search.values
-                if all(isinstance(v, str | int | float | bool) for v in search.values)
-                else [json.dumps(v) for v in search.values]
-            )
+            grid[key] = search.values if _plain(search.values) else [json.dumps(v) for v in search.values]
         else:
             step = search.step or 1
             count = math.floor((search.high - search.low) / step + 1e-9) + 1
@@ -301,7 +295,7 @@ def run_study(
         )  # fmt: skip
     except optuna.exceptions.DuplicatedStudyError:
         # A worker joining a study (or resuming it) draws a seed of its own: two never replay one sequence.
-        joined = len(optuna.load_study(study_name=name, storage=shared).trials)
+        joined = len(existing.trials) if existing is not None else 0  # 0: another worker created it just now
         seed = settings.seed + 1 + joined + os.getpid()
         study = optuna.load_study(
             study_name=name, storage=shared, sampler=_sampler(settings, seed), pruner=_pruner(settings)
@@ -546,8 +540,3 @@ def _study_plots(study: Any, summary: dict[str, Any], folder: Path) -> list[tupl
         caption = "Parallel coordinates: each line a completed trial, coloured by its metric."
         figures.append((save_figure(axes.figure, folder / "parallel.png"), caption))
     return figures
-
-
-def study_yaml(summary: dict[str, Any]) -> str:
-    """The summary as YAML for `forgeml tune show --yaml`."""
-    return yaml.safe_dump({k: v for k, v in summary.items() if k not in ("config", "_study")}, sort_keys=False)
