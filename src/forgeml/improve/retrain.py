@@ -16,6 +16,7 @@ from typing import Any
 from forgeml.config import FeedbackDataConfig, ForgeConfig, load_config
 from forgeml.encryption import plaintext_view, wants_encryption
 from forgeml.errors import ForgeError
+from forgeml.monitor.served import as_utc
 from forgeml.pipeline import RunResult, execute
 from forgeml.registry import Registry
 from forgeml.store import database_url
@@ -103,8 +104,7 @@ def _corrections(
         store.close()
     rows = [row for row in rows if row["model"] == name or row["version"] in run_ids]
     if since is not None:
-        since = since if since.tzinfo else since.replace(tzinfo=UTC)
-        rows = [row for row in rows if _moment(row["created_at"]) >= since]
+        rows = [row for row in rows if as_utc(row["created_at"]) >= as_utc(since)]
     return rows
 
 
@@ -140,7 +140,7 @@ def _jsonl(rows: list[dict[str, Any]], inputs: list[str], label: str) -> str:
         record |= {
             "feedback_id": row["id"],
             "request_id": row["request_id"],
-            "created_at": _moment(row["created_at"]).isoformat(),
+            "created_at": as_utc(row["created_at"]).isoformat(),
         }
         lines.append(json.dumps(record, ensure_ascii=False) + "\n")
     return "".join(lines)
@@ -153,9 +153,3 @@ def _with_feedback(
     raw["data"]["feedback"] = feedback.model_dump(mode="json")
     raw["data"]["feedback"]["seed"] = config.train.seed
     return load_config(raw, list(overrides))
-
-
-def _moment(value: datetime | str) -> datetime:
-    """A stored time (or its ISO text) with its zone: times read back from SQLite lose it; they are UTC."""
-    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

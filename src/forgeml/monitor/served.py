@@ -37,7 +37,7 @@ def served_rows(
     if version is not None:
         query = query.where(PredictionRecord.version == version)
     if since is not None:
-        query = query.where(PredictionRecord.created_at >= _utc(since))
+        query = query.where(PredictionRecord.created_at >= as_utc(since))
     query = query.order_by(PredictionRecord.created_at.desc(), PredictionRecord.id.desc())
     if limit is not None:
         query = query.limit(limit)
@@ -48,7 +48,7 @@ def served_rows(
     finally:
         engine.dispose()
     rows.reverse()
-    return [r.inputs for r in rows], [r.answer for r in rows], [_utc(r.created_at) for r in rows]
+    return [r.inputs for r in rows], [r.answer for r in rows], [as_utc(r.created_at) for r in rows]
 
 
 def since_time(text: str, now: datetime | None = None) -> datetime:
@@ -60,13 +60,16 @@ def since_time(text: str, now: datetime | None = None) -> datetime:
         amount, unit = float(match.group(1)), match.group(2)
         return (now or datetime.now(UTC)) - timedelta(**{SINCE_UNITS[unit]: amount})
     try:
-        return _utc(datetime.fromisoformat(value))
+        return as_utc(value)
     except ValueError:
         raise ConfigError(
             f"since: {text!r} is neither a duration (30m, 24h, 7d, 2w) nor an ISO date (2026-05-01T12:00)"
         ) from None
 
 
-def _utc(moment: datetime) -> datetime:
-    """SQLite hands back naive times (stored in UTC); a naive `since` is taken as UTC too."""
+def as_utc(moment: datetime | str) -> datetime:
+    """A time (or its ISO text) in UTC: SQLite hands back naive times (stored in UTC), and a naive `since` is
+    taken as UTC too."""
+    if isinstance(moment, str):
+        moment = datetime.fromisoformat(moment)
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
