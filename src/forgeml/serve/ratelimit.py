@@ -20,12 +20,17 @@ from sqlalchemy.orm import Mapped, mapped_column
 from forgeml.store import Base
 
 
+def _rate_and_burst(per_minute: float, burst: int | None) -> tuple[float, float]:
+    """Tokens a second, and the bucket's size (default: ten seconds' worth, at least one)."""
+    if per_minute <= 0:
+        raise ValueError(f"per_minute must be > 0, got {per_minute}")
+    rate = per_minute / 60.0
+    return rate, float(burst if burst is not None else max(1, math.floor(rate * 10)))
+
+
 class RateLimiter:
     def __init__(self, per_minute: float, burst: int | None = None):
-        if per_minute <= 0:
-            raise ValueError(f"per_minute must be > 0, got {per_minute}")
-        self.rate = per_minute / 60.0
-        self.burst = float(burst if burst is not None else max(1, math.floor(self.rate * 10)))
+        self.rate, self.burst = _rate_and_burst(per_minute, burst)
         self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, when they were counted)
         self._lock = threading.Lock()  # the auth check runs in the server's thread pool
 
@@ -61,11 +66,8 @@ class SharedRateLimiter:
     """`RateLimiter` with its buckets in the database at `engine`: one limit per key across every server."""
 
     def __init__(self, engine: Engine, per_minute: float, burst: int | None = None):
-        if per_minute <= 0:
-            raise ValueError(f"per_minute must be > 0, got {per_minute}")
         self.engine = engine
-        self.rate = per_minute / 60.0
-        self.burst = float(burst if burst is not None else max(1, math.floor(self.rate * 10)))
+        self.rate, self.burst = _rate_and_burst(per_minute, burst)
         Base.metadata.create_all(engine, tables=[RateBucket.__table__])
 
     def acquire(self, key: str, cost: float = 1.0) -> float:
