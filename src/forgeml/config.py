@@ -798,6 +798,60 @@ class TrackingConfig(Section):
     experiment: str | None = Field(None, description="MLflow experiment; default: the run name")
 
 
+class FederatedPrivacyConfig(Section):
+    """Client-level differential privacy (DP-FedAvg, McMahan et al. 2018): each client's update is clipped,
+    Gaussian noise is added to their average, and Flower's RDP accountant reports the epsilon spent. It
+    protects whether a whole client took part, not single rows."""
+
+    noise_multiplier: float = Field(
+        1.0, gt=0.0, le=100.0, description="noise standard deviation on the sum of updates, in clipping norms"
+    )
+    clipping_norm: float = Field(
+        1.0, gt=0.0, description="largest L2 norm of one client's update (its weights minus the global ones)"
+    )
+    delta: float = Field(1.0e-5, gt=0.0, lt=1.0, description="the reported epsilon holds at this delta")
+
+
+class FederatedConfig(Section):
+    """Federated training simulated with Flower: the training data split among clients that never pool it,
+    each training locally on its share; Flower's FedAvg or FedProx combines their weights round by round.
+    `train` sets each client's local optimizer (its epochs are federated.local_epochs)."""
+
+    clients: int | None = Field(
+        None, ge=2, le=10_000, description="Dirichlet split: how many clients (default 10); unused with by_column"
+    )
+    alpha: float = Field(
+        0.5, gt=0.0, le=1_000.0, description="Dirichlet concentration of each client's label mix: small = non-IID"
+    )
+    by_column: str | None = Field(
+        None, description="one client per value of this column (a hospital, a region) instead of a Dirichlet split"
+    )
+    strategy: Literal["fedavg", "fedprox"] = Field("fedavg", description="fedavg or fedprox (FedAvg + proximal term)")
+    proximal_mu: float | None = Field(
+        None, ge=0.0, description="FedProx: weight of mu/2 * ||w - w_global||^2 in each client's loss (default 0.01)"
+    )
+    rounds: int = Field(20, ge=1, le=10_000, description="federated rounds (each: local training, then averaging)")
+    fraction: float = Field(1.0, gt=0.0, le=1.0, description="share of clients sampled to train in each round")
+    local_epochs: int = Field(1, ge=1, le=1_000, description="passes over its own rows a client makes per round")
+    min_client_rows: int = Field(10, ge=1, description="a Dirichlet split is redrawn until every client has this many")
+    privacy: FederatedPrivacyConfig | None = Field(None, description="client-level differential privacy")
+    seed: int | None = Field(None, description="seed of the split and of client sampling; default: train.seed")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FederatedConfig:
+        if self.by_column and self.clients is not None:
+            raise ValueError(
+                "federated.clients: by_column makes one client per value of the column; remove clients (or by_column)"
+            )
+        if self.strategy == "fedavg" and self.proximal_mu is not None:
+            raise ValueError("federated.proximal_mu: is for strategy fedprox; strategy is fedavg")
+        if self.strategy == "fedprox" and self.proximal_mu is None:
+            self.proximal_mu = 0.01
+        if self.clients is None and not self.by_column:
+            self.clients = 10
+        return self
+
+
 class ForgeConfig(Section):
     """A whole run: one YAML file."""
 
@@ -814,6 +868,9 @@ class ForgeConfig(Section):
     gate: GateConfig = Field(default_factory=GateConfig)
     tune: TuneConfig | None = Field(None, description="hyper-parameter search (forgeml tune); a run ignores it")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    federated: FederatedConfig | None = Field(
+        None, description="federated training simulated with Flower (needs forgeml[federated]); null: one dataset"
+    )
 
     @model_validator(mode="after")
     def _backbone_fits_task(self) -> ForgeConfig:
@@ -857,6 +914,7 @@ class ForgeConfig(Section):
                 f"({', '.join(self.data.sensitive) or 'empty'})"
             )
         self._check_training_modes()
+        self._check_federated()
         if self.task == "text-pair-classification" and not self.data.text_pair:
             raise ValueError("data.text_pair: task 'text-pair-classification' needs a second text column")
         return self
@@ -1062,6 +1120,26 @@ class ForgeConfig(Section):
             raise ValueError("train.grad_accum_steps: must be 1 with train.privacy (DP-SGD samples its own batches)")
         if train.l1:
             raise ValueError("train.l1: must be 0 with train.privacy (the penalty is not clipped per example)")
+
+    def _check_federated(self) -> None:
+        """Federated training replaces the one-dataset loop; what assumes one dataset is refused."""
+        federated = self.federated
+        if federated is None:
+            return
+        if self.task in GENERATIVE_TASKS:
+            raise ValueError(f"federated: trains label-predicting tasks; task is {self.task!r}")
+        if not federated.by_column and not self.is_classification:
+            raise ValueError(
+                f"federated.by_column: a Dirichlet split shares each class among clients, and task {self.task!r} "
+                "has no classes; name the column that says which client a row belongs to"
+            )
+        if self.train.privacy:
+            raise ValueError(
+                "train.privacy: DP-SGD protects rows of one dataset; for federated training use federated.privacy "
+                "(client-level)"
+            )
+        if self.evaluate.cross_validation:
+            raise ValueError("evaluate.cross_validation: not available with federated training (set it to null)")
 
     @property
     def is_classification(self) -> bool:

@@ -115,6 +115,12 @@ def execute(
             return _train_beside_lead(config, run_path, resume_dir is not None)
     if config.tracking.mlflow and importlib.util.find_spec("mlflow") is None:  # say so before training, not after
         raise ConfigError("tracking.mlflow: MLflow is not installed; pip install 'forgeml[mlflow]'")
+    if config.federated:
+        from forgeml.federated import require_flower
+
+        require_flower()
+        if processes > 1:
+            raise ConfigError("federated: the clients are simulated in one process; remove --nproc")
     workspace.mkdir(parents=True, exist_ok=True)
     store = Store(database_url(workspace))
     config_text = dump_config(config)
@@ -164,18 +170,19 @@ def execute(
         clock = time.perf_counter()
         model = task.build_model()
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # before LoRA is merged
-        result = train(
-            task,
-            model,
-            encoded["train"],
-            encoded.get("validation"),
-            config.train,
-            checkpoints=run.checkpoints,
-            log_path=run.train_log,
-            resume=resume_dir is not None,
-            show_progress=show_progress,
-            on_evaluation=observer.evaluated if observer is not None else None,
-        )
+        training = {
+            "checkpoints": run.checkpoints,
+            "log_path": run.train_log,
+            "resume": resume_dir is not None,
+            "show_progress": show_progress,
+            "on_evaluation": observer.evaluated if observer is not None else None,
+        }
+        if config.federated:
+            from forgeml.federated import train_federated
+
+            result = train_federated(config, task, model, data, encoded, **training)
+        else:
+            result = train(task, model, encoded["train"], encoded.get("validation"), config.train, **training)
         task.save(run.model, model)
         durations["train_s"] = time.perf_counter() - clock
 
@@ -209,7 +216,12 @@ def execute(
                 model, data.splits[name], generation.model_dump(), config.train.seed, run.path
             )
             metrics[name].update(scores)
-        plots.training_curves(result.history, result.watched_metric, run.plots / "curves.png")
+        unit = "round" if config.federated else "step"
+        plots.training_curves(result.history, result.watched_metric, run.plots / "curves.png", unit)
+        if result.federated:
+            plots.federated_clients(
+                result.history, result.federated, result.watched_metric, run.plots / "federated.png"
+            )
         if hasattr(task, "samples"):  # generative tasks: seeded generations for the card
             held_out = next(data.splits[n] for n in ("test", "validation", "train") if data.splits[n] is not None)
             samples = task.samples(model, held_out, config.train.seed)
@@ -328,6 +340,7 @@ def _training_summary(result: TrainResult) -> dict[str, Any]:
         "mfu": result.mfu,
         "seconds": result.seconds,
         **({"privacy": result.privacy} if result.privacy else {}),
+        **({"federated": result.federated} if result.federated else {}),
     }
 
 

@@ -111,21 +111,51 @@ def regression_scatter(targets: np.ndarray, predicted: np.ndarray, path: Path) -
     return save_figure(figure, path)
 
 
-def training_curves(history: list[dict[str, Any]], metric: str, path: Path) -> Path:
-    """Training loss per logged step and validation loss/metric per evaluation."""
+def training_curves(history: list[dict[str, Any]], metric: str, path: Path, unit: str = "step") -> Path:
+    """Training loss per logged step (or federated round: `unit`) and validation loss/metric per evaluation."""
     train = [h for h in history if h.get("event") == "train"]
     evals = [h for h in history if h.get("event") == "eval"]
     figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(10, 3.5))
     loss_axis.plot([h["step"] for h in train], [h["loss"] for h in train], label="train")
     if evals and "loss" in evals[0]:
         loss_axis.plot([h["step"] for h in evals], [h["loss"] for h in evals], "o-", label="validation")
-    loss_axis.set_xlabel("step")
+    loss_axis.set_xlabel(unit)
     loss_axis.set_ylabel("loss")
     loss_axis.set_title("Loss")
     loss_axis.legend()
     if evals:
         metric_axis.plot([h["step"] for h in evals], [h.get(metric, np.nan) for h in evals], "o-", color="C2")
-    metric_axis.set_xlabel("step")
+    metric_axis.set_xlabel(unit)
     metric_axis.set_ylabel(metric)
     metric_axis.set_title(f"Validation {metric}")
+    return save_figure(figure, path)
+
+
+def federated_clients(history: list[dict[str, Any]], summary: dict[str, Any], metric: str, path: Path) -> Path:
+    """Left: the global model's validation metric per round, with the range over the clients' own validation
+    rows. Right: the final model on each client's own held-out rows, with the client's training rows."""
+    evals = [h for h in history if h.get("event") == "eval"]
+    figure, (rounds_axis, clients_axis) = plt.subplots(1, 2, figsize=(11, 3.8))
+    rounds = [h["round"] for h in evals]
+    per_client = [list((h.get("clients") or {}).values()) for h in evals]
+    if any(per_client):
+        low = [min(values) if values else np.nan for values in per_client]
+        high = [max(values) if values else np.nan for values in per_client]
+        rounds_axis.fill_between(rounds, low, high, alpha=0.25, color="C0", label="clients (min to max)")
+    rounds_axis.plot(rounds, [h.get(metric, np.nan) for h in evals], "o-", color="C0", label="global validation")
+    rounds_axis.set_xlabel("round")
+    rounds_axis.set_ylabel(metric)
+    rounds_axis.set_title(f"Validation {metric} per round")
+    rounds_axis.legend(fontsize=8)
+    scored = [c for c in summary.get("clients_scored", []) if metric in c]
+    if scored:
+        names = [c["client"] for c in scored]
+        clients_axis.bar(range(len(scored)), [c[metric] for c in scored], color="C2")
+        clients_axis.set_xticks(range(len(scored)), names, rotation=45, ha="right", fontsize=7)
+        for index, client in enumerate(scored):
+            clients_axis.annotate(
+                f"{client['train_rows']:,}", (index, client[metric]), ha="center", va="bottom", fontsize=6
+            )
+        clients_axis.set_ylabel(metric)
+        clients_axis.set_title(f"Final model per client ({scored[0]['split']} rows; label: training rows)", fontsize=9)
     return save_figure(figure, path)

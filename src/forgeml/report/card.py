@@ -34,6 +34,8 @@ PLOT_CAPTIONS = {
     "confusion_matrix.png": "Confusion matrix: rows are true classes, columns are predicted classes.",
     "calibration.png": "Calibration: predicted confidence against observed accuracy (the diagonal is perfect).",
     "predicted_vs_true.png": "Predicted against true values (the diagonal is perfect).",
+    "federated.png": "Federated training: the global model per round with the range over clients, and the final "
+    "model on each client's own held-out rows.",
 }
 CLEANING_COLUMNS = {
     "rows_in": "rows in",
@@ -498,6 +500,8 @@ def _training(config: dict[str, Any], metrics: dict[str, Any]) -> Section:
         blocks.append(Facts(_training_outcome(outcome)))
     if outcome.get("privacy"):
         blocks += _differential_privacy(outcome["privacy"], str(config.get("task", "")).startswith("tabular"))
+    if outcome.get("federated"):
+        blocks += _federated(outcome["federated"], outcome.get("watched_metric") or "")
     return Section("Training set-up", blocks)
 
 
@@ -541,6 +545,64 @@ def _differential_privacy(privacy: dict[str, Any], tabular: bool) -> list[Block]
     if privacy.get("frozen_parameters"):
         scope += " Embedding tables were frozen at their pre-trained values, which costs some accuracy."
     return [Facts(facts), Paragraph(scope)]
+
+
+def _federated(summary: dict[str, Any], metric: str) -> list[Block]:
+    """How the federation was made and run, each client's share and score, and what its privacy covers."""
+    facts = [
+        ("Federated training", f"{summary['strategy']} over {summary['clients']} clients ({summary['split']})"),
+        (
+            "Rounds",
+            f"{summary['rounds']} (best: {summary.get('best_round')}), {summary['clients_per_round']} clients "
+            f"a round, {summary['local_epochs']} local epoch(s) each",
+        ),
+        ("Engine", str(summary.get("engine", ""))),
+    ]
+    if summary.get("proximal_mu") is not None:
+        facts.append(("Proximal term (FedProx)", f"mu = {summary['proximal_mu']:g}"))
+    blocks: list[Block] = [Facts(facts)]
+    rows = []
+    for client in summary.get("clients_scored", []):
+        score = client.get(metric)
+        held_out = f"{client['rows']:,} {client['split']}" if client.get("rows") else "none"
+        rows.append([client["client"], f"{client['train_rows']:,}", held_out, _format_value(score)])
+    if rows:
+        blocks.append(
+            Table(
+                ["client", "training rows", "held-out rows", metric],
+                rows,
+                "The final model on each "
+                "client's own held-out rows (shared among clients as their training rows were).",
+            )
+        )
+    privacy = summary.get("privacy")
+    if privacy:
+        blocks.append(
+            Facts(
+                [
+                    (
+                        "Client-level privacy",
+                        f"ε = {privacy['epsilon']:.2f}, δ = {privacy['delta']:g} after "
+                        f"{privacy['releases']} noisy averages",
+                    ),
+                    (
+                        "Noise and clipping",
+                        f"noise multiplier {privacy['noise_multiplier']:g}, each client's update clipped "
+                        f"to L2 norm {privacy['clipping_norm']:g}",
+                    ),
+                    ("Accounting", privacy["accounting"]),
+                ]
+            )
+        )
+        blocks.append(
+            Paragraph(
+                "The global weights are differentially private with respect to any one client's participation (all of "
+                "its rows together), as released after each round. Not covered: the preprocessing fitted on the "
+                "pooled training rows (scales, vocabularies), the validation split the server uses to pick the "
+                "best round, and the per-client scores in this card."
+            )
+        )
+    return blocks
 
 
 def _training_outcome(outcome: dict[str, Any]) -> list[tuple[str, str]]:

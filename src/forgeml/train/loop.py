@@ -50,6 +50,7 @@ class TrainResult:
     mfu: float
     seconds: float
     privacy: dict[str, Any] | None = None  # DP-SGD: the plan and the epsilon spent
+    federated: dict[str, Any] | None = None  # federated training: clients, rounds, per-client scores, privacy
     # (outputs, targets) on validation of the weights the model ends with, when this process evaluated
     # them (not after a resume): the final report reuses them instead of running validation again.
     validation_outputs: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
@@ -187,13 +188,14 @@ def train(
     resume: bool = False,
     show_progress: bool = False,
     on_evaluation: Callable[[int, dict[str, float]], None] | None = None,
+    penalty: Callable[[], torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train `model` in place; at the end it holds the best weights seen on validation.
 
     With `checkpoints`, a resumable checkpoint is written every `config.checkpoint_every` steps and
     `resume=True` continues from the latest one; `log_path` receives JSON lines of progress.
     `on_evaluation(step, metrics)` hears every validation (a tuner's pruner: an exception it raises stops
-    the training and propagates).
+    the training and propagates). `penalty()` is added to every batch's loss (FedProx's proximal term).
     """
     with thread_count(config.threads):
         return _train(
@@ -207,6 +209,7 @@ def train(
             resume,
             show_progress,
             on_evaluation,
+            penalty,
         )
 
 
@@ -221,6 +224,7 @@ def _train(
     resume: bool,
     show_progress: bool,
     on_evaluation: Callable[[int, dict[str, float]], None] | None,
+    penalty: Callable[[], torch.Tensor] | None,
 ) -> TrainResult:
     seed_everything(config.seed)
     rank, processes = distributed.rank_and_size()
@@ -341,6 +345,8 @@ def _train(
                 loss = task.loss(train_forward(**inputs), targets)
                 if config.l1:
                     loss = loss + config.l1 * sum(p.abs().sum() for p in raw_model.parameters() if p.ndim >= 2)
+                if penalty is not None:
+                    loss = loss + penalty()
                 accelerator.backward(loss / config.grad_accum_steps)
                 if adversary:  # the same batch again at its worst-case embeddings; gradients add up
                     with adversary.perturbed():

@@ -1,0 +1,88 @@
+"""Which rows belong to which client: one client per value of a column, or a Dirichlet split of the label.
+
+The Dirichlet split is the usual non-IID benchmark of federated learning (Hsu et al. 2019, "Measuring the
+Effects of Non-Identical Data Distribution"): every class's rows are shared among the clients in proportions
+drawn from Dir(alpha), so a small alpha gives each client a few dominant classes. Validation and test rows are
+shared with the same proportions, so each client is scored on data like its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from forgeml.errors import DataError
+
+MAX_DRAWS = 100  # Dirichlet redraws before giving up on min_rows (Flower Datasets' partitioner also redraws)
+
+
+@dataclass
+class Partition:
+    """Rows of each split that each client holds (indices into that split), and the clients' names."""
+
+    names: list[str]
+    rows: dict[str, list[np.ndarray]]  # split name -> one index array per client
+
+    def sizes(self, split: str) -> list[int]:
+        return [len(rows) for rows in self.rows.get(split, [])]
+
+
+def by_column(values: dict[str, Sequence], column: str) -> Partition:
+    """One client per value of `column` in the training split (`values`: split name -> that column's values).
+
+    Validation and test rows go to the client with their value; a value no training row has belongs to nobody.
+    """
+    train = _as_keys(values["train"])
+    names = sorted(set(train))
+    if len(names) < 2:
+        raise DataError(f"federated.by_column: column {column!r} has {len(names)} value(s) in train; need 2 or more")
+    rows = {}
+    for split, column_values in values.items():
+        keys = np.asarray(_as_keys(column_values), dtype=object)
+        rows[split] = [np.flatnonzero(keys == name) for name in names]
+    return Partition(names=names, rows=rows)
+
+
+def dirichlet(labels: dict[str, Sequence], clients: int, alpha: float, seed: int, min_rows: int) -> Partition:
+    """`clients` clients; each class's rows shared among them in Dir(alpha) proportions (`labels`: split -> labels).
+
+    The proportions are redrawn (up to MAX_DRAWS times) until every client holds `min_rows` training rows.
+    """
+    train = np.asarray(_as_keys(labels["train"]), dtype=object)
+    classes = sorted(set(train.tolist()))
+    if len(train) < clients * min_rows:
+        raise DataError(
+            f"federated.clients: {clients} clients of at least {min_rows} rows need {clients * min_rows} training "
+            f"rows; train has {len(train)}"
+        )
+    rng = np.random.default_rng(seed)
+    for _ in range(MAX_DRAWS):
+        shares = rng.dirichlet([alpha] * clients, size=len(classes))  # one row of client shares per class
+        split_rows = {
+            split: _share(np.asarray(_as_keys(y), dtype=object), classes, shares, rng) for split, y in labels.items()
+        }
+        if min(len(rows) for rows in split_rows["train"]) >= min_rows:
+            names = [f"client-{index}" for index in range(clients)]
+            return Partition(names=names, rows=split_rows)
+    raise DataError(
+        f"federated.alpha: no Dirichlet({alpha}) split in {MAX_DRAWS} draws gave each of {clients} clients "
+        f"{min_rows} training rows; raise alpha, lower federated.min_client_rows or use fewer clients"
+    )
+
+
+def _share(labels: np.ndarray, classes: list, shares: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
+    """Each class's rows (shuffled) cut among the clients at the cumulative `shares`."""
+    parts: list[list[np.ndarray]] = [[] for _ in range(shares.shape[1])]
+    for index, label in enumerate(classes):
+        rows = rng.permutation(np.flatnonzero(labels == label))
+        cuts = (np.cumsum(shares[index])[:-1] * len(rows)).round().astype(int)
+        for client, piece in enumerate(np.split(rows, cuts)):
+            parts[client].append(piece)
+    return [np.sort(np.concatenate(pieces)) if pieces else np.empty(0, dtype=np.int64) for pieces in parts]
+
+
+def _as_keys(values: Sequence) -> list[str]:
+    """Column values as client names: text, with missing values as one group of their own."""
+    return ["(missing)" if value is None else str(value) for value in values]
