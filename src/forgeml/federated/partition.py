@@ -50,37 +50,43 @@ def dirichlet(labels: dict[str, Sequence], clients: int, alpha: float, seed: int
 
     The proportions are redrawn (up to MAX_DRAWS times) until every client holds `min_rows` training rows.
     """
-    train = np.asarray(_as_keys(labels["train"]), dtype=object)
-    classes = sorted(set(train.tolist()))
-    if len(train) < clients * min_rows:
+    keys = {split: _as_keys(values) for split, values in labels.items()}
+    classes = sorted(set(keys["train"]))
+    train_rows = len(keys["train"])
+    if train_rows < clients * min_rows:
         raise DataError(
             f"federated.clients: {clients} clients of at least {min_rows} rows need {clients * min_rows} training "
-            f"rows; train has {len(train)}"
+            f"rows; train has {train_rows}"
         )
+    codes = {split: _class_codes(split_keys, classes) for split, split_keys in keys.items()}
     rng = np.random.default_rng(seed)
     for _ in range(MAX_DRAWS):
         shares = rng.dirichlet([alpha] * clients, size=len(classes))  # one row of client shares per class
-        split_rows = {
-            split: _share(np.asarray(_as_keys(y), dtype=object), classes, shares, rng) for split, y in labels.items()
-        }
-        if min(len(rows) for rows in split_rows["train"]) >= min_rows:
-            names = [f"client-{index}" for index in range(clients)]
-            return Partition(names=names, rows=split_rows)
+        train = _share(codes["train"], shares, rng)
+        if min(len(rows) for rows in train) >= min_rows:  # only then share the other splits alike
+            rows = {split: train if split == "train" else _share(codes[split], shares, rng) for split in codes}
+            return Partition(names=[f"client-{index}" for index in range(clients)], rows=rows)
     raise DataError(
         f"federated.alpha: no Dirichlet({alpha}) split in {MAX_DRAWS} draws gave each of {clients} clients "
         f"{min_rows} training rows; raise alpha, lower federated.min_client_rows or use fewer clients"
     )
 
 
-def _share(labels: np.ndarray, classes: list, shares: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
+def _class_codes(keys: list[str], classes: list[str]) -> np.ndarray:
+    """Each row's class index (-1 for a class the training split does not have)."""
+    index = {name: code for code, name in enumerate(classes)}
+    return np.array([index.get(key, -1) for key in keys], dtype=np.int64)
+
+
+def _share(codes: np.ndarray, shares: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
     """Each class's rows (shuffled) cut among the clients at the cumulative `shares`."""
     parts: list[list[np.ndarray]] = [[] for _ in range(shares.shape[1])]
-    for index, label in enumerate(classes):
-        rows = rng.permutation(np.flatnonzero(labels == label))
-        cuts = (np.cumsum(shares[index])[:-1] * len(rows)).round().astype(int)
+    for code in range(shares.shape[0]):
+        rows = rng.permutation(np.flatnonzero(codes == code))
+        cuts = (np.cumsum(shares[code])[:-1] * len(rows)).round().astype(int)
         for client, piece in enumerate(np.split(rows, cuts)):
             parts[client].append(piece)
-    return [np.sort(np.concatenate(pieces)) if pieces else np.empty(0, dtype=np.int64) for pieces in parts]
+    return [np.sort(np.concatenate(pieces)) for pieces in parts]
 
 
 def _as_keys(values: Sequence) -> list[str]:
