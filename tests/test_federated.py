@@ -151,6 +151,7 @@ def test_fedavg_over_non_iid_clients_learns_and_the_run_is_an_ordinary_run(tmp_p
     assert (result.run_dir / "plots" / "federated.png").is_file()
     card = (result.run_dir / "card.md").read_text()
     assert "Federated training" in card and "Dirichlet alpha 1" in card
+    assert "| Epochs |" not in card  # train.epochs did nothing: clients made federated.local_epochs passes
 
     # Everything downstream works on it: the saved model predicts, and it exports to ONNX with parity.
     answers = forgeml.load(result.run_dir).predict([{"x1": 3.0, "x2": 5.0, "colour": "red"}])

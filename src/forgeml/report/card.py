@@ -474,6 +474,8 @@ def _training(config: dict[str, Any], metrics: dict[str, Any]) -> Section:
     blocks: list[Block] = []
     # DP-SGD samples its own batches and clips per example: those two settings did nothing.
     unused = {"max_grad_norm", "group_by_length"} if train.get("privacy") else set()
+    if config.get("federated"):  # each client's local passes are federated.local_epochs, shown with the rounds
+        unused |= {"epochs", "max_steps"}
     # Values that are their model family's default say so: "0.001 (default for mlp)".
     model = config.get("model") or {}
     defaults = family_defaults_used(train, model.get("backbone"), config.get("task"), bool(model.get("lora")))
