@@ -301,9 +301,17 @@ def predict(
     """Predict every row of a file; write its rows plus `prediction` (and `p_<class>`) to CSV or JSONL."""
     predictor = Predictor(run_dir)
     predictor._require_predictions()
-    dataset = read_table(Path(data), predictor.config.data.format)
+    if predictor.config.task == "image-classification":  # an npz, a folder of images or a table of image files
+        from forgeml.data.images import PIXEL_COLUMNS, read_images
+
+        height, width, _ = predictor.task.image_shape
+        size = height if height == width else None  # files of another size are brought to the model's
+        dataset = read_images(Path(data), predictor.config.data.label, "test", predictor.config.data.image, size)
+        dropped = list(PIXEL_COLUMNS)  # pixels stay out of the output file; `source` names each image
+    else:
+        dataset, dropped = read_table(Path(data), predictor.config.data.format), []
     answers = predictor._answers(dataset, batch_size, show_progress)
-    columns = dataset.to_dict()
+    columns = dataset.remove_columns(dropped).to_dict()
     if "probabilities" in answers:
         columns["prediction"] = answers["label"]
         for index, name in enumerate(predictor.task.target.classes):

@@ -25,6 +25,7 @@ TASKS = (
     "language-modeling",
     "instruction-tuning",
     "masked-lm",
+    "image-classification",
 )
 TaskName = Literal[
     "text-classification",
@@ -35,6 +36,7 @@ TaskName = Literal[
     "language-modeling",
     "instruction-tuning",
     "masked-lm",
+    "image-classification",
 ]
 # Tasks that model text itself (no label): loss and perplexity are their metrics.
 GENERATIVE_TASKS = ("language-modeling", "instruction-tuning", "masked-lm")
@@ -46,6 +48,7 @@ LOWER_IS_BETTER = frozenset({"loss", "log_loss", "mae", "rmse", "mse", "perplexi
 # `model.backbone` naming a new causal LM / BERT-style encoder built from `model.architecture` (not a pre-trained one).
 NEW_GPT = "gpt"
 NEW_ENCODER = "bert"
+RESNET_SMALL = "resnet_small"  # the image backbone trained from scratch
 # nanoGPT's small CPU model for character-level Shakespeare ("baby GPT" scaled down).
 DEFAULT_GPT_ARCHITECTURE = {"n_layer": 4, "n_head": 4, "n_embd": 128, "context": 64, "dropout": 0.0}
 DEFAULT_BPE_VOCAB = 4096
@@ -57,6 +60,20 @@ DEFAULT_BPE_VOCAB = 4096
 # A GPT trained from scratch follows nanoGPT's recipe (lr 1e-3, cosine to a tenth of it, AdamW beta2 0.99,
 # weight decay 0.1); a pre-trained causal LM is fine-tuned like an encoder.
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    # A small ResNet from scratch on augmented images: AdamW with a short warm-up and a cosine decay; early
+    # stopping watches validation accuracy (the loss of an augmented model is a noisy signal).
+    "cnn": {
+        "lr": 2.0e-3,
+        "epochs": 30,
+        "batch_size": 128,
+        "scheduler": "cosine",
+        "warmup_ratio": 0.05,
+        "weight_decay": 5.0e-2,
+        "early_stopping.patience": 8,
+        "early_stopping.metric": "accuracy",
+        "min_lr_ratio": 0.0,
+        "adam_beta2": 0.999,
+    },
     "mlp": {
         "lr": 1.0e-3,
         "epochs": 100,
@@ -131,6 +148,8 @@ def model_family(backbone: str | None, task: str | None = None, lora: bool = Fal
     pre-trained model, '<family>-lora'."""
     if backbone == "mlp":
         return "mlp"
+    if backbone == RESNET_SMALL:
+        return "cnn"
     if task in ("language-modeling", "instruction-tuning"):
         family = "gpt" if backbone == NEW_GPT else "causal-lm"
     else:
@@ -257,6 +276,15 @@ class FeedbackDataConfig(Section):
     seed: int = Field(0, description="seed of the holdout draw and of the fractional copies")
 
 
+class AugmentConfig(Section):
+    """Image augmentation, drawn afresh for every training batch (off for evaluation and serving)."""
+
+    crop_padding: int = Field(4, ge=0, le=64, description="pad each side by this many pixels, then crop back at random")
+    flip: bool = Field(True, description="mirror left-right half of the time")
+    jitter: float = Field(0.0, ge=0.0, lt=1.0, description="brightness, contrast, saturation scaled by 1 +- this")
+    cutout: int = Field(0, ge=0, description="side of one square per image painted with the mean pixel (0: off)")
+
+
 class DataConfig(Section):
     """Where the data is and which columns mean what. Relative paths resolve against the config file."""
 
@@ -292,6 +320,13 @@ class DataConfig(Section):
     pii: PiiConfig = Field(default_factory=PiiConfig)
     sensitive: list[str] = Field(
         default_factory=list, description="columns the fairness audit compares groups by (e.g. [sex, race, age])"
+    )
+    image: str = Field("image", description="image-classification from a table: the column naming image files")
+    image_size: int | None = Field(
+        None, ge=8, le=1024, description="images: resize (shorter side) and centre-crop to this; default: as read"
+    )
+    augment: AugmentConfig | None = Field(
+        None, description="image-classification: training-time augmentation; default crop+flip, null: none"
     )
     feedback: FeedbackDataConfig | None = Field(
         None, description="served corrections merged into the training split (set by `forgeml retrain`)"
@@ -346,6 +381,10 @@ class ModelConfig(Section):
     pooling: Literal["mean", "cls"] = "mean"
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     hidden_sizes: list[int] = Field([128, 64], description="MLP hidden layer widths; [] gives a linear model")
+    width: int = Field(32, ge=4, le=1024, description="resnet_small: channels of the first stage (doubling per stage)")
+    depths: list[int] = Field(
+        [1, 1, 1], min_length=1, max_length=6, description="resnet_small: residual blocks in each stage"
+    )
     categorical: Literal["onehot", "embedding"] = Field("onehot", description="how the MLP encodes categorical columns")
     embedding_dim: int = Field(8, ge=1, le=512, description="width of categorical embeddings")
 
@@ -883,6 +922,9 @@ class ForgeConfig(Section):
             checks[self.task]()
             self._refuse_for_generative()
             allowed = LANGUAGE_MODEL_METRICS if self.task == "language-modeling" else LANGUAGE_MODEL_METRICS[:2]
+        elif self.task == "image-classification":
+            self._check_image_classification()
+            allowed = CLASSIFICATION_METRICS
         else:
             self._check_predictive_backbone()
             allowed = CLASSIFICATION_METRICS if self.is_classification else REGRESSION_METRICS
@@ -919,6 +961,35 @@ class ForgeConfig(Section):
             raise ValueError("data.text_pair: task 'text-pair-classification' needs a second text column")
         return self
 
+    def _check_image_classification(self) -> None:
+        """A CNN from scratch on images; augmentation on by default; what is built for text and tables is refused."""
+        model, data = self.model, self.data
+        if model.backbone is None:
+            model.backbone = RESNET_SMALL
+        if model.backbone != RESNET_SMALL:
+            raise ValueError(
+                f"model.backbone: task 'image-classification' needs {RESNET_SMALL!r}, got {model.backbone!r}"
+            )
+        if "augment" not in data.model_fields_set:
+            data.augment = AugmentConfig()
+        if any(d < 1 for d in model.depths):
+            raise ValueError(f"model.depths: every stage needs at least one block, got {model.depths}")
+        refused = [
+            ("audit", self.audit),
+            ("compress", self.compress),
+            ("train.privacy", self.train.privacy),  # Opacus cannot clip per example through batch norm
+            ("train.adversarial", self.train.adversarial),
+            ("data.sensitive", data.sensitive),
+            ("data.text_pair", data.text_pair),
+            ("data.features", data.features),
+            ("data.feedback", data.feedback),
+            ("model.lora", model.lora),
+            ("evaluate.generation", self.evaluate.generation),
+        ]
+        for key, value in refused:
+            if value:
+                raise ValueError(f"{key}: not available for task 'image-classification' yet; remove it")
+
     def _check_predictive_backbone(self) -> None:
         """An encoder for text tasks, an MLP for tabular ones; the language-model keys are refused."""
         tabular = self.task.startswith("tabular")
@@ -944,6 +1015,9 @@ class ForgeConfig(Section):
             raise ValueError(f"{key}: is for task 'instruction-tuning'; task is {self.task!r}")
         if self.audit and self.audit.memorization is not None:
             raise ValueError(f"audit.memorization: is for task 'language-modeling'; task is {self.task!r}")
+        if data.augment or data.image_size or self.model.backbone == RESNET_SMALL:
+            key = "data.augment" if data.augment else "data.image_size" if data.image_size else "model.backbone"
+            raise ValueError(f"{key}: is for task 'image-classification'; task is {self.task!r}")
         if tabular and self.model.backbone != "mlp":
             raise ValueError(f"model.backbone: task {self.task!r} needs 'mlp', got {self.model.backbone!r}")
         if not tabular and self.model.backbone == "mlp":
@@ -1077,6 +1151,8 @@ class ForgeConfig(Section):
             ("data.sensitive", data.sensitive),
             ("data.text_pair", data.text_pair),
             ("data.features", data.features),
+            ("data.augment", data.augment),
+            ("data.image_size", data.image_size),
         ]
         if self.task != "instruction-tuning":
             # A language model's corrections are prompt/response examples: only instruction tuning learns them.

@@ -48,6 +48,8 @@ class PreparedData:
 def input_columns_for(config: ForgeConfig, available: list[str]) -> tuple[list[str], list[str]]:
     """(input columns, text columns) the task reads."""
     data = config.data
+    if config.task == "image-classification":
+        return ["image"], []
     if config.task.startswith("tabular"):
         features = data.features or [c for c in available if c != data.label]
         return list(features), []
@@ -55,10 +57,18 @@ def input_columns_for(config: ForgeConfig, available: list[str]) -> tuple[list[s
     return texts, texts
 
 
-def read_split(path: Path, config: ForgeConfig, inputs: list[str] | None = None) -> Dataset:
-    """Read one labelled file and check its columns and label values (row numbers match the file)."""
+def read_split(path: Path, config: ForgeConfig, inputs: list[str] | None = None, split: str = "train") -> Dataset:
+    """Read one labelled file and check its columns and label values (row numbers match the file).
+
+    Images (an .npz, a folder of class folders or a table of image files) become a table of pixels;
+    `split` picks the arrays of an .npz that holds several splits."""
     data = config.data
-    dataset = read_table(path, data.format)
+    if config.task == "image-classification":
+        from forgeml.data.images import read_images
+
+        dataset = read_images(path, data.label, split, data.image, data.image_size)
+    else:
+        dataset = read_table(path, data.format)
     inputs = inputs or input_columns_for(config, dataset.column_names)[0]
     validate.require_columns(dataset, inputs, path, "input column")
     validate.require_columns(dataset, [data.label], path, "label column")
@@ -122,7 +132,7 @@ def prepare(config: ForgeConfig) -> PreparedData:
     sources = {"train": data.train, "validation": data.validation, "test": data.test}
     splits: dict[str, Dataset | None] = {"train": raw_train}
     for name in ("validation", "test"):
-        splits[name] = read_split(sources[name], config, inputs) if sources[name] else None
+        splits[name] = read_split(sources[name], config, inputs, name) if sources[name] else None
 
     # The fairness audit reads data.sensitive from the split it scores; check that file now, not after training.
     audited = "test" if data.test or data.split.test > 0 else "validation"

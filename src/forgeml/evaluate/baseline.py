@@ -49,7 +49,9 @@ LABELS = {
     "tfidf_ridge": "TF-IDF + ridge regression",
     "logreg": "logistic regression",
     "ridge": "ridge regression",
+    "pixels_logreg": "pixels + logistic regression",
 }
+POOLED = 8  # images: pixels average-pooled to 8 x 8 per channel, a plain linear yardstick
 
 
 def fit_baselines(task: Any, splits: dict[str, Dataset | None], seed: int = 0) -> dict[str, Any]:
@@ -71,7 +73,13 @@ def fit_baselines(task: Any, splits: dict[str, Dataset | None], seed: int = 0) -
         train = train.shuffle(seed=seed).select(range(MAX_TRAIN_ROWS))
     target = task.target
     text_columns = getattr(task, "text_columns", None)
-    needed = [*(text_columns or task.preprocessor.columns), target.column]
+    image_shape = getattr(task, "image_shape", None)
+    if text_columns:
+        needed = [*text_columns, target.column]
+    elif image_shape:
+        needed = ["image", target.column]
+    else:
+        needed = [*task.preprocessor.columns, target.column]
     # One gather per split: a split carved from train reads through an index, slow column by column.
     train, held_out = (data.select_columns(list(dict.fromkeys(needed))).to_dict() for data in (train, held_out))
     y_train = target.encode(train[target.column], "train")
@@ -98,6 +106,12 @@ def fit_baselines(task: Any, splits: dict[str, Dataset | None], seed: int = 0) -
             description,
         )
         inputs = {split: _texts(data, text_columns) for split, data in (("train", train), (name, held_out))}
+    elif image_shape:
+        description = f"pixels average-pooled to {POOLED} x {POOLED} per channel, standardised, {head_name}"
+        candidates["pixels_logreg"] = (make_pipeline(StandardScaler(), head), description)
+        inputs = {
+            split: _pooled_pixels(data["image"], image_shape) for split, data in (("train", train), (name, held_out))
+        }
     else:
         numeric = list(task.preprocessor.numeric)
         categorical = list(task.preprocessor.categorical)
@@ -135,6 +149,16 @@ def _outputs(estimator: Any, inputs: Any, classification: bool, num_classes: int
     # Columns follow the class ids the estimator saw; a class missing from a sampled train split keeps ~0.
     probabilities[:, estimator.classes_] = np.maximum(estimator.predict_proba(inputs), 1e-12)  # no log(0)
     return np.log(probabilities / probabilities.sum(axis=1, keepdims=True))
+
+
+def _pooled_pixels(images: list[bytes], shape: tuple[int, ...]) -> np.ndarray:
+    """Raw H x W x C images -> (rows, POOLED * POOLED * C) means of equal blocks of pixels."""
+    height, width, channels = shape
+    pixels = np.frombuffer(b"".join(images), dtype=np.uint8).reshape(len(images), height, width, channels)
+    rows = np.array_split(np.arange(height), min(POOLED, height))
+    cols = np.array_split(np.arange(width), min(POOLED, width))
+    pooled = [pixels[:, r][:, :, c].mean(axis=(1, 2)) for r in rows for c in cols]
+    return np.stack(pooled, axis=1).reshape(len(images), -1).astype(np.float32)
 
 
 def _texts(rows: dict[str, list], text_columns: list[str]) -> np.ndarray:

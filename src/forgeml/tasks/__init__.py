@@ -14,6 +14,7 @@ from forgeml.config import ForgeConfig
 from forgeml.data.prepare import PreparedData, prepare
 from forgeml.errors import ArtifactError
 from forgeml.tasks.base import EncodedSplit, Task
+from forgeml.tasks.image import ImageClassificationTask
 from forgeml.tasks.instruction_tuning import InstructionTuningTask
 from forgeml.tasks.language_modeling import LanguageModelingTask
 from forgeml.tasks.masked_lm import MaskedLanguageModelingTask
@@ -63,6 +64,10 @@ def build_task(config: ForgeConfig, input_columns: list[str]) -> Task:
         return MaskedLanguageModelingTask(model, config.model.max_length, seed=config.data.split.seed)
     label = config.data.label
     target = ClassLabels(label) if config.is_classification else NumericTarget(label)
+    if config.task == "image-classification":
+        model = config.model.model_dump(include={"width", "depths", "dropout"})
+        augment = config.data.augment.model_dump() if config.data.augment else None
+        return ImageClassificationTask(target, model, augment)
     if config.task.startswith("tabular"):
         model = config.model.model_dump(include={"hidden_sizes", "dropout", "categorical", "embedding_dim"})
         return TabularTask(config.task, input_columns, target, model)
@@ -98,4 +103,6 @@ def _task_class(folder: Path, state: dict) -> type:
         return TextTask
     if architecture == "mlp":
         return TabularTask
+    if architecture == "resnet_small":
+        return ImageClassificationTask
     raise ArtifactError(f"{folder / 'task.json'}: unknown model architecture {architecture!r}")

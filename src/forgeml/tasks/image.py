@@ -1,0 +1,119 @@
+"""Image classification: a small ResNet trained from scratch on raw pixels, augmented inside the model.
+
+What is fitted on the training split (the classes, the image shape, the per-channel mean and standard
+deviation) is saved as JSON beside the weights; the mean and standard deviation are also buffers of the
+model, so the model itself (and its ONNX export) takes raw pixels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset
+from safetensors.torch import load_model, save_model
+
+from forgeml.data.images import IMAGE_COLUMN, SHAPE_COLUMN, as_image, pixels
+from forgeml.data.io import column as column_values
+from forgeml.errors import DataError
+from forgeml.models.cnn import ResNetSmall
+from forgeml.tasks.base import Target, TargetTask, TensorSplit
+from forgeml.workspace import atomic_write_json
+
+
+class ImageClassificationTask(TargetTask):
+    """image-classification: `model.backbone: resnet_small` (width and depths configurable)."""
+
+    name = "image-classification"
+    features = [IMAGE_COLUMN]  # the input column (a file, its bytes or pixels when predicting)
+
+    def __init__(
+        self,
+        target: Target,
+        model: dict[str, Any],
+        augment: dict[str, Any] | None = None,
+        inputs: dict[str, Any] | None = None,
+    ):
+        self.target = target
+        self.model_options = dict(model)  # width, depths, dropout
+        self.augment = dict(augment or {})  # crop_padding, flip, jitter, cutout: applied while training
+        inputs = inputs or {}
+        self.image_shape: tuple[int, ...] | None = tuple(inputs["shape"]) if "shape" in inputs else None
+        self.mean: list[float] | None = inputs.get("mean")
+        self.std: list[float] | None = inputs.get("std")
+
+    def fit(self, train: Dataset) -> None:
+        self.target.fit(column_values(train, self.target.column))
+        shapes = column_values(train.select(range(min(len(train), 1))), SHAPE_COLUMN)
+        if not shapes:
+            raise DataError("train: no images")
+        self.image_shape = tuple(shapes[0])
+        images = pixels(train, self.image_shape, "train").astype(np.float64)
+        self.mean = images.mean(axis=(0, 2, 3)).round(4).tolist()
+        self.std = [max(s, 1e-3) for s in images.std(axis=(0, 2, 3)).round(4).tolist()]
+
+    def build_model(self) -> ResNetSmall:
+        assert self.image_shape is not None and self.mean is not None and self.std is not None, "fit() first"
+        height, width, channels = self.image_shape
+        options = self.model_options
+        return ResNetSmall(
+            num_classes=self.target.num_outputs,
+            image_shape=(channels, height, width),
+            mean=self.mean,
+            std=self.std,
+            width=options["width"],
+            depths=options["depths"],
+            dropout=options["dropout"],
+            augment=self.augment,
+        )
+
+    def encode(self, dataset: Dataset, source: str = "", with_targets: bool = True) -> TensorSplit:
+        assert self.image_shape is not None, "fit() first"
+        inputs = {"pixels": torch.from_numpy(self._pixels(dataset, source or "input"))}
+        targets = None
+        if with_targets:
+            targets = torch.as_tensor(self.target.encode(column_values(dataset, self.target.column), source))
+        return TensorSplit(inputs, targets)
+
+    def _pixels(self, dataset: Dataset, source: str) -> np.ndarray:
+        """N x C x H x W uint8: from the image table, or from raw inputs (files, file bytes, pixel arrays)."""
+        assert self.image_shape is not None
+        if SHAPE_COLUMN in dataset.column_names:
+            return pixels(dataset, self.image_shape, source)
+        values = column_values(dataset, IMAGE_COLUMN)
+        images = [as_image(value, f"{source}: row {row + 1}", self.image_shape) for row, value in enumerate(values)]
+        if not images:
+            height, width, channels = self.image_shape
+            return np.zeros((0, channels, height, width), dtype=np.uint8)
+        return np.stack(images).transpose(0, 3, 1, 2).copy()
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "task": self.name,
+            "inputs": {"shape": list(self.image_shape or ()), "mean": self.mean, "std": self.std},
+            "augment": self.augment,
+            "target": self.target.state(),
+            "model": {**self.model_options, "architecture": "resnet_small"},
+        }
+
+    def save(self, folder: Path, model: ResNetSmall) -> None:
+        self.save_inputs(folder)
+        save_model(model, str(folder / "model.safetensors"))
+
+    def save_inputs(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(folder / "task.json", self.state())
+
+    @classmethod
+    def from_saved(cls, folder: Path, state: dict[str, Any], target: Target) -> ImageClassificationTask:
+        options = {k: v for k, v in state["model"].items() if k != "architecture"}
+        return cls(target, options, state.get("augment"), state["inputs"])
+
+    @classmethod
+    def load(cls, folder: Path, state: dict[str, Any], target: Target) -> tuple[ImageClassificationTask, ResNetSmall]:
+        task = cls.from_saved(folder, state, target)
+        model = task.build_model()
+        load_model(model, str(folder / "model.safetensors"))
+        return task, model
