@@ -176,6 +176,8 @@ def test_a_small_resnet_learns_stripes_and_predicts_from_files_bytes_and_arrays(
     npz = write_npz(tmp_path / "d.npz")
     result = forgeml.run(image_config(npz), workspace=tmp_path)
     assert result.metrics["test"]["accuracy"] >= 0.9  # chance: 0.5
+    assert (result.run_dir / "plots" / "examples.png").is_file()
+    assert "plots/examples.png" in (result.run_dir / "card.md").read_text()
     baselines = result.metrics["baselines"]["models"]
     assert "pixels_logreg" in baselines and "accuracy" in baselines["pixels_logreg"]["metrics"]
 

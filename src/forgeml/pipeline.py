@@ -326,6 +326,8 @@ def evaluate_split(
     metrics = task.metrics(outputs, targets)
     if plot and plot_dir is not None:
         task.evaluation_plots(outputs, targets, metrics, plot_dir)
+        if hasattr(task, "prediction_examples"):  # images: a grid of answers, confidently wrong ones first
+            task.prediction_examples(split, outputs, targets, plot_dir)
     return metrics
 
 

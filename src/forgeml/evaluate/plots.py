@@ -159,3 +159,16 @@ def federated_clients(history: list[dict[str, Any]], summary: dict[str, Any], me
         clients_axis.set_ylabel(metric)
         clients_axis.set_title(f"Final model per client ({scored[0]['split']} rows; label: training rows)", fontsize=9)
     return save_figure(figure, path)
+
+
+def image_grid(images: np.ndarray, titles: list[str], wrong: list[bool], path: Path, columns: int = 8) -> Path:
+    """Images (N x C x H x W, uint8) in a grid, each titled; wrong answers titled in red."""
+    rows = max(1, -(-len(images) // columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.75 * rows), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, image, title, is_wrong in zip(axes.flat, images, titles, wrong, strict=False):
+        pixels = image.transpose(1, 2, 0)
+        axis.imshow(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels, cmap="gray" if pixels.shape[2] == 1 else None)
+        axis.set_title(title, fontsize=6.5, color="C3" if is_wrong else "black")
+    return save_figure(figure, path)

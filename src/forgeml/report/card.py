@@ -34,6 +34,8 @@ PLOT_CAPTIONS = {
     "confusion_matrix.png": "Confusion matrix: rows are true classes, columns are predicted classes.",
     "calibration.png": "Calibration: predicted confidence against observed accuracy (the diagonal is perfect).",
     "predicted_vs_true.png": "Predicted against true values (the diagonal is perfect).",
+    "examples.png": "Test images with the model's answer and confidence; wrong answers in red (with the true "
+    "class), the most confident mistakes first.",
     "federated.png": "Federated training: the global model per round with the range over clients, and the final "
     "model on each client's own held-out rows.",
 }

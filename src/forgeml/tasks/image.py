@@ -8,7 +8,7 @@ model, so the model itself (and its ONNX export) takes raw pixels.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -22,12 +22,15 @@ from forgeml.models.cnn import ResNetSmall
 from forgeml.tasks.base import Target, TargetTask, TensorSplit
 from forgeml.workspace import atomic_write_json
 
+GRID_SIZE = 32  # images in the card's grid of test answers
+GRID_WRONG = 16  # of which at most this many are wrong answers
+
 
 class ImageClassificationTask(TargetTask):
     """image-classification: `model.backbone: resnet_small` (width and depths configurable)."""
 
     name = "image-classification"
-    features = [IMAGE_COLUMN]  # the input column (a file, its bytes or pixels when predicting)
+    features: ClassVar[list[str]] = [IMAGE_COLUMN]  # the input column (a file, its bytes or pixels when predicting)
 
     def __init__(
         self,
@@ -88,6 +91,26 @@ class ImageClassificationTask(TargetTask):
             height, width, channels = self.image_shape
             return np.zeros((0, channels, height, width), dtype=np.uint8)
         return np.stack(images).transpose(0, 3, 1, 2).copy()
+
+    def prediction_examples(self, split: TensorSplit, outputs: np.ndarray, targets: np.ndarray, folder: Path) -> None:
+        """A grid of evaluated images with their answers: the most confidently wrong first, then seeded others."""
+        from forgeml.evaluate import plots
+
+        probabilities = self.predictions(outputs)["probabilities"]
+        predicted, confidence = probabilities.argmax(axis=1), probabilities.max(axis=1)
+        wrong = np.flatnonzero(predicted != targets)
+        wrong = wrong[np.argsort(-confidence[wrong])][:GRID_WRONG]
+        rest = np.setdiff1d(np.arange(len(targets)), wrong)
+        others = np.random.default_rng(0).permutation(rest)[: GRID_SIZE - len(wrong)]
+        shown = np.concatenate([wrong, np.sort(others)]).astype(np.int64)
+        classes = self.target.classes
+        titles = [
+            f"{classes[predicted[i]]} {confidence[i]:.0%}"
+            + ("" if predicted[i] == targets[i] else f"\n(is {classes[targets[i]]})")
+            for i in shown
+        ]
+        images = split.inputs["pixels"][torch.as_tensor(shown)].numpy()
+        plots.image_grid(images, titles, [bool(predicted[i] != targets[i]) for i in shown], folder / "examples.png")
 
     def state(self) -> dict[str, Any]:
         return {
