@@ -196,6 +196,13 @@ def test_a_small_resnet_learns_stripes_and_predicts_from_files_bytes_and_arrays(
     assert header[:3] == ["label", "source", "prediction"] and "image" not in header
     with pytest.raises(DataError, match=r"row 1: image of shape \(8, 8, 3\), the model takes \(16, 16, 3\)"):
         predictor.predict([{"image": np.zeros((8, 8, 3)).tolist()}])
+    from forgeml.api import export
+    from forgeml.errors import ForgeError
+    from forgeml.serve.runtime import load_runtime
+
+    for refused, call in [("export", lambda: export(result.run_dir)), ("serve", lambda: load_runtime(result.run_dir))]:
+        with pytest.raises(ForgeError, match=f"{refused}: not available for image-classification runs yet"):
+            call()
 
 
 def test_a_killed_image_run_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:

@@ -173,6 +173,11 @@ class Predictor:
         """Whether this is a language model (it generates text rather than predicting a label or value)."""
         return getattr(self.task, "generates", False)
 
+    def refuse_images(self, action: str) -> None:
+        """Image models train and predict; audits, explanations, export and serving are not built for them yet."""
+        if self.task.name == "image-classification":
+            raise ForgeError(f"{action}: not available for image-classification runs yet ({self.run.path})")
+
     def _require_predictions(self) -> None:
         if self.generates:
             raise ForgeError(
@@ -261,6 +266,7 @@ def evaluate(run_dir: str | Path, data: str | Path, batch_size: int = 64) -> dic
     scored without it too); metrics and plots go to `evaluations/<file>-<time>/`.
     """
     predictor = Predictor(run_dir)
+    predictor.refuse_images("evaluate")
     config = predictor.config
     task = predictor.task
     if config.task == "language-modeling":  # loss and perplexity of the file's documents, however long
@@ -357,6 +363,7 @@ def audit(
     from forgeml.trust.audit import run_audits
 
     predictor = Predictor(run_dir)
+    predictor.refuse_images("audit")
     config = predictor.config.model_copy(deep=True)
     if config.audit is None:
         config.audit = AuditConfig()
@@ -395,7 +402,9 @@ def audit(
 
 def explain(run_dir: str | Path, inputs: list[Any], steps: int = 20) -> list[Any]:
     """Word attributions (Captum integrated gradients) for texts or (premise, hypothesis) pairs."""
-    return Predictor(run_dir).explain(inputs, steps)
+    predictor = Predictor(run_dir)
+    predictor.refuse_images("explain")
+    return predictor.explain(inputs, steps)
 
 
 @on_plaintext(writes=True)
@@ -413,6 +422,7 @@ def export(
     from forgeml.export import export_model, parity_sample
 
     predictor = Predictor(run_dir)
+    predictor.refuse_images("export")
     if data is not None:  # prepared as the run's own rows were: cleaning and PII redaction, labels optional
         rows = read_audited_file(Path(data), predictor.config, predictor.input_columns)
     else:
@@ -450,6 +460,7 @@ def compress(run_dir: str | Path) -> dict[str, Any]:
     from forgeml.export import parity_sample
 
     predictor = Predictor(run_dir)
+    predictor.refuse_images("compress")
     if predictor.generates:
         return _compress_language_model(predictor)
     splits = prepare(predictor.config).splits

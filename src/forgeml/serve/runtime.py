@@ -30,6 +30,7 @@ class ModelRuntime:
         `serve.workers`, else one per core for ONNX and one for PyTorch)."""
         self.predictor = predictor = run_dir if isinstance(run_dir, Predictor) else Predictor(run_dir)
         run = predictor.run
+        predictor.refuse_images("serve")
         if getattr(predictor.task, "target", None) is None:
             raise ForgeError(
                 f"serve: {run.path} is a {predictor.task.name} run, a pre-trained encoder with nothing to answer: "
