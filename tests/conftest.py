@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import glob
+import json
 import os
 import random
 import shutil
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch a hub
@@ -187,6 +189,20 @@ def resume_run(run_dir: Path) -> None:
         timeout=600,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+
+def killed_and_resumed(config: dict, tmp_path: Path, checkpoint: str) -> tuple[dict, dict, Path]:
+    """Run `config` uninterrupted, then again SIGKILLed once `checkpoint` (a glob below its workspace) exists and
+    resumed; return (uninterrupted metrics, resumed metrics, the resumed run's directory)."""
+    import forgeml
+
+    reference = forgeml.run(config, workspace=tmp_path / "reference")
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    run_dir = kill_at_checkpoint(config_path, tmp_path / "killed", checkpoint)
+    assert not (run_dir / "metrics.json").exists()  # killed before it finished
+    resume_run(run_dir)
+    return reference.metrics, json.loads((run_dir / "metrics.json").read_text()), run_dir
 
 
 def postgres_binaries() -> Path | None:

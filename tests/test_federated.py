@@ -12,14 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 import forgeml
 from forgeml.config import load_config
 from forgeml.errors import ConfigError, DataError
 from forgeml.federated.partition import by_column, dirichlet
 
-from conftest import kill_at_checkpoint, resume_run, write_csv
+from conftest import killed_and_resumed, write_csv
 from test_train import tabular_config, tabular_rows
 
 HAS_FLOWER = importlib.util.find_spec("flwr") is not None
@@ -218,15 +217,10 @@ def test_client_level_privacy_reports_an_epsilon_that_grows_with_rounds_and_shri
 def test_a_killed_federation_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
     config = federated_config(tmp_path, rows=3000, rounds=12)
     config["train"]["early_stopping"] = None
-    reference = forgeml.run(config, workspace=tmp_path / "reference")
-    config_path = tmp_path / "config.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    run_dir = kill_at_checkpoint(config_path, tmp_path / "killed", "runs/fed/*/checkpoints/federated-round-00004.*")
-    assert not (run_dir / "metrics.json").exists()
-    resume_run(run_dir)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["test"] == reference.metrics["test"]
-    assert metrics["training"]["federated"]["rounds"] == 12
+    checkpoint = "runs/fed/*/checkpoints/federated-round-00004.*"
+    reference, resumed, _ = killed_and_resumed(config, tmp_path, checkpoint)
+    assert resumed["test"] == reference["test"]
+    assert resumed["training"]["federated"]["rounds"] == 12
 
 
 @needs_flower

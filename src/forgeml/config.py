@@ -359,8 +359,9 @@ class ModelConfig(Section):
     backbone: str | None = Field(
         None,
         description="'minilm' (bundled), a Hugging Face id, a local folder or a forgeml run directory (name/latest: "
-        "its newest finished run), 'mlp', 'gpt' (a new causal LM) or 'bert' (a new encoder), both sized by "
-        "model.architecture; default: minilm for text and masked-lm, mlp for tabular, gpt for language modeling",
+        "its newest finished run), 'mlp', 'resnet_small' (images), 'gpt' (a new causal LM) or 'bert' (a new "
+        "encoder), both sized by model.architecture; default: minilm for text and masked-lm, mlp for tabular, "
+        "resnet_small for images, gpt for language modeling",
     )
     architecture: dict[str, Any] | None = Field(
         None,

@@ -25,6 +25,7 @@ STARTERS: dict[str, dict[str, Any]] = {
         "model": {"backbone": "Qwen/Qwen2.5-0.5B-Instruct"},
     },
     "masked-lm": {"data": {"train": "corpus.txt"}},
+    "image-classification": {"data": {"train": "images/", "label": "label", "image_size": 32}},
 }
 # Training settings (lr, epochs, ...) are not set here: validation fills them from the model family's
 # defaults (config.FAMILY_DEFAULTS), and the comments below name the family each value came from.
@@ -33,6 +34,9 @@ TABULAR_ONLY = {"features", "hidden_sizes", "categorical", "embedding_dim"}
 LANGUAGE_MODEL_ONLY = {"architecture", "style", "tokenizer", "vocab_size"}
 INSTRUCTION_ONLY = {"prompt", "response", "messages", "template", "packing", "loss_on", "generation"}
 MASKED_LM_ONLY = {"mask_probability", "whole_word_mask"}
+IMAGE_ONLY = {"image", "image_size", "augment", "width", "depths"}
+# What an image model cannot use yet (the config refuses it) or has no use for.
+NOT_FOR_IMAGES = {"text", "lora", "sensitive", "pii", "privacy", "adversarial", "audit", "compress", "feedback"}
 # What a language model has no use for: labels, row cleaning, groups of people, label-based audits.
 NOT_FOR_LANGUAGE_MODELS = {
     *TABULAR_ONLY,
@@ -59,15 +63,17 @@ def starter_config(task: str) -> str:
         raise ConfigError(f"init: unknown task {task!r}; choose one of {', '.join(TASKS)}")
     raw = {"name": task.replace("-", "_"), "task": task, **STARTERS[task]}
     config = ForgeConfig.model_validate(raw)
-    if task == "language-modeling":  # a new GPT: no adapters
-        skip = NOT_FOR_LANGUAGE_MODELS | INSTRUCTION_ONLY | MASKED_LM_ONLY | {"lora"}
+    if task == "image-classification":
+        skip = TEXT_ONLY | TABULAR_ONLY | LANGUAGE_MODEL_ONLY | INSTRUCTION_ONLY | MASKED_LM_ONLY | NOT_FOR_IMAGES
+    elif task == "language-modeling":  # a new GPT: no adapters
+        skip = NOT_FOR_LANGUAGE_MODELS | INSTRUCTION_ONLY | MASKED_LM_ONLY | {"lora"} | IMAGE_ONLY
     elif task == "masked-lm":  # continued pre-training of MiniLM; a new encoder would add model.architecture
-        skip = NOT_FOR_LANGUAGE_MODELS | LANGUAGE_MODEL_ONLY | INSTRUCTION_ONLY | {"lora"}
+        skip = NOT_FOR_LANGUAGE_MODELS | LANGUAGE_MODEL_ONLY | INSTRUCTION_ONLY | {"lora"} | IMAGE_ONLY
     elif task == "instruction-tuning":
-        skip = (NOT_FOR_LANGUAGE_MODELS | LANGUAGE_MODEL_ONLY | MASKED_LM_ONLY | {"text"}) - {"sample"}
+        skip = (NOT_FOR_LANGUAGE_MODELS | LANGUAGE_MODEL_ONLY | MASKED_LM_ONLY | IMAGE_ONLY | {"text"}) - {"sample"}
     else:
         skip = (TEXT_ONLY if task.startswith("tabular") else TABULAR_ONLY) | LANGUAGE_MODEL_ONLY
-        skip |= INSTRUCTION_ONLY | MASKED_LM_ONLY | ({"lora"} if task.startswith("tabular") else set())
+        skip |= INSTRUCTION_ONLY | MASKED_LM_ONLY | IMAGE_ONLY | ({"lora"} if task.startswith("tabular") else set())
     header = [
         f"# forgeml config for {task}. Paths are relative to this file.",
         "# Run it with: forgeml run THIS.yaml   (override any key: train.lr=3e-5)",

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from datasets import Dataset
+from safetensors.torch import load_model, save_model
 from torch import nn
 
 from forgeml.workspace import atomic_write_json
@@ -111,6 +112,32 @@ class TargetTask:
         else:
             truth = self.predictions(targets.reshape(-1, 1))["value"]
             plots.regression_scatter(np.asarray(truth), np.asarray(answers["value"]), folder / "predicted_vs_true.png")
+
+
+class SafetensorsFolderTask:
+    """A task whose `model/` folder is task.json (all it fitted, as JSON) beside model.safetensors."""
+
+    def state(self) -> dict[str, Any]: ...
+
+    def build_model(self) -> nn.Module: ...
+
+    @classmethod
+    def from_saved(cls, folder: Path, state: dict[str, Any], target: Any) -> Any: ...
+
+    def save(self, folder: Path, model: nn.Module) -> None:
+        self.save_inputs(folder)
+        save_model(model, str(folder / "model.safetensors"))
+
+    def save_inputs(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(folder / "task.json", self.state())
+
+    @classmethod
+    def load(cls, folder: Path, state: dict[str, Any], target: Any) -> tuple[Any, nn.Module]:
+        task = cls.from_saved(folder, state, target)
+        model = task.build_model()
+        load_model(model, str(folder / "model.safetensors"))
+        return task, model
 
 
 class HuggingFaceFolderTask:

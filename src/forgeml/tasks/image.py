@@ -13,20 +13,18 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from datasets import Dataset
-from safetensors.torch import load_model, save_model
 
 from forgeml.data.images import IMAGE_COLUMN, SHAPE_COLUMN, as_image, pixels
 from forgeml.data.io import column as column_values
 from forgeml.errors import DataError
 from forgeml.models.cnn import ResNetSmall
-from forgeml.tasks.base import Target, TargetTask, TensorSplit
-from forgeml.workspace import atomic_write_json
+from forgeml.tasks.base import SafetensorsFolderTask, Target, TargetTask, TensorSplit
 
 GRID_SIZE = 32  # images in the card's grid of test answers
 GRID_WRONG = 16  # of which at most this many are wrong answers
 
 
-class ImageClassificationTask(TargetTask):
+class ImageClassificationTask(TargetTask, SafetensorsFolderTask):
     """image-classification: `model.backbone: resnet_small` (width and depths configurable)."""
 
     name = "image-classification"
@@ -121,22 +119,7 @@ class ImageClassificationTask(TargetTask):
             "model": {**self.model_options, "architecture": "resnet_small"},
         }
 
-    def save(self, folder: Path, model: ResNetSmall) -> None:
-        self.save_inputs(folder)
-        save_model(model, str(folder / "model.safetensors"))
-
-    def save_inputs(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(folder / "task.json", self.state())
-
     @classmethod
     def from_saved(cls, folder: Path, state: dict[str, Any], target: Target) -> ImageClassificationTask:
         options = {k: v for k, v in state["model"].items() if k != "architecture"}
         return cls(target, options, state.get("augment"), state["inputs"])
-
-    @classmethod
-    def load(cls, folder: Path, state: dict[str, Any], target: Target) -> tuple[ImageClassificationTask, ResNetSmall]:
-        task = cls.from_saved(folder, state, target)
-        model = task.build_model()
-        load_model(model, str(folder / "model.safetensors"))
-        return task, model

@@ -15,14 +15,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 from datasets import Dataset
-from safetensors.torch import load_model, save_model
 
 from forgeml.data.io import column as column_values
 from forgeml.data.validate import require_columns
 from forgeml.errors import DataError
 from forgeml.models.mlp import TabularMLP
-from forgeml.tasks.base import Target, TargetTask, TensorSplit
-from forgeml.workspace import atomic_write_json
+from forgeml.tasks.base import SafetensorsFolderTask, Target, TargetTask, TensorSplit
 
 MISSING = 0  # category id for missing and never-seen values
 
@@ -91,7 +89,7 @@ class TabularPreprocessor:
         return {"numeric": self.numeric, "categorical": self.categorical}
 
 
-class TabularTask(TargetTask):
+class TabularTask(TargetTask, SafetensorsFolderTask):
     """tabular-classification and tabular-regression."""
 
     def __init__(
@@ -139,24 +137,9 @@ class TabularTask(TargetTask):
             "model": {**self.model_options, "architecture": "mlp"},
         }
 
-    def save(self, folder: Path, model: TabularMLP) -> None:
-        self.save_inputs(folder)
-        save_model(model, str(folder / "model.safetensors"))
-
-    def save_inputs(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(folder / "task.json", self.state())  # the preprocessing is part of the state
-
     @classmethod
     def from_saved(cls, folder: Path, state: dict[str, Any], target: Target) -> TabularTask:
         """The task written by `save_inputs`."""
         options = {k: v for k, v in state["model"].items() if k != "architecture"}
         prep = state["inputs"]["preprocessing"]
         return cls(state["task"], state["inputs"]["features"], target, options, TabularPreprocessor(**prep))
-
-    @classmethod
-    def load(cls, folder: Path, state: dict[str, Any], target: Target) -> tuple[TabularTask, TabularMLP]:
-        task = cls.from_saved(folder, state, target)
-        model = task.build_model()
-        load_model(model, str(folder / "model.safetensors"))
-        return task, model
