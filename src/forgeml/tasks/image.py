@@ -51,9 +51,16 @@ class ImageClassificationTask(TargetTask, SafetensorsFolderTask):
         if not shapes:
             raise DataError("train: no images")
         self.image_shape = tuple(shapes[0])
-        images = pixels(train, self.image_shape, "train").astype(np.float64)
-        self.mean = images.mean(axis=(0, 2, 3)).round(4).tolist()
-        self.std = [max(s, 1e-3) for s in images.std(axis=(0, 2, 3)).round(4).tolist()]
+        images = pixels(train, self.image_shape, "train")
+        total, squares, count = np.zeros(images.shape[1]), np.zeros(images.shape[1]), 0
+        for start in range(0, len(images), 1024):  # in chunks: float64 copies of every image would not fit
+            chunk = images[start : start + 1024].astype(np.float64)
+            total += chunk.sum(axis=(0, 2, 3))
+            squares += (chunk**2).sum(axis=(0, 2, 3))
+            count += chunk.shape[0] * chunk.shape[2] * chunk.shape[3]
+        mean = total / count
+        self.mean = mean.round(4).tolist()
+        self.std = [max(s, 1e-3) for s in np.sqrt(np.maximum(squares / count - mean**2, 0.0)).round(4).tolist()]
 
     def build_model(self) -> ResNetSmall:
         assert self.image_shape is not None and self.mean is not None and self.std is not None, "fit() first"
