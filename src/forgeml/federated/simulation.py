@@ -32,7 +32,14 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
-from flwr.serverapp import Grid, NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
+from flwr.serverapp import (
+    GaussianPrivacyEvent,
+    Grid,
+    NeighboringRelation,
+    PrivacyConfig,
+    RdpAccountant,
+    SamplingMethod,
+)
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg, FedProx, Strategy
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_model
@@ -40,12 +47,11 @@ from torch import nn
 
 from forgeml.config import LOWER_IS_BETTER, FederatedConfig, TrainConfig
 from forgeml.errors import ArtifactError
-from forgeml.evaluate.metrics import scalar_metrics
 from forgeml.evaluate.outputs import model_outputs
 from forgeml.federated.partition import Partition
 from forgeml.tasks.base import EncodedSplit, Task
 from forgeml.train.checkpoint import save_weights
-from forgeml.train.loop import BEST_WEIGHTS, RowSubset, TrainResult, train
+from forgeml.train.loop import BEST_WEIGHTS, RowSubset, TrainResult, event_log, train, validation_metrics
 from forgeml.train.progress import ProgressBar
 from forgeml.workspace import atomic_write_json
 
@@ -128,7 +134,7 @@ def train_federated(
     sampled = max(1, int(clients * federated.fraction))
     strategy, accountant = _strategy(federated, clients, sampled)
     speed: dict[str, Any] = {"samples": 0, "seconds": 0.0, "mfu": []}  # the clients' local training
-    app = _client_app(task, model, shards, federated, train_config, seed, speed)
+    app = _client_app(task, model, shards, shared, federated, train_config, seed, speed)
     grid = LocalGrid(app, clients)
 
     state: dict[str, Any] = {
@@ -143,15 +149,7 @@ def train_federated(
         state = _load_round(checkpoints, model)
         if accountant is not None and state["round"]:  # every finished round released one noisy average
             accountant.compose(_privacy_event(federated, sampled, clients), count=state["round"])
-    if log_path:
-        log_path.write_text("".join(json.dumps(event) + "\n" for event in state["history"]), encoding="utf-8")
-
-    def record(event: dict[str, Any]) -> None:
-        state["history"].append(event)
-        if log_path:
-            with open(log_path, "a", encoding="utf-8") as log:
-                log.write(json.dumps(event) + "\n")
-
+    record = event_log(state["history"], log_path)
     started = time.perf_counter()
     best_in_memory: dict[str, torch.Tensor] = {}
     arrays = ArrayRecord(torch_state_dict=_weights(model, shared))
@@ -235,14 +233,15 @@ def _client_app(
     task: Task,
     model: nn.Module,
     shards: dict[str, list[RowSubset]],
+    shared: list[str],
     federated: FederatedConfig,
     train_config: TrainConfig,
     seed: int,
     speed: dict[str, Any],
 ) -> ClientApp:
-    """One ClientApp for every client (they take turns with the one model): train locally, or evaluate."""
+    """One ClientApp for every client (they take turns with the one model): train locally, or evaluate.
+    `shared`: the names of the weights a client sends back."""
     app = ClientApp()
-    shared = _shared_names(model)
 
     @app.train(mods=[fixedclipping_mod] if federated.privacy else [])
     def fit(message: Message, context: Context) -> Message:
@@ -330,9 +329,7 @@ def _strategy(federated: FederatedConfig, clients: int, sampled: int) -> tuple[S
     return wrapped, accountant
 
 
-def _privacy_event(federated: FederatedConfig, sampled: int, clients: int) -> Any:
-    from flwr.serverapp import GaussianPrivacyEvent
-
+def _privacy_event(federated: FederatedConfig, sampled: int, clients: int) -> GaussianPrivacyEvent:
     assert federated.privacy is not None
     return GaussianPrivacyEvent(
         noise_multiplier=federated.privacy.noise_multiplier, sample_size=sampled, population_size=clients
@@ -377,10 +374,7 @@ def _weights(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
 
 
 def _validate(task: Task, model: nn.Module, split: EncodedSplit, batch_size: int) -> dict[str, float]:
-    outputs, targets = model_outputs(model, split, batch_size)
-    metrics = scalar_metrics(task.metrics(outputs, targets))
-    metrics["loss"] = float(task.loss(torch.from_numpy(outputs), torch.from_numpy(targets)))
-    return metrics
+    return validation_metrics(task, *model_outputs(model, split, batch_size))
 
 
 def _client_scores(

@@ -47,10 +47,9 @@ class ImageClassificationTask(TargetTask, SafetensorsFolderTask):
 
     def fit(self, train: Dataset) -> None:
         self.target.fit(column_values(train, self.target.column))
-        shapes = column_values(train.select(range(min(len(train), 1))), SHAPE_COLUMN)
-        if not shapes:
+        if len(train) == 0:
             raise DataError("train: no images")
-        self.image_shape = tuple(shapes[0])
+        self.image_shape = tuple(train[0][SHAPE_COLUMN])  # pixels() checks every other image against it
         images = pixels(train, self.image_shape, "train")
         total, squares, count = np.zeros(images.shape[1]), np.zeros(images.shape[1]), 0
         for start in range(0, len(images), 1024):  # in chunks: float64 copies of every image would not fit

@@ -77,6 +77,28 @@ class RowSubset:
         return self.split.batch(self.rows[np.asarray(rows, dtype=np.int64)].tolist())
 
 
+def event_log(history: list[dict[str, Any]], log_path: Path | None) -> Callable[[dict[str, Any]], None]:
+    """`record(event)`: appends to `history` and, as a JSON line, to `log_path`, which starts over from `history`
+    (after a resume the log holds what the checkpoint knew)."""
+    if log_path:
+        log_path.write_text("".join(json.dumps(event) + "\n" for event in history), encoding="utf-8")
+
+    def record(event: dict[str, Any]) -> None:
+        history.append(event)
+        if log_path:
+            with open(log_path, "a", encoding="utf-8") as log:
+                log.write(json.dumps(event) + "\n")
+
+    return record
+
+
+def validation_metrics(task: Task, outputs: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+    """The task's scalar metrics and its loss on one scored split."""
+    metrics = scalar_metrics(task.metrics(outputs, targets))
+    metrics["loss"] = float(task.loss(torch.from_numpy(outputs), torch.from_numpy(targets)))
+    return metrics
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -274,26 +296,18 @@ def _train(
     checkpoint = latest_checkpoint(checkpoints) if resume and checkpoints else None
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, raw_model, optimizer, scheduler)
-    if log_path:  # after a resume the log restarts from what the checkpoint knew
-        log_path.write_text("".join(json.dumps(event) + "\n" for event in state["history"]), encoding="utf-8")
+    record = event_log(state["history"], log_path)
     window = {"samples": 0, "seconds": 0.0, "flops": 0.0, "loss": 0.0, "batches": 0}
     totals = {"samples": 0, "seconds": 0.0, "flops": 0.0}
     started = time.perf_counter()
     best_in_memory: dict[str, torch.Tensor] = {}
     best_outputs: dict[str, np.ndarray] = {}
 
-    def record(event: dict[str, Any]) -> None:
-        state["history"].append(event)
-        if log_path:
-            with open(log_path, "a", encoding="utf-8") as log:
-                log.write(json.dumps(event) + "\n")
-
     def evaluate() -> bool:
         """Validate, keep the best weights, return True when early stopping says stop."""
         # The unwrapped model: the same weights, without DDP's synchronisation (every process evaluates alike).
         outputs, targets = model_outputs(raw_model, watched_split, config.eval_batch_size, accelerator.device)
-        metrics = scalar_metrics(task.metrics(outputs, targets))
-        metrics["loss"] = float(task.loss(torch.from_numpy(outputs), torch.from_numpy(targets)))
+        metrics = validation_metrics(task, outputs, targets)
         if plan:
             metrics["epsilon"] = plan.spent_epsilon(state["step"])
         record({"event": "eval", "step": state["step"], "epoch": state["epoch"], **metrics})
