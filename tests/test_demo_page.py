@@ -7,12 +7,15 @@ import shutil
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
+import forgeml
 from forgeml.serve.app import create_app
 from forgeml.serve.keys import KeyStore
 from forgeml.serve.records import RecordStore
 from forgeml.serve.runtime import ModelRuntime
 from forgeml.store import database_url
+from test_image import image_config, stripes, write_npz
 
 from serving import serving
 
@@ -95,3 +98,32 @@ def test_a_bad_key_shows_the_servers_reason(sentiment_model, tmp_path: Path) -> 
         assert page.text_content("#status") == "401: invalid API key"
         assert page.is_hidden("#result")
         browser.close()
+
+
+def test_an_image_model_takes_an_upload_and_shows_its_label(tmp_path: Path) -> None:
+    executable = _chromium()
+    run = forgeml.run(image_config(write_npz(tmp_path / "d.npz"), epochs=3), workspace=tmp_path / "ws").run_dir
+    image = stripes(1, seed=5)[0][0]
+    Image.fromarray(image).save(tmp_path / "stripes.png")
+    expected = forgeml.load(run).predict([str(tmp_path / "stripes.png")])[0]["label"]
+    with (
+        serving(create_app(ModelRuntime(run), None)) as client,
+        playwright_api.sync_playwright() as playwright,
+    ):
+        browser = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        page = browser.new_page()
+        problems: list[str] = []
+        page.on("pageerror", lambda error: problems.append(str(error)))
+        page.goto(f"http://127.0.0.1:{client.port}/")
+        page.click("#predict")  # nothing chosen yet: said so, nothing sent
+        page.wait_for_selector("#status.error")
+        assert page.text_content("#status") == "choose an image file first"
+        page.set_input_files("#input-0", str(tmp_path / "stripes.png"))
+        assert page.is_visible("#preview")
+        page.click("#predict")
+        page.wait_for_selector("#result:not(.hidden)")
+        assert page.text_content("#label") == expected
+        assert page.locator("#bars .bar").count() == 2
+        assert page.is_hidden("#explanation-box")  # word attributions are for text models
+        browser.close()
+    assert not problems, problems

@@ -156,7 +156,6 @@ def test_the_resnet_counts_its_flops_and_takes_raw_pixels() -> None:
 def test_image_settings_that_cannot_work_are_refused_naming_the_key(tmp_path: Path) -> None:
     config = image_config(tmp_path / "d.npz")
     for key, value, message in [
-        ("audit", {}, "audit: not available for task 'image-classification' yet"),
         ("model", {"backbone": "minilm"}, "model.backbone: task 'image-classification' needs 'resnet_small'"),
         ("model", {"depths": [1, 0]}, "model.depths: every stage needs at least one block"),
     ]:
@@ -194,13 +193,6 @@ def test_a_small_resnet_learns_stripes_and_predicts_from_files_bytes_and_arrays(
     assert header[:3] == ["label", "source", "prediction"] and "image" not in header
     with pytest.raises(DataError, match=r"row 1: image of shape \(8, 8, 3\), the model takes \(16, 16, 3\)"):
         predictor.predict([{"image": np.zeros((8, 8, 3)).tolist()}])
-    from forgeml.api import export
-    from forgeml.errors import ForgeError
-    from forgeml.serve.runtime import load_runtime
-
-    for refused, call in [("export", lambda: export(result.run_dir)), ("serve", lambda: load_runtime(result.run_dir))]:
-        with pytest.raises(ForgeError, match=f"{refused}: not available for image-classification runs yet"):
-            call()
 
 
 def test_a_killed_image_run_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:

@@ -72,6 +72,37 @@ def resume(
     return execute(rerun_config(RunDir(run_path)), root, show_progress=not quiet, resume_dir=run_path, encrypt=encrypt)
 
 
+def ensemble(
+    runs: list[str | Path],
+    method: str = "mean",
+    name: str | None = None,
+    workspace: str | Path | None = None,
+    quiet: bool = True,
+) -> RunResult:
+    """A new run that combines finished runs of one task, label set and data: `mean` (average probabilities
+    or values), `vote` (majority label) or `stack` (a logistic or ridge regression on the members' validation
+    outputs). It is evaluated on the members' splits; its card puts the members' metrics beside its own.
+
+    The config is the first member's with an `ensemble:` section (and no audits or compression: run
+    `forgeml audit` / `forgeml compress` on the result); the run lands in the first member's workspace
+    unless `workspace` says otherwise.
+    """
+    if not runs:
+        raise ConfigError("ensemble: name at least 2 runs to combine")
+    first = resolve_run_path(runs[0])
+    config = rerun_config(RunDir.open(first)).model_dump(mode="json")
+    config |= {
+        "name": name or f"{config['name']}-ensemble",
+        "ensemble": {"members": [str(resolve_run_path(run)) for run in runs], "method": method},
+        "audit": None,
+        "compress": None,
+        "tune": None,
+    }
+    config["evaluate"]["cross_validation"] = None
+    root = workspace_root(workspace) if workspace else first.parent.parent.parent
+    return execute(load_config(config), root, show_progress=not quiet)
+
+
 class Predictor:
     """A trained model loaded from a run directory (every artefact checked against the manifest)."""
 
@@ -101,12 +132,23 @@ class Predictor:
         show_progress: bool = False,
         max_padding: float | None = None,
     ) -> list[dict[str, Any]]:
-        """Answers for raw inputs: strings, (premise, hypothesis) pairs, dicts of columns, or a Dataset.
+        """Answers for raw inputs: strings, (premise, hypothesis) pairs, dicts of columns, or a Dataset; for an
+        image model, image files (paths or bytes) or H x W x C pixel arrays, each alone or as {'image': ...}.
 
         Each answer is {'label', 'probabilities': {class: p}} or {'value'}. When the fairness audit
         fitted per-group thresholds, inputs that carry the group column are labelled by them.
+
+        A token-classification model answers each sentence (a string, or a list of words) with its entities:
+        a list of {'entity', 'text', 'start', 'end', 'score', 'words'}, character offsets into the string
+        (into the words joined by single spaces for a list of words), `words` the [first, last + 1] word indices.
         """
-        if not isinstance(inputs, Dataset):
+        self.refuse("predict")
+        if self.task.name == "token-classification":
+            sentences = inputs[self.task.text_columns[0]] if isinstance(inputs, Dataset) else list(inputs)
+            return self.task.tag(self.model, sentences, batch_size)
+        if not isinstance(inputs, Dataset) and hasattr(self.task, "input_rows"):  # images: decoded by the task
+            inputs = self.task.input_rows(list(inputs))
+        elif not isinstance(inputs, Dataset):
             rows = list(inputs)
             columns = list(self.input_columns)
             group = self.thresholds["column"] if self.thresholds else None
@@ -173,12 +215,38 @@ class Predictor:
         """Whether this is a language model (it generates text rather than predicting a label or value)."""
         return getattr(self.task, "generates", False)
 
-    def refuse_images(self, action: str) -> None:
-        """Image models train and predict; audits, explanations, export and serving are not built for them yet."""
-        if self.task.name == "image-classification":
-            raise ForgeError(f"{action}: not available for image-classification runs yet ({self.run.path})")
+    @property
+    def generates_images(self) -> bool:
+        """Whether this is an image-generation run (a VAE or a GAN: it draws images, it predicts nothing)."""
+        return self.task.name == "image-generation"
+
+    def sample_images(self, num_samples: int = 64, seed: int = 0) -> np.ndarray:
+        """`num_samples` new images (N x C x H x W uint8) from an image-generation run; a seed always gives the
+        same images."""
+        if not self.generates_images:
+            raise ForgeError(f"{self.run.path}: a {self.task.name} run does not generate images")
+        return self.task.sample_images(self.model, num_samples, seed)
+
+    def write_samples(self, output: str | Path, num_samples: int = 64, seed: int = 0) -> Path:
+        """`sample_images` tiled into one PNG file (see `generate_images`)."""
+        from forgeml.evaluate.generated_images import write_grid
+
+        output = Path(output)
+        if output.suffix.lower() != ".png":
+            raise ConfigError(f"output: {output} must be a .png file")
+        return write_grid(self.sample_images(num_samples, seed), output)
+
+    def refuse(self, action: str) -> None:
+        """Raise a ForgeError saying what to do instead when the run's task does not offer `action` (a task lists
+        those in `refused_actions`, with the alternative in `refusal_hint`): a generator is not audited,
+        exported or served; a tagger is not (yet) exported or served."""
+        if action in getattr(self.task, "refused_actions", ()):
+            raise ForgeError(
+                f"{self.run.path}: {action} is not available for {self.task.name} runs; {self.task.refusal_hint}"
+            )
 
     def _require_predictions(self) -> None:
+        self.refuse("predict")
         if self.generates:
             raise ForgeError(
                 f"{self.run.path}: a language model generates text rather than predicting: use forgeml "
@@ -208,9 +276,13 @@ class Predictor:
 
     def explain(self, inputs: list[Any], steps: int = 20) -> list[Any]:
         """Word attributions (Captum integrated gradients) for texts or (premise, hypothesis) pairs, as the
-        model sees them (normalised, PII redacted)."""
+        model sees them (normalised, PII redacted); for an image run, pixel attributions for image files, their
+        bytes or pixel arrays (`trust.image_explain.ImageExplanation`; `plot_saliency` draws them)."""
         from forgeml.trust.explain import explain_texts
 
+        self.refuse("explain")
+        if self.task.name == "image-classification":
+            return self._explain_images(inputs, steps)
         columns = getattr(self.task, "text_columns", None)
         if not columns:
             raise ForgeError(
@@ -220,6 +292,21 @@ class Predictor:
         texts = [column(prepared, name) for name in columns]
         items = texts[0] if len(columns) == 1 else list(zip(*texts, strict=True))
         return explain_texts(self.task, self.torch_model, items, steps=steps)
+
+    def _explain_images(self, inputs: list[Any], steps: int) -> list[Any]:
+        from forgeml.data.images import IMAGE_COLUMN
+        from forgeml.trust.image_explain import explain_images
+
+        if not inputs:
+            raise ForgeError("explain: give at least one image (a file, its bytes or an array of pixels)")
+        # Files by name (a Path is not a Dataset value), bytes as they are, arrays as nested lists.
+        values = [str(v) if isinstance(v, Path) else v.tolist() if hasattr(v, "tolist") else v for v in inputs]
+        rows = dataset_from_rows([{IMAGE_COLUMN: value} for value in values], [IMAGE_COLUMN])
+        encoded = self.task.encode(rows, "explain", with_targets=False)
+        sources = [
+            str(value) if isinstance(value, str | Path) else f"image {index + 1}" for index, value in enumerate(inputs)
+        ]
+        return explain_images(self.torch_model, encoded.inputs["pixels"], self.task.target.classes, steps, sources)
 
     def _answers(
         self, dataset: Dataset, batch_size: int, show_progress: bool, max_padding: float | None = None
@@ -253,6 +340,12 @@ def _options(options: GenerationOptions | None, settings: dict[str, Any]) -> Gen
     return options or GenerationOptions(**settings)
 
 
+def generate_images(run_dir: str | Path, num_samples: int, output: str | Path, seed: int = 0) -> Path:
+    """Write `num_samples` images from an image-generation run as one PNG grid (rows of ceil(sqrt(N)) images,
+    2 white pixels apart, at the images' own size); the same seed writes the same pixels."""
+    return Predictor(run_dir).write_samples(output, num_samples, seed)
+
+
 def load(run_dir: str | Path) -> Predictor:
     """Load a finished run's model for prediction."""
     return Predictor(run_dir)
@@ -266,7 +359,6 @@ def evaluate(run_dir: str | Path, data: str | Path, batch_size: int = 64) -> dic
     scored without it too); metrics and plots go to `evaluations/<file>-<time>/`.
     """
     predictor = Predictor(run_dir)
-    predictor.refuse_images("evaluate")
     config = predictor.config
     task = predictor.task
     if config.task == "language-modeling":  # loss and perplexity of the file's documents, however long
@@ -285,7 +377,7 @@ def evaluate(run_dir: str | Path, data: str | Path, batch_size: int = 64) -> dic
             metrics |= task.evaluate_generations(predictor.model, dataset, generation.model_dump(), 0, folder)
         atomic_write_json(folder / "metrics.json", {"data": str(Path(data).resolve()), **metrics})
         return metrics
-    dataset = read_split(Path(data), config, predictor.input_columns)
+    dataset = read_split(Path(data), config, predictor.input_columns, split="test")  # an npz's x_test, else x
     text_columns = getattr(predictor.task, "text_columns", [])
     dataset, cleaning = clean(dataset, text_columns, predictor.input_columns, config.data.label, config.data.clean)
     redacted: dict[str, int] = {}
@@ -306,6 +398,8 @@ def predict(
 ) -> Path:
     """Predict every row of a file; write its rows plus `prediction` (and `p_<class>`) to CSV or JSONL."""
     predictor = Predictor(run_dir)
+    if predictor.config.task == "token-classification":
+        return _predict_entities(predictor, Path(data), Path(output), batch_size)
     predictor._require_predictions()
     if predictor.config.task == "image-classification":  # an npz, a folder of images or a table of image files
         from forgeml.data.images import PIXEL_COLUMNS, read_images
@@ -341,6 +435,23 @@ def predict(
     return output
 
 
+def _predict_entities(predictor: Predictor, data: Path, output: Path, batch_size: int) -> Path:
+    """Entities of every sentence of `data` (a text file, one sentence a line; or JSON lines with a tokens list
+    or a `text` string) as JSON lines: the sentence (or its words) and its entities."""
+    from forgeml.data.tagged import read_sentences
+
+    if output.suffix.lower() not in (".jsonl", ".ndjson"):
+        raise ForgeError(f"--output {output}: entities are lists per sentence; write JSON lines (a .jsonl file)")
+    sentences = read_sentences(data, predictor.config.data.tokens)
+    found = predictor.predict(sentences, batch_size)
+    rows = [
+        {"text" if isinstance(sentence, str) else "tokens": sentence, "entities": entities}
+        for sentence, entities in zip(sentences, found, strict=True)
+    ]
+    atomic_write_bytes(output, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8"))
+    return output
+
+
 @on_plaintext(writes=True)
 def audit(
     run_dir: str | Path,
@@ -363,7 +474,7 @@ def audit(
     from forgeml.trust.audit import run_audits
 
     predictor = Predictor(run_dir)
-    predictor.refuse_images("audit")
+    predictor.refuse("audit")
     config = predictor.config.model_copy(deep=True)
     if config.audit is None:
         config.audit = AuditConfig()
@@ -372,7 +483,14 @@ def audit(
     if baseline is not None:
         config.audit.robustness.baseline = str(Path(baseline).resolve())
     external = None
-    if data is not None:
+    if data is not None and config.task == "image-classification":  # an npz, a folder or a table of image files
+        from forgeml.data.images import read_images
+
+        height, width, _ = predictor.task.image_shape
+        size = height if height == width else None  # files of another size are brought to the model's
+        external = read_images(Path(data), config.data.label, "test", config.data.image, size)
+        splits = prepare(config).splits
+    elif data is not None:
         classes = getattr(predictor.task.target, "classes", None)
         external = read_audited_file(Path(data), config, predictor.input_columns, classes)  # its errors come first
         # The run's own splits, as it was trained on them, for membership inference and explanations; the
@@ -401,10 +519,9 @@ def audit(
 
 
 def explain(run_dir: str | Path, inputs: list[Any], steps: int = 20) -> list[Any]:
-    """Word attributions (Captum integrated gradients) for texts or (premise, hypothesis) pairs."""
-    predictor = Predictor(run_dir)
-    predictor.refuse_images("explain")
-    return predictor.explain(inputs, steps)
+    """Word attributions (Captum integrated gradients) for texts or (premise, hypothesis) pairs; for an image
+    run, pixel attributions (`ImageExplanation`) for image files, their bytes or pixel arrays."""
+    return Predictor(run_dir).explain(inputs, steps)
 
 
 @on_plaintext(writes=True)
@@ -422,17 +539,33 @@ def export(
     from forgeml.export import export_model, parity_sample
 
     predictor = Predictor(run_dir)
-    predictor.refuse_images("export")
+    predictor.refuse("export")
+    task = predictor.task
+    splits = prepare(predictor.config).splits if data is None or _calibrates_int8(task) else {}
     if data is not None:  # prepared as the run's own rows were: cleaning and PII redaction, labels optional
         rows = read_audited_file(Path(data), predictor.config, predictor.input_columns)
     else:
-        rows = _held_out(prepare(predictor.config).splits)[1]
-    encoded = predictor.task.encode(parity_sample(rows), "export", with_targets=False)
+        rows = _held_out(splits)[1]
+    encoded = task.encode(parity_sample(rows), "export", with_targets=False)
     folder = predictor.run.path / "export"
     try:
-        return export_model(predictor.task, predictor.model, encoded, folder, tuple(formats))
+        return export_model(task, predictor.model, encoded, folder, tuple(formats), _calibration(task, splits))
     finally:  # a failed check is recorded too: the card says which export is off, and by how much
         _record_and_report(predictor.run, folder.rglob("*"))
+
+
+def _calibrates_int8(task: Any) -> bool:
+    return bool(getattr(task, "int8_calibration_rows", 0))
+
+
+def _calibration(task: Any, splits: dict[str, Dataset | None]) -> Any:
+    """A seeded sample of training rows that calibrates a static int8 export, for a task whose model is
+    quantized that way (a CNN); None for the others, whose int8 scheme needs no calibration."""
+    train = splits.get("train")
+    if not _calibrates_int8(task) or train is None:
+        return None
+    count = min(task.int8_calibration_rows, len(train))
+    return task.encode(train.shuffle(seed=0).select(range(count)), "train", with_targets=False)
 
 
 def _held_out(splits: dict[str, Dataset | None]) -> tuple[str, Dataset]:
@@ -460,7 +593,7 @@ def compress(run_dir: str | Path) -> dict[str, Any]:
     from forgeml.export import parity_sample
 
     predictor = Predictor(run_dir)
-    predictor.refuse_images("compress")
+    predictor.refuse("compress")
     if predictor.generates:
         return _compress_language_model(predictor)
     splits = prepare(predictor.config).splits
@@ -480,7 +613,15 @@ def compress(run_dir: str | Path) -> dict[str, Any]:
         )
     try:
         return compress_model(
-            task, predictor.model, test, parity_rows, run.path / "compress", run.path / "export", options, training
+            task,
+            predictor.model,
+            test,
+            parity_rows,
+            run.path / "compress",
+            run.path / "export",
+            options,
+            training,
+            _calibration(task, splits),
         )
     finally:
         _record_and_report(run, [*run.path.glob("compress/**/*"), *run.path.glob("export/**/*")])

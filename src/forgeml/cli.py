@@ -135,6 +135,37 @@ def run(
         result = api.run(resolved, workspace=workspace, quiet=not show, encrypt=encrypted)
     if not distributed.is_lead():
         return  # rank 0 reports
+    _report_run(result)
+
+
+@app.command()
+def ensemble(
+    runs: Annotated[list[Path], typer.Argument(help="finished runs of one task, label set and data (2 or more)")],
+    method: Annotated[
+        str, typer.Option(help="mean: average the probabilities; vote: majority label; stack: fitted on validation")
+    ] = "mean",
+    name: Annotated[
+        str | None, typer.Option(help="the new run's name (default: the first member's + -ensemble)")
+    ] = None,
+    workspace: Workspace = None,
+    quiet: Quiet = False,
+) -> None:
+    """Combine finished runs into one model: a new run, evaluated beside its members, that serves like any."""
+    from forgeml import api
+    from forgeml.train.progress import progress_enabled
+
+    result = api.ensemble(list(runs), method, name, workspace, quiet=not progress_enabled(quiet))
+    members = result.metrics["training"]["ensemble"]["members"]
+    metric = result.metrics["primary_metric"]
+    split = "test" if "test" in result.metrics else "validation"
+    for member in members:
+        score = member.get(split, {}).get(metric)
+        console.print(f"member {member['run']}: {split} {metric} {score:.4f}" if score is not None else member["run"])
+    _report_run(result)
+
+
+def _report_run(result: Any) -> None:
+    """A finished run's metrics, where its directory and card are, and the commands that use it."""
     _print_metrics(result.metrics)
     console.print(f"run directory: {result.run_dir}")
     # Where to look next, and the commands that use the run (paths quoted for copy-paste).
@@ -177,12 +208,19 @@ def evaluate(
 @app.command()
 def predict(
     run_dir: Annotated[Path, typer.Argument(help="a run directory")],
-    data: Annotated[Path, typer.Argument(help="csv / tsv / jsonl / parquet file with the input columns")],
+    data: Annotated[
+        Path,
+        typer.Argument(
+            help="csv / tsv / jsonl / parquet file with the input columns; token-classification: a text file with "
+            "one sentence a line, or JSON lines with a tokens list"
+        ),
+    ],
     output: Annotated[Path, typer.Option("--output", "-o", help="where to write (.csv, .tsv or .jsonl)")],
     batch_size: int = 64,
     quiet: Quiet = False,
 ) -> None:
-    """Predict every row of a file; writes its rows plus prediction (and class probabilities)."""
+    """Predict every row of a file; writes its rows plus prediction (and class probabilities), or for a
+    token-classification run each sentence with its entities (JSON lines: entity, text, start, end, score)."""
     from forgeml import api
     from forgeml.train.progress import progress_enabled
 
@@ -192,8 +230,13 @@ def predict(
 
 @app.command()
 def generate(
-    run_dir: Annotated[Path, typer.Argument(help="a language-modeling or instruction-tuning run directory")],
-    prompt: Annotated[str, typer.Argument(help="the text to continue (a user turn for an instruction-tuned model)")],
+    run_dir: Annotated[
+        Path, typer.Argument(help="a language-modeling, instruction-tuning or image-generation run directory")
+    ],
+    prompt: Annotated[
+        str | None,
+        typer.Argument(help="the text to continue (a user turn for an instruction-tuned model); not for images"),
+    ] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="most tokens to add")] = 100,
     temperature: Annotated[float, typer.Option(help="0 picks the likeliest token (greedy)")] = 1.0,
     top_k: Annotated[int | None, typer.Option("--top-k", help="sample among the k likeliest tokens")] = None,
@@ -201,12 +244,34 @@ def generate(
     repetition_penalty: Annotated[float, typer.Option("--repetition-penalty", help="1 is off")] = 1.0,
     stop: Annotated[list[str] | None, typer.Option("--stop", help="end before this text (repeatable)")] = None,
     seed: Annotated[int | None, typer.Option(help="the same seed gives the same text")] = None,
-    num_samples: Annotated[int, typer.Option("--num-samples", min=1, help="continuations to write")] = 1,
+    num_samples: Annotated[
+        int | None, typer.Option("--num-samples", min=1, help="continuations to write (images: 64)")
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="image-generation: the PNG grid to write")
+    ] = None,
     truncate: Annotated[str, typer.Option(help="a prompt longer than the context: refuse or left (cut)")] = "refuse",
 ) -> None:
-    """Continue PROMPT with a trained language model, streaming the text as it is generated."""
+    """Continue PROMPT with a trained language model, streaming the text as it is generated; or, from an
+    image-generation run, write --num-samples new images as one PNG grid (-o grid.png; --seed repeats them)."""
     from forgeml import api
     from forgeml.generate import GenerationOptions
+
+    model = api.load(run_dir)
+    if model.generates_images:
+        if output is None:
+            raise ConfigError("--output: an image-generation run writes a PNG grid; give -o grid.png")
+        if prompt is not None:
+            raise ConfigError("PROMPT: an image-generation run takes no prompt; remove it")
+        count = num_samples or 64
+        written = model.write_samples(output, count, seed or 0)
+        console.print(f"{count} images written to {written}")
+        return
+    if prompt is None:
+        raise ConfigError("PROMPT: a language model needs the text to continue")
+    if output is not None:
+        raise ConfigError("--output: is for image-generation runs; a language model's text goes to the terminal")
+    num_samples = num_samples or 1
 
     options = GenerationOptions(
         max_new_tokens=max_new_tokens,
@@ -218,7 +283,6 @@ def generate(
         seed=seed,
         truncate=truncate,
     )
-    model = api.load(run_dir)
     for index in range(num_samples):
         if num_samples > 1:
             print(f"--- sample {index + 1} ---", flush=True)
@@ -258,17 +322,33 @@ def audit(
 @app.command()
 def explain(
     run_dir: Annotated[Path, typer.Argument(help="a run directory")],
-    texts: Annotated[list[str], typer.Argument(help="texts to explain; for pairs give 'premise ||| hypothesis'")],
+    texts: Annotated[
+        list[str],
+        typer.Argument(help="texts to explain (for pairs give 'premise ||| hypothesis'); image files for an image run"),
+    ],
     html: Annotated[Path | None, typer.Option("--html", help="also write the highlighted words to this file")] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="image runs: the saliency PNG (default saliency.png)")
+    ] = None,
     steps: int = 20,
 ) -> None:
-    """Which words pushed the prediction: integrated-gradients attributions, coloured in the terminal."""
+    """Which words (or pixels) pushed the prediction: integrated-gradients attributions, coloured in the terminal
+    for text, a saliency PNG for images."""
     from forgeml import api
     from forgeml.trust.explain import explanation_html, explanation_terminal
+    from forgeml.trust.image_explain import ImageExplanation, plot_saliency
     from forgeml.workspace import atomic_write_text
 
     inputs = [tuple(part.strip() for part in text.split("|||")) if "|||" in text else text for text in texts]
     explanations = api.explain(run_dir, inputs, steps)
+    if explanations and isinstance(explanations[0], ImageExplanation):
+        for explanation in explanations:
+            console.print(f"{explanation.source}: {explanation.label} ({explanation.probability:.1%})")
+        written = plot_saliency(explanations, output or Path("saliency.png"))
+        console.print(f"wrote {written}")
+        return
+    if output is not None:
+        raise ForgeError("explain: --output writes the saliency PNG of an image run; for text use --html")
     for explanation in explanations:
         console.print(explanation_terminal(explanation))
     if html is not None:

@@ -7,6 +7,7 @@ path, the value given and what is allowed, so that a person can fix it without r
 from __future__ import annotations
 
 import difflib
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +27,8 @@ TASKS = (
     "instruction-tuning",
     "masked-lm",
     "image-classification",
+    "token-classification",
+    "image-generation",
 )
 TaskName = Literal[
     "text-classification",
@@ -37,6 +40,8 @@ TaskName = Literal[
     "instruction-tuning",
     "masked-lm",
     "image-classification",
+    "token-classification",
+    "image-generation",
 ]
 # Tasks that model text itself (no label): loss and perplexity are their metrics.
 GENERATIVE_TASKS = ("language-modeling", "instruction-tuning", "masked-lm")
@@ -44,11 +49,20 @@ GENERATIVE_TASKS = ("language-modeling", "instruction-tuning", "masked-lm")
 CLASSIFICATION_METRICS = ("f1", "accuracy", "precision", "recall", "roc_auc", "log_loss", "loss")
 REGRESSION_METRICS = ("rmse", "mae", "mse", "r2", "loss")
 LANGUAGE_MODEL_METRICS = ("loss", "perplexity", "bits_per_character")
-LOWER_IS_BETTER = frozenset({"loss", "log_loss", "mae", "rmse", "mse", "perplexity", "bits_per_character"})
+# Token classification: entity-level (seqeval, strict IOB2) precision/recall/F1, word-level tag accuracy.
+TAGGING_METRICS = ("f1", "precision", "recall", "accuracy", "loss")
+# Image generation: bits/dim of the VAE's negative ELBO; the Fréchet distance of samples in a classifier's features;
+# a GAN without a classifier watches its step count (it only grows: the last weights are kept).
+GENERATION_METRICS = ("bits_per_dim", "frechet_distance", "training_steps", "loss")
+LOWER_IS_BETTER = frozenset(
+    {"loss", "log_loss", "mae", "rmse", "mse", "perplexity", "bits_per_character", "bits_per_dim", "frechet_distance"}
+)
 # `model.backbone` naming a new causal LM / BERT-style encoder built from `model.architecture` (not a pre-trained one).
 NEW_GPT = "gpt"
 NEW_ENCODER = "bert"
 RESNET_SMALL = "resnet_small"  # the image backbone trained from scratch
+IMAGE_GENERATORS = ("vae", "gan")  # image-generation: model.kind (also its model.backbone and its family)
+DEFAULT_LATENT_SIZE = {"vae": 64, "gan": 100}  # DCGAN's 100; a VAE on 32 x 32 images needs no more than 64
 # nanoGPT's small CPU model for character-level Shakespeare ("baby GPT" scaled down).
 DEFAULT_GPT_ARCHITECTURE = {"n_layer": 4, "n_head": 4, "n_embd": 128, "context": 64, "dropout": 0.0}
 DEFAULT_BPE_VOCAB = 4096
@@ -72,6 +86,33 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "early_stopping.patience": 8,
         "early_stopping.metric": "accuracy",
         "min_lr_ratio": 0.0,
+        "adam_beta2": 0.999,
+    },
+    # A convolutional VAE from scratch: Adam at 2e-3 with a cosine decay, no weight decay (the KL term already
+    # regularises); early stopping watches validation bits/dim.
+    "vae": {
+        "lr": 2.0e-3,
+        "epochs": 20,
+        "batch_size": 128,
+        "scheduler": "cosine",
+        "warmup_ratio": 0.02,
+        "weight_decay": 0.0,
+        "early_stopping.patience": 4,
+        "min_lr_ratio": 0.05,
+        "adam_beta1": 0.9,
+        "adam_beta2": 0.999,
+    },
+    # DCGAN (Radford et al. 2016): Adam 2e-4 with beta1 0.5, batch 64, a constant rate, no weight decay.
+    "gan": {
+        "lr": 2.0e-4,
+        "epochs": 15,
+        "batch_size": 64,
+        "scheduler": "constant",
+        "warmup_ratio": 0.0,
+        "weight_decay": 0.0,
+        "early_stopping.patience": 5,
+        "min_lr_ratio": 0.0,
+        "adam_beta1": 0.5,
         "adam_beta2": 0.999,
     },
     "mlp": {
@@ -121,6 +162,21 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "min_lr_ratio": 0.0,
         "adam_beta2": 0.999,
     },
+    # A pre-trained encoder fine-tuned to tag every word (NER): a new per-token head learns from far fewer
+    # examples per label than a sentence head gets, so a larger step and a longer warm-up (BERT's CoNLL-2003
+    # recipe, 5e-5 for a 12-layer encoder, doubled for 6-layer MiniLM; measured in benchmarks/RESULTS.md).
+    "token-encoder": {
+        "lr": 1.0e-4,
+        "epochs": 4,
+        "batch_size": 32,
+        "scheduler": "linear",
+        "warmup_ratio": 0.1,
+        "weight_decay": 0.01,
+        "early_stopping.patience": 2,
+        "early_stopping.metric": "f1",
+        "min_lr_ratio": 0.0,
+        "adam_beta2": 0.999,
+    },
     # A BERT-style encoder pre-trained from scratch with masked-LM (RoBERTa's small-model recipe, shortened).
     "bert": {
         "lr": 5.0e-4,
@@ -150,6 +206,10 @@ def model_family(backbone: str | None, task: str | None = None, lora: bool = Fal
         return "mlp"
     if backbone == RESNET_SMALL:
         return "cnn"
+    if task == "image-generation" and backbone in IMAGE_GENERATORS:
+        return backbone
+    if task == "token-classification":
+        return "token-encoder"
     if task in ("language-modeling", "instruction-tuning"):
         family = "gpt" if backbone == NEW_GPT else "causal-lm"
     else:
@@ -231,7 +291,9 @@ class PiiConfig(Section):
     types: list[str] | None = Field(None, description="entity types to redact; default: all")
     style: Literal["tag", "mask"] = Field("tag", description="tag: '[EMAIL]'; mask: '*' of the same length")
     ner_model: str | None = Field(
-        None, description="local token-classification checkpoint that finds PERSON names (none is bundled)"
+        None,
+        description="finds PERSON names: a forgeml token-classification run directory (its PER entities) or a "
+        "local Hugging Face token-classification checkpoint (none is bundled)",
     )
 
     @field_validator("types")
@@ -291,10 +353,17 @@ class DataConfig(Section):
     train: Path
     validation: Path | None = None
     test: Path | None = None
-    format: Literal["auto", "csv", "tsv", "jsonl", "parquet"] = "auto"
+    format: Literal["auto", "csv", "tsv", "jsonl", "parquet", "conll"] = Field(
+        "auto",
+        description="file format; default from the extension (.conll / .iob / .bio: CoNLL columns, token first "
+        "and tag last, a blank line between sentences)",
+    )
     text: str = Field("text", description="input text column (premise for NLI; the documents for language models)")
     text_pair: str | None = Field(None, description="second text column (hypothesis for NLI)")
-    label: str = "label"
+    label: str = Field(
+        "label", description="the column to predict (token-classification: the list of tags per sentence, default tags)"
+    )
+    tokens: str = Field("tokens", description="token-classification: the column holding each sentence's words")
     features: list[str] | None = Field(None, description="tabular input columns; default: every column but the label")
     prompt: str | None = Field(None, description="instruction tuning: the prompt column (with data.response)")
     response: str | None = Field(None, description="instruction tuning: the response column the model learns to write")
@@ -382,7 +451,19 @@ class ModelConfig(Section):
     pooling: Literal["mean", "cls"] = "mean"
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     hidden_sizes: list[int] = Field([128, 64], description="MLP hidden layer widths; [] gives a linear model")
-    width: int = Field(32, ge=4, le=1024, description="resnet_small: channels of the first stage (doubling per stage)")
+    width: int = Field(
+        32,
+        ge=4,
+        le=1024,
+        description="resnet_small: channels of the first stage (doubling per stage); image-generation: channels of "
+        "the VAE's or GAN's full-resolution layer (doubling at every halving)",
+    )
+    kind: Literal["vae", "gan"] | None = Field(
+        None, description="image-generation (required): 'vae' (likelihood, bits/dim) or 'gan' (DCGAN)"
+    )
+    latent_size: int | None = Field(
+        None, ge=1, le=4096, description="image-generation: numbers in the latent code; default vae 64, gan 100"
+    )
     depths: list[int] = Field(
         [1, 1, 1], min_length=1, max_length=6, description="resnet_small: residual blocks in each stage"
     )
@@ -425,16 +506,84 @@ class DifferentialPrivacyConfig(Section):
     )
 
 
-class AdversarialConfig(Section):
-    """Adversarial training: each step also trains on inputs pushed against the model (text models)."""
+def _fraction_of(value: Any) -> Any:
+    """'8/255' (as YAML gives it, a string) -> 0.0313...: attack budgets are usually written as such fractions."""
+    if isinstance(value, str) and re.fullmatch(r"\s*\d+(\.\d+)?\s*/\s*\d+(\.\d+)?\s*", value):
+        numerator, denominator = (float(part) for part in value.split("/"))
+        if denominator > 0:
+            return numerator / denominator
+    return value
 
-    method: Literal["fgm"] = Field("fgm", description="fast gradient method on the word embeddings (Miyato et al.)")
-    epsilon: float = Field(
-        0.2,
+
+ADVERSARIAL_METHODS = {"fgm": "text tasks", "pgd": "task 'image-classification'"}
+PGD_EPSILON = 8 / 255  # the usual CIFAR-10 budget (Madry et al. 2018)
+FGM_EPSILON = 0.2
+
+
+class AdversarialConfig(Section):
+    """Adversarial training: each step trains on inputs pushed against the model.
+
+    fgm (text): the fast gradient method on the word embeddings (Miyato et al. 2017), beside the clean loss.
+    pgd (images): projected gradient descent in pixel space (Madry et al. 2018); the step trains on the attacked
+    images only. `steps: 1` with `step_size: 1.25 * epsilon` is "fast" FGSM adversarial training with a random
+    start (Wong et al. 2020). The method defaults to the task's one.
+    """
+
+    method: Literal["fgm", "pgd"] | None = Field(
+        None, description="fgm (text: word embeddings) or pgd (images: pixels); default: the task's method"
+    )
+    epsilon: float | None = Field(
+        None,
         gt=0.0,
         le=100.0,
-        description="L2 norm of each input's word-embedding perturbation (MiniLM's token vectors have norm ~1.1)",
+        description="fgm: L2 norm of each input's word-embedding perturbation (MiniLM's token vectors have norm "
+        f"~1.1; default {FGM_EPSILON}); pgd: L-infinity budget as a fraction of the pixel range, e.g. 8/255 (default)",
     )
+    steps: int | None = Field(
+        None,
+        ge=1,
+        le=100,
+        description="pgd: attack steps per training batch, each about one more forward and "
+        "backward pass (default 3; Madry et al. used 7)",
+    )
+    step_size: float | None = Field(
+        None, gt=0.0, le=1.0, description="pgd: fraction of the pixel range per step (default 2.5 * epsilon / steps)"
+    )
+
+    @field_validator("epsilon", "step_size", mode="before")
+    @classmethod
+    def _fraction(cls, value: Any) -> Any:
+        return _fraction_of(value)
+
+    def resolve(self, task: str) -> None:
+        """Fill the method's defaults for `task` and refuse what the method cannot do, naming the key."""
+        wanted = "pgd" if task == "image-classification" else "fgm"
+        allowed = f"'fgm' for {ADVERSARIAL_METHODS['fgm']}, 'pgd' for {ADVERSARIAL_METHODS['pgd']}"
+        if task.startswith("tabular"):
+            raise ValueError(
+                f"train.adversarial: needs a text task (method 'fgm') or task 'image-classification' (method "
+                f"'pgd'), not {task}"
+            )
+        method = self.method or wanted
+        if method != wanted:
+            raise ValueError(
+                f"train.adversarial.method: {method!r} does not work for task {task!r}; allowed: {allowed}"
+            )
+        if method == "fgm":
+            for key in ("steps", "step_size"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"train.adversarial.{key}: is for method 'pgd' (images); method is 'fgm'")
+            self.epsilon = self.epsilon or FGM_EPSILON
+        else:
+            self.epsilon = self.epsilon or PGD_EPSILON
+            if self.epsilon > 1.0:
+                raise ValueError(
+                    "train.adversarial.epsilon: for method 'pgd' a fraction of the pixel range in (0, 1], e.g. 8/255 "
+                    f"(= 0.0314); got {self.epsilon}"
+                )
+            self.steps = self.steps or 3
+            self.step_size = self.step_size or 2.5 * self.epsilon / self.steps
+        self.method = method
 
 
 class TrainConfig(Section):
@@ -451,6 +600,9 @@ class TrainConfig(Section):
     lr: float | None = Field(None, gt=0.0, le=10.0, description="peak learning rate; " + _family_note("lr"))
     min_lr_ratio: float | None = Field(
         None, ge=0.0, le=1.0, description="the schedule decays to lr * this; " + _family_note("min_lr_ratio")
+    )
+    adam_beta1: float | None = Field(
+        None, ge=0.0, lt=1.0, description="AdamW beta1 (0.9 unless the family says otherwise: gan 0.5)"
     )
     adam_beta2: float | None = Field(None, gt=0.0, lt=1.0, description="AdamW beta2; " + _family_note("adam_beta2"))
     optimizer: Literal["adamw", "sgd"] = "adamw"
@@ -525,6 +677,12 @@ class EvaluateConfig(Section):
     generation: GenerationEvalConfig | None = Field(
         None, description="instruction tuning: answers generated for test prompts and scored (on by default)"
     )
+    classifier: str | None = Field(
+        None,
+        description="image-generation: a finished image-classification run directory (relative to the workspace, "
+        "like a run-directory backbone; NAME/latest: its newest run) whose penultimate features measure the "
+        "Fréchet distance of samples, with its confidence on them; null: no Fréchet distance",
+    )
 
 
 class FairnessAuditConfig(Section):
@@ -560,6 +718,12 @@ class RobustnessAuditConfig(Section):
     sigmas: list[float] = Field([0.1, 0.3, 0.5], description="tabular: Gaussian noise in training standard deviations")
     max_examples: int = Field(500, ge=10, description="rows scored under each perturbation")
     attack_examples: int = Field(50, ge=0, description="text: rows given the word-substitution attack (0 skips it)")
+    epsilons: list[float] = Field(
+        [1 / 255, 2 / 255, 4 / 255, 8 / 255],
+        description="images: L-infinity budgets of the FGSM and PGD attacks, as fractions of the pixel range "
+        "(8/255 may be written as such)",
+    )
+    pgd_steps: int = Field(10, ge=1, le=1000, description="images: steps of the PGD attack (random start)")
     baseline: str | None = Field(
         None,
         description="a run directory whose model gets the same probes, for a before/after table "
@@ -572,6 +736,16 @@ class RobustnessAuditConfig(Section):
         if not value or any(v <= 0 or v > 5 for v in value):
             raise ValueError(f"each value must be > 0 (and at most 5), got {value}")
         return value
+
+    @field_validator("epsilons", mode="before")
+    @classmethod
+    def _pixel_fractions(cls, value: Any) -> Any:
+        if not isinstance(value, list):
+            return value
+        value = [_fraction_of(v) for v in value]
+        if not value or any(not isinstance(v, int | float) or v <= 0 or v > 1 for v in value):
+            raise ValueError(f"each value must be a fraction of the pixel range in (0, 1], e.g. 8/255; got {value}")
+        return sorted(float(v) for v in value)
 
 
 class AuditConfig(Section):
@@ -674,6 +848,9 @@ class ServeConfig(Section):
     max_inputs: int = Field(64, ge=1, le=10_000, description="records per request (413 beyond)")
     max_chars: int = Field(10_000, ge=1, description="characters per text (413 beyond)")
     max_body_bytes: int = Field(1 << 20, ge=1_024, description="request body size (413 beyond)")
+    max_image_pixels: int = Field(
+        4096 * 4096, ge=1, description="image models: width x height of one uploaded image (413 beyond)"
+    )
     rate_limit: float | None = Field(
         None, gt=0.0, description="requests per minute per API key (429 beyond); null: no limit"
     )
@@ -852,6 +1029,20 @@ class FederatedPrivacyConfig(Section):
     delta: float = Field(1.0e-5, gt=0.0, lt=1.0, description="the reported epsilon holds at this delta")
 
 
+class EnsembleConfig(Section):
+    """Finished runs fused into one model instead of training one (`forgeml ensemble RUN...` writes this).
+
+    The members must solve this config's task with the same labels on the same data (equal `data:`
+    sections); the ensemble is scored on those splits. `stack` fits a logistic (ridge, for a number)
+    regression on the members' validation outputs."""
+
+    members: list[str] = Field(..., min_length=2, description="run directories (or runs/NAME/latest) to combine")
+    method: Literal["mean", "vote", "stack"] = Field(
+        "mean",
+        description="mean: average the probabilities (values); vote: majority label; stack: fitted on validation",
+    )
+
+
 class FederatedConfig(Section):
     """Federated training simulated with Flower: the training data split among clients that never pool it,
     each training locally on its share; Flower's FedAvg or FedProx combines their weights round by round.
@@ -911,6 +1102,9 @@ class ForgeConfig(Section):
     federated: FederatedConfig | None = Field(
         None, description="federated training simulated with Flower (needs forgeml[federated]); null: one dataset"
     )
+    ensemble: EnsembleConfig | None = Field(
+        None, description="combine finished runs (ensemble.members) instead of training a model; null: train one"
+    )
 
     @model_validator(mode="after")
     def _backbone_fits_task(self) -> ForgeConfig:
@@ -926,9 +1120,24 @@ class ForgeConfig(Section):
         elif self.task == "image-classification":
             self._check_image_classification()
             allowed = CLASSIFICATION_METRICS
+        elif self.task == "token-classification":
+            self._check_token_classification()
+            allowed = TAGGING_METRICS
+        elif self.task == "image-generation":
+            self._check_image_generation()
+            allowed = GENERATION_METRICS
         else:
             self._check_predictive_backbone()
             allowed = CLASSIFICATION_METRICS if self.is_classification else REGRESSION_METRICS
+        if self.task != "image-generation":
+            generation_keys = (
+                ("model.kind", self.model.kind),
+                ("model.latent_size", self.model.latent_size),
+                ("evaluate.classifier", self.evaluate.classifier),
+            )
+            for key, value in generation_keys:
+                if value is not None:
+                    raise ValueError(f"{key}: is for task 'image-generation'; task is {self.task!r}")
         if self.model.lora and self.model.backbone in ("mlp", NEW_GPT, NEW_ENCODER):
             raise ValueError(
                 f"model.lora: adapters go on a pre-trained model; backbone {self.model.backbone!r} is built new "
@@ -958,6 +1167,7 @@ class ForgeConfig(Section):
             )
         self._check_training_modes()
         self._check_federated()
+        self._check_ensemble()
         if self.task == "text-pair-classification" and not self.data.text_pair:
             raise ValueError("data.text_pair: task 'text-pair-classification' needs a second text column")
         return self
@@ -976,10 +1186,8 @@ class ForgeConfig(Section):
         if any(d < 1 for d in model.depths):
             raise ValueError(f"model.depths: every stage needs at least one block, got {model.depths}")
         refused = [
-            ("audit", self.audit),
             ("compress", self.compress),
             ("train.privacy", self.train.privacy),  # Opacus cannot clip per example through batch norm
-            ("train.adversarial", self.train.adversarial),
             ("data.sensitive", data.sensitive),
             ("data.text_pair", data.text_pair),
             ("data.features", data.features),
@@ -990,6 +1198,87 @@ class ForgeConfig(Section):
         for key, value in refused:
             if value:
                 raise ValueError(f"{key}: not available for task 'image-classification' yet; remove it")
+
+    def _check_image_generation(self) -> None:
+        """A VAE or a DCGAN from scratch on images; model.kind picks it (and its training defaults); what
+        predicts labels (audits, compression, export) is refused."""
+        model, data = self.model, self.data
+        if model.kind is None:
+            raise ValueError("model.kind: task 'image-generation' needs 'vae' or 'gan'")
+        if model.backbone not in (None, model.kind):
+            raise ValueError(
+                f"model.backbone: task 'image-generation' builds its network from model.kind ({model.kind!r}); "
+                f"remove model.backbone (got {model.backbone!r})"
+            )
+        model.backbone = model.kind  # the family whose training defaults apply
+        model.latent_size = model.latent_size or DEFAULT_LATENT_SIZE[model.kind]
+        if model.kind == "gan" and "max_grad_norm" not in self.train.model_fields_set:
+            # DCGAN clips nothing, and one clip over both players' gradients would tie their step sizes together.
+            self.train.max_grad_norm = None
+        refused = [
+            ("audit", self.audit),
+            ("compress", self.compress),
+            ("evaluate.cross_validation", self.evaluate.cross_validation),
+            ("evaluate.generation", self.evaluate.generation),
+            ("train.privacy", self.train.privacy),
+            ("train.adversarial", self.train.adversarial),
+            ("data.augment", data.augment),
+            ("data.sensitive", data.sensitive),
+            ("data.text_pair", data.text_pair),
+            ("data.features", data.features),
+            ("data.feedback", data.feedback),
+            ("model.lora", model.lora),
+            ("model.architecture", model.architecture),
+        ]
+        for key, value in refused:
+            if value:
+                raise ValueError(f"{key}: not available for task 'image-generation'; remove it")
+
+    def _check_token_classification(self) -> None:
+        """A pre-trained encoder (MiniLM by default) tags each word; the tags column defaults to `tags`; what is
+        built for whole texts, tables, images and language models is refused."""
+        model, data = self.model, self.data
+        if "label" not in data.model_fields_set:
+            data.label = "tags"  # JSON lines {"tokens": [...], "tags": [...]}, as CoNLL-2003 and HF datasets ship
+        if model.backbone is None:
+            model.backbone = "minilm"
+        if model.backbone in ("mlp", NEW_GPT, NEW_ENCODER, RESNET_SMALL):
+            raise ValueError(
+                "model.backbone: task 'token-classification' fine-tunes a pre-trained encoder: 'minilm', a Hugging "
+                f"Face id, a local folder or a masked-lm run directory, got {model.backbone!r}"
+            )
+        if model.architecture or model.tokenizer or model.vocab_size:
+            key = "architecture" if model.architecture else "tokenizer" if model.tokenizer else "vocab_size"
+            raise ValueError(f"model.{key}: a pre-trained encoder keeps its own sizes and tokenizer; remove it")
+        if data.tokens == data.label:
+            raise ValueError(
+                f"data.tokens and data.label: the words and the tags need two columns, both are {data.label!r}"
+            )
+        refused = [
+            ("data.text_pair", data.text_pair),
+            ("data.features", data.features),
+            ("data.prompt", data.prompt),
+            ("data.response", data.response),
+            ("data.messages", data.messages),
+            ("data.packing", data.packing),
+            ("data.augment", data.augment),
+            ("data.image_size", data.image_size),
+            ("data.sensitive", data.sensitive),
+            ("data.feedback", data.feedback),
+            # Redaction rewrites words, and tags belong to words: redact the data before it is tagged.
+            ("data.pii.redact", data.pii.redact),
+            ("model.lora", model.lora),
+            ("audit", self.audit),
+            ("compress", self.compress),
+            ("federated", self.federated),
+            ("evaluate.cross_validation", self.evaluate.cross_validation),
+            ("evaluate.generation", self.evaluate.generation),
+            ("train.privacy", self.train.privacy),
+            ("train.adversarial", self.train.adversarial),
+        ]
+        for key, value in refused:
+            if value:
+                raise ValueError(f"{key}: not available for task 'token-classification' yet; remove it")
 
     def _check_predictive_backbone(self) -> None:
         """An encoder for text tasks, an MLP for tabular ones; the language-model keys are refused."""
@@ -1187,8 +1476,8 @@ class ForgeConfig(Section):
     def _check_training_modes(self) -> None:
         """DP-SGD and adversarial training each change how a step is taken; some settings cannot go with them."""
         train = self.train
-        if train.adversarial and self.task.startswith("tabular"):
-            raise ValueError("train.adversarial: perturbs word embeddings, so it needs a text task, not " + self.task)
+        if train.adversarial:
+            train.adversarial.resolve(self.task)
         if not train.privacy:
             return
         if train.adversarial:
@@ -1197,6 +1486,19 @@ class ForgeConfig(Section):
             raise ValueError("train.grad_accum_steps: must be 1 with train.privacy (DP-SGD samples its own batches)")
         if train.l1:
             raise ValueError("train.l1: must be 0 with train.privacy (the penalty is not clipped per example)")
+
+    def _check_ensemble(self) -> None:
+        """An ensemble is made of trained runs: training a model of its own, in any way, is refused with it."""
+        if self.ensemble is None:
+            return
+        if self.task in GENERATIVE_TASKS:
+            raise ValueError(f"ensemble: combines models that predict labels or numbers; task is {self.task!r}")
+        if self.federated:
+            raise ValueError("ensemble: combines trained runs; it cannot be trained federated (remove federated)")
+        if self.evaluate.cross_validation:
+            raise ValueError("evaluate.cross_validation: an ensemble's members are trained already (set it to null)")
+        if self.ensemble.method == "vote" and not self.is_classification:
+            raise ValueError(f"ensemble.method: vote needs classes; task {self.task!r} predicts a number")
 
     def _check_federated(self) -> None:
         """Federated training replaces the one-dataset loop; what assumes one dataset is refused."""
@@ -1353,6 +1655,29 @@ def _resolve_paths(config: ForgeConfig, base_dir: Path) -> None:
 
         # Pinned now, so the saved config names the run it started from, whatever runs come later.
         config.model.backbone = str(latest_run(Path(backbone).parent))
+    if config.ensemble:
+        config.ensemble.members = [
+            member if Path(member).is_absolute() else str((base_dir / member).resolve())
+            for member in config.ensemble.members
+        ]
+    classifier = config.evaluate.classifier
+    if classifier:  # a run directory, found as a run-directory backbone is (relative to the current folder)
+        from forgeml.errors import ArtifactError
+        from forgeml.workspace import latest_run
+
+        try:
+            found = latest_run(Path(classifier).parent) if Path(classifier).name == "latest" else Path(classifier)
+        except ArtifactError as error:
+            raise ConfigError(
+                f"evaluate.classifier: {error}; train an image-classification run there first (e.g. forgeml run "
+                "examples/cifar10.yaml) or set evaluate.classifier: null"
+            ) from None
+        if not (found / "model" / "task.json").is_file():
+            raise ConfigError(
+                f"evaluate.classifier: {found} is not a finished run directory (no model/task.json); name an "
+                "image-classification run, or set evaluate.classifier: null"
+            )
+        config.evaluate.classifier = str(Path(found).resolve())
     robustness = config.audit.robustness if config.audit else None
     if robustness and robustness.baseline and not Path(robustness.baseline).is_absolute():
         robustness.baseline = str((base_dir / robustness.baseline).resolve())

@@ -97,12 +97,28 @@ def load_exported(folder: str | Path, file: str = "model.int8.onnx") -> tuple[Ta
     return load_task_inputs(folder), OnnxModel(folder / file)
 
 
+class _Positional(nn.Module):
+    """`model` called with its inputs in order: the tracer passes inputs positionally, and a forward that takes
+    `**inputs` (an ensemble's) would receive none of them."""
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        return self.model(**dict(zip(self.names, tensors, strict=True)))
+
+
 def export_onnx(model: nn.Module, example: dict[str, torch.Tensor], path: Path) -> Path:
     """Write `model` as one ONNX file (legacy exporter, opset 17) with dynamic batch and sequence axes."""
     names = list(example)
-    # Token inputs vary in batch and length; tabular inputs (numeric, categorical) only in batch.
-    axes = {0: "batch", 1: "sequence"} if "input_ids" in example else {0: "batch"}
-    dynamic = {name: axes for name in names} | {"outputs": {0: "batch"}}
+    # Token inputs vary in batch and length; tabular inputs (numeric, categorical) and images only in batch.
+    # An ensemble's inputs are its members' under a group prefix ("g0.input_ids"): each group its own length.
+    dynamic: dict[str, dict[int, str]] = {"outputs": {0: "batch"}}
+    for name in names:
+        group, _, own = name.rpartition(".")
+        tokens = own in ("input_ids", "attention_mask", "token_type_ids")
+        dynamic[name] = {0: "batch", 1: f"{group}.sequence" if group else "sequence"} if tokens else {0: "batch"}
     model.eval()
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}.tmp")
@@ -110,10 +126,9 @@ def export_onnx(model: nn.Module, example: dict[str, torch.Tensor], path: Path) 
         # Tracing warns about every Python branch on a tensor; the parity check is what shows the graph is right.
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model,
-            (),
+            _Positional(model, names),
+            tuple(example.values()),
             str(staging),
-            kwargs=example,
             input_names=names,
             output_names=["outputs"],
             dynamic_axes=dynamic,
@@ -124,15 +139,62 @@ def export_onnx(model: nn.Module, example: dict[str, torch.Tensor], path: Path) 
     return path
 
 
-def quantize_int8(source: Path, target: Path) -> Path:
-    """int8 matrix multiplies with a scale per token and per weight column (`forgeml.quantize`): a row's
-    answer does not depend on the rows batched with it, unlike onnxruntime's dynamic quantization."""
-    from forgeml.quantize import quantize_per_token
-
+def quantize_int8(source: Path, target: Path, calibration: EncodedSplit | None = None) -> Path:
+    """The int8 file of `source`. Without `calibration`: int8 matrix multiplies with a scale per token and per
+    weight column (`forgeml.quantize`), for transformers and MLPs. With it (a convolutional network): static
+    quantization calibrated on those rows (`quantize_static_int8`). Either way a row's answer does not depend
+    on the rows batched with it, unlike onnxruntime's dynamic quantization."""
     staging = target.with_name(f".{target.name}.tmp")
-    quantize_per_token(source, staging)
+    if calibration is not None:
+        quantize_static_int8(source, staging, calibration)
+    else:
+        from forgeml.quantize import quantize_per_token
+
+        quantize_per_token(source, staging)
     staging.replace(target)
     return target
+
+
+def quantize_static_int8(source: Path, target: Path, calibration: EncodedSplit, batch_size: int = 64) -> None:
+    """onnxruntime's static quantization: convolutions and matrix multiplies in int8 (QDQ: per-channel int8
+    weights, uint8 activations), every activation scale fixed beforehand from its range on `calibration`.
+
+    Dynamic quantization would leave a CNN's convolutions (nearly all of its work) in fp32; fixed scales also
+    keep a row's answer independent of its batch. The calibration rows should be training rows: scales fitted
+    on the rows a model is then scored on would flatter it.
+    """
+    import tempfile
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    names = [node.name for node in _onnxruntime().InferenceSession(str(source)).get_inputs()]
+
+    class Batches(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.starts = iter(range(0, len(calibration), batch_size))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            start = next(self.starts, None)
+            if start is None:
+                return None
+            inputs, _ = calibration.batch(range(start, min(start + batch_size, len(calibration))))
+            return {name: inputs[name].numpy() for name in names}
+
+    with tempfile.TemporaryDirectory() as scratch:
+        prepared = Path(scratch) / "prepared.onnx"
+        quant_pre_process(str(source), str(prepared))  # shape inference and graph fusions, as onnxruntime advises
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # it suggests pre-processing, which was just done
+            quantize_static(
+                str(prepared),
+                str(target),
+                Batches(),
+                quant_format=QuantFormat.QDQ,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                per_channel=True,
+            )
 
 
 def export_torchscript(model: nn.Module, example: dict[str, torch.Tensor], path: Path) -> Path:
@@ -159,9 +221,16 @@ class TorchScriptModel(_ExportedModel):
 
 
 def export_model(
-    task: Task, model: nn.Module, rows: EncodedSplit, folder: Path, formats: tuple[str, ...] = ("onnx",)
+    task: Task,
+    model: nn.Module,
+    rows: EncodedSplit,
+    folder: Path,
+    formats: tuple[str, ...] = ("onnx",),
+    calibration: EncodedSplit | None = None,
 ) -> dict[str, Any]:
     """Export `model` into `folder` in each format, check every export on `rows`; return the parity report.
+
+    `calibration` (training rows) makes the int8 file by static quantization; see `quantize_int8`.
 
     Raises ForgeError when a format asked for (ONNX fp32, TorchScript) disagrees with PyTorch, after writing
     the report so it can be read. An int8 file below its label-agreement threshold does not raise: its
@@ -183,7 +252,7 @@ def export_model(
     if "onnx" in formats:
         fp32 = export_onnx(model, example, folder / "model.onnx")
         exported["onnx_fp32"] = (fp32, OnnxModel(fp32))
-        int8 = quantize_int8(fp32, folder / "model.int8.onnx")
+        int8 = quantize_int8(fp32, folder / "model.int8.onnx", calibration)
         exported["onnx_int8"] = (int8, OnnxModel(int8))
     if "torchscript" in formats:
         scripted = export_torchscript(model, example, folder / "model.torchscript.pt")
@@ -197,6 +266,7 @@ def export_model(
         if classification:
             check["label_agreement"] = float(np.mean(outputs.argmax(axis=1) == reference.argmax(axis=1)))
         if name == "onnx_int8":
+            check["scheme"] = "per-token" if calibration is None else f"static ({len(calibration)} calibration rows)"
             check["threshold"] = {"label_agreement": INT8_AGREEMENT} if classification else None
             check["passed"] = check.get("label_agreement", 1.0) >= INT8_AGREEMENT
         else:

@@ -168,6 +168,8 @@ def execute(
         durations["encode_s"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
+        if hasattr(task, "progress_folder"):  # a task that saves pictures at every validation (a GAN's samples)
+            task.progress_folder = run.plots
         model = task.build_model()
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # before LoRA is merged
         training = {
@@ -181,15 +183,27 @@ def execute(
             from forgeml.federated import train_federated
 
             result = train_federated(config, task, model, data, encoded, **training)
+        elif config.ensemble:  # trained runs: only a stacker is fitted (on the members' validation outputs)
+            from forgeml.tasks.ensemble import fit_ensemble
+
+            summary, validation_outputs = fit_ensemble(task, model, encoded)
+            result = TrainResult(
+                [], 0, None, None, task.primary_metric, False, 0.0, 0.0, summary["seconds"], ensemble=summary
+            )
+            result.validation_outputs = validation_outputs
         else:
             result = train(task, model, encoded["train"], encoded.get("validation"), config.train, **training)
         task.save(run.model, model)
         durations["train_s"] = time.perf_counter() - clock
 
         baselines = None
-        if config.evaluate.baseline and getattr(task, "target", None) is not None:  # label-based yardsticks
+        own_baselines = getattr(task, "baselines", None)  # a task with yardsticks of its own (word tagging)
+        if config.evaluate.baseline and (own_baselines or getattr(task, "target", None) is not None):
             clock = time.perf_counter()
-            baselines = fit_baselines(task, data.splits, config.data.split.seed)
+            if own_baselines:
+                baselines = own_baselines(data.splits, config.data.split.seed)
+            else:
+                baselines = fit_baselines(task, data.splits, config.data.split.seed)
             durations["baseline_s"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
@@ -217,7 +231,11 @@ def execute(
             )
             metrics[name].update(scores)
         unit = "round" if config.federated else "step"
-        plots.training_curves(result.history, result.watched_metric, run.plots / "curves.png", unit)
+        if result.history:  # an ensemble was not trained here: its members' runs have their curves
+            plots.training_curves(result.history, result.watched_metric, run.plots / "curves.png", unit)
+        if hasattr(task, "report_plots"):  # generated images: samples, reconstructions, curves over training
+            name = next(name for name in ("test", "validation", "train") if name in encoded)
+            task.report_plots(model, encoded[name], result.history, run.plots)
         if result.federated:
             plots.federated_clients(
                 result.history, result.federated, result.watched_metric, run.plots / "federated.png"
@@ -343,6 +361,7 @@ def _training_summary(result: TrainResult) -> dict[str, Any]:
         "seconds": result.seconds,
         **({"privacy": result.privacy} if result.privacy else {}),
         **({"federated": result.federated} if result.federated else {}),
+        **({"ensemble": result.ensemble} if result.ensemble else {}),
     }
 
 

@@ -26,6 +26,10 @@ STARTERS: dict[str, dict[str, Any]] = {
     },
     "masked-lm": {"data": {"train": "corpus.txt"}},
     "image-classification": {"data": {"train": "images/", "label": "label", "image_size": 32}},
+    "image-generation": {"data": {"train": "images/", "image_size": 32}, "model": {"kind": "vae"}},
+    "token-classification": {
+        "data": {"train": "train.jsonl", "validation": "validation.jsonl", "tokens": "tokens", "label": "tags"}
+    },
 }
 # Training settings (lr, epochs, ...) are not set here: validation fills them from the model family's
 # defaults (config.FAMILY_DEFAULTS), and the comments below name the family each value came from.
@@ -35,6 +39,29 @@ LANGUAGE_MODEL_ONLY = {"architecture", "style", "tokenizer", "vocab_size"}
 INSTRUCTION_ONLY = {"prompt", "response", "messages", "template", "packing", "loss_on", "generation"}
 MASKED_LM_ONLY = {"mask_probability", "whole_word_mask"}
 IMAGE_ONLY = {"image", "image_size", "augment", "width", "depths"}
+TOKENS_ONLY = {"tokens"}
+GENERATION_ONLY = {"kind", "latent_size", "classifier"}
+# What a token-classification model cannot use yet (the config refuses it) or has no use for: whole-text
+# settings (pooling, character limits, conflicting labels), stratified splits, groups of people, audits.
+NOT_FOR_TAGGING = {
+    "text",
+    "text_pair",
+    "pooling",
+    "max_chars",
+    "overlong",
+    "conflicting_labels",
+    "stratify",
+    "lora",
+    "sensitive",
+    "pii",
+    "privacy",
+    "adversarial",
+    "audit",
+    "compress",
+    "feedback",
+    "cross_validation",
+    "federated",
+}
 # What an image model cannot use yet (the config refuses it) or has no use for.
 NOT_FOR_IMAGES = {"text", "lora", "sensitive", "pii", "privacy", "adversarial", "audit", "compress", "feedback"}
 # What a language model has no use for: labels, row cleaning, groups of people, label-based audits.
@@ -63,7 +90,12 @@ def starter_config(task: str) -> str:
         raise ConfigError(f"init: unknown task {task!r}; choose one of {', '.join(TASKS)}")
     raw = {"name": task.replace("-", "_"), "task": task, **STARTERS[task]}
     config = ForgeConfig.model_validate(raw)
-    if task == "image-classification":
+    if task == "token-classification":
+        skip = TABULAR_ONLY | LANGUAGE_MODEL_ONLY | INSTRUCTION_ONLY | MASKED_LM_ONLY | IMAGE_ONLY | NOT_FOR_TAGGING
+    elif task == "image-generation":  # a VAE or GAN from scratch: no labels to predict, nothing to audit
+        skip = TEXT_ONLY | TABULAR_ONLY | LANGUAGE_MODEL_ONLY | INSTRUCTION_ONLY | MASKED_LM_ONLY | NOT_FOR_IMAGES
+        skip |= {"augment", "depths", "dropout", "backbone", "cross_validation", "generation", "stratify"}
+    elif task == "image-classification":
         skip = TEXT_ONLY | TABULAR_ONLY | LANGUAGE_MODEL_ONLY | INSTRUCTION_ONLY | MASKED_LM_ONLY | NOT_FOR_IMAGES
     elif task == "language-modeling":  # a new GPT: no adapters
         skip = NOT_FOR_LANGUAGE_MODELS | INSTRUCTION_ONLY | MASKED_LM_ONLY | {"lora"} | IMAGE_ONLY
@@ -74,6 +106,10 @@ def starter_config(task: str) -> str:
     else:
         skip = (TEXT_ONLY if task.startswith("tabular") else TABULAR_ONLY) | LANGUAGE_MODEL_ONLY
         skip |= INSTRUCTION_ONLY | MASKED_LM_ONLY | IMAGE_ONLY | ({"lora"} if task.startswith("tabular") else set())
+    if task != "token-classification":
+        skip |= TOKENS_ONLY
+    if task != "image-generation":
+        skip |= GENERATION_ONLY
     header = [
         f"# forgeml config for {task}. Paths are relative to this file.",
         "# Run it with: forgeml run THIS.yaml   (override any key: train.lr=3e-5)",

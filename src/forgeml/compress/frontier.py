@@ -32,13 +32,15 @@ def compress_model(
     export_folder: Path,
     options: CompressConfig,
     training: tuple[EncodedSplit, EncodedSplit | None, TrainConfig] | None = None,
+    calibration: EncodedSplit | None = None,
 ) -> dict[str, Any]:
     """Build, measure and compare the variants; write `compression.json` and `frontier.png` into `folder`.
 
     `training` (train split, validation split, the run's train settings) is needed for distillation and
     pruning; those variants are saved in `folder/<name>/` like a run's `model/`, so they can be served.
+    `calibration` (training rows) makes the int8 export by static quantization (see `export.quantize_int8`).
     """
-    variants, parity = build_variants(task, model, parity_rows, export_folder, options.quantize)
+    variants, parity = build_variants(task, model, parity_rows, export_folder, options.quantize, calibration)
     learned: dict[str, Any] = {}
     if options.distill or options.prune:
         if training is None:

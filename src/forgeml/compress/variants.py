@@ -50,9 +50,15 @@ def pytorch_int8(model: nn.Module) -> nn.Module:
 
 
 def build_variants(
-    task: Task, model: nn.Module, rows: EncodedSplit, folder: Path, quantize: bool = True
+    task: Task,
+    model: nn.Module,
+    rows: EncodedSplit,
+    folder: Path,
+    quantize: bool = True,
+    calibration: EncodedSplit | None = None,
 ) -> tuple[list[Variant], dict[str, Any]]:
-    """The variants (the original first) and the ONNX export's parity report (written to `folder`)."""
+    """The variants (the original first) and the ONNX export's parity report (written to `folder`);
+    `calibration`: training rows for a statically quantized int8 export."""
     model.eval()
     variants = [Variant("pytorch_fp32", model, _in_memory_size(model), "the trained model, PyTorch eager")]
     if quantize:
@@ -67,7 +73,7 @@ def build_variants(
                 batch_invariant=False,
             )
         )
-    parity = export_model(task, model, rows, folder, ("onnx",))
+    parity = export_model(task, model, rows, folder, ("onnx",), calibration)
     fp32 = folder / "model.onnx"
     variants.append(Variant("onnx_fp32", OnnxModel(fp32), fp32.stat().st_size, "ONNX Runtime", file=fp32))
     if quantize:

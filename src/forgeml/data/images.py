@@ -40,17 +40,29 @@ def read_images(
     return _from_table(path, label, image_column, size)
 
 
-def decode_image(data: bytes | str | Path, source: str, size: int | None = None) -> np.ndarray:
-    """One image file (or its bytes) as an H x W x 3 uint8 array; `size`: shorter side resized, centre cropped."""
+class ImageTooLarge(DataError):
+    """An image with more pixels than allowed (a server's `serve.max_image_pixels`), found before decoding it."""
+
+
+def decode_image(
+    data: bytes | str | Path, source: str, size: int | None = None, max_pixels: int | None = None
+) -> np.ndarray:
+    """One image file (or its bytes) as an H x W x 3 uint8 array; `size`: shorter side resized, centre cropped.
+
+    `max_pixels` refuses a larger image from its header, before the pixels are decoded: a small compressed
+    file can hold a huge image."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
+            width, height = image.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ImageTooLarge(f"{source}: {width} x {height} pixels; at most {max_pixels:,} pixels per image")
             image = image.convert("RGB")
             if size is not None:
                 image = _resize_and_crop(image, size)
             return np.asarray(image, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as error:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
         raise DataError(f"{source}: not a readable image ({error})") from None
 
 
@@ -71,16 +83,18 @@ def to_rows(images: Iterable[np.ndarray], labels: list | None, label: str, sourc
     return Dataset.from_dict(columns)
 
 
-def as_image(value: object, source: str, shape: tuple[int, ...]) -> np.ndarray:
+def as_image(value: object, source: str, shape: tuple[int, ...], max_pixels: int | None = None) -> np.ndarray:
     """One input to predict (a file path, the bytes of an image file, or nested lists / an array of pixels) as
     an H x W x C uint8 array of `shape`: a file of another size is resized (shorter side) and centre-cropped."""
     height, width, channels = shape
     if isinstance(value, bytes | str | Path):
         array = decode_image(
-            value if isinstance(value, bytes) else Path(value), source, height if height == width else None
+            value if isinstance(value, bytes) else Path(value), source, height if height == width else None, max_pixels
         )
         if channels == 1:
             array = array.mean(axis=2, keepdims=True).round().astype(np.uint8)
+    elif isinstance(value, np.ndarray) and value.dtype == np.uint8 and value.shape == tuple(shape):
+        return value  # already what the model takes (a server's decoded upload)
     else:
         try:
             array = np.asarray(value, dtype=np.float64)

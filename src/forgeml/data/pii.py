@@ -15,9 +15,10 @@ word such as "tel", "call" or "Handy" (as Presidio's context words do), so order
 prices and versions are left alone. Known misses and false alarms are listed by the benchmark.
 
 PERSON (names) needs a NER model; none is bundled (none is installable from PyPI), so it is not one
-of the pattern types here. With a local Hugging Face token-classification checkpoint
-(`data.pii.ner_model`, e.g. a CoNLL-03 BERT), `find_names` runs it and `redact_texts` takes its spans
-as PERSON entities. `benchmarks/pii_accuracy.py` measures precision, recall and throughput of the
+of the pattern types here. `data.pii.ner_model` names one: a forgeml token-classification run directory
+(e.g. `forgeml run examples/conll_ner.yaml`; its PER entities) or a local Hugging Face token-classification
+checkpoint (e.g. a CoNLL-03 BERT); `find_names` runs it and `redact_texts` takes its spans as PERSON
+entities. `benchmarks/pii_accuracy.py` measures precision, recall and throughput of the
 pattern types on a hand-labelled set.
 
 Overlaps are resolved once per call, among the requested types: a checksum/structure-validated
@@ -553,11 +554,40 @@ def _ner_pipeline(model: str):
         raise ValueError(f"cannot load the NER model {model!r}: {error}") from None
 
 
-def find_names(texts: list[str], model: str, batch_size: int = 32) -> list[list[tuple[int, int]]]:
-    """Character spans of person names per text, found by a token-classification `model` (a local path).
+@functools.lru_cache(maxsize=2)
+def _forgeml_tagger(run_dir: str):
+    """A forgeml token-classification run's model (its files verified against the run's manifest)."""
+    from forgeml.api import Predictor
 
-    Any checkpoint whose labels tag persons as PER or PERSON (B-/I- prefixed or not) works.
+    predictor = Predictor(run_dir)
+    if predictor.task.name != "token-classification":
+        raise ValueError(f"NER model {run_dir}: a {predictor.task.name} run, not a token-classification one")
+    return predictor
+
+
+def _is_forgeml_run(model: str) -> bool:
+    from forgeml.errors import ForgeError
+    from forgeml.workspace import resolve_run_path
+
+    try:
+        path = resolve_run_path(model)
+    except ForgeError:  # a registry reference that names no run, or `name/latest` with no finished run
+        return False
+    return (path / "config.yaml").is_file() and (path / "model" / "task.json").is_file()
+
+
+def find_names(texts: list[str], model: str, batch_size: int = 32) -> list[list[tuple[int, int]]]:
+    """Character spans of person names per text, found by a token-classification `model`: a forgeml
+    token-classification run directory, or a local Hugging Face checkpoint.
+
+    Any model whose labels tag persons as PER or PERSON (B-/I- prefixed or not) works.
     """
+    if _is_forgeml_run(model):
+        predictor = _forgeml_tagger(str(model))
+        found = predictor.predict(texts, batch_size) if texts else []
+        return [
+            [(e["start"], e["end"]) for e in entities if e["entity"].upper() in PERSON_LABELS] for entities in found
+        ]
     finder = _ner_pipeline(model)
     spans: list[list[tuple[int, int]]] = [[] for _ in texts]
     todo = [i for i, text in enumerate(texts) if text.strip()]

@@ -48,7 +48,7 @@ class PreparedData:
 def input_columns_for(config: ForgeConfig, available: list[str]) -> tuple[list[str], list[str]]:
     """(input columns, text columns) the task reads."""
     data = config.data
-    if config.task == "image-classification":
+    if config.task in ("image-classification", "image-generation"):
         return ["image"], []
     if config.task.startswith("tabular"):
         features = data.features or [c for c in available if c != data.label]
@@ -63,7 +63,7 @@ def read_split(path: Path, config: ForgeConfig, inputs: list[str] | None = None,
     Images (an .npz, a folder of class folders or a table of image files) become a table of pixels;
     `split` picks the arrays of an .npz that holds several splits."""
     data = config.data
-    if config.task == "image-classification":
+    if config.task in ("image-classification", "image-generation"):
         from forgeml.data.images import read_images
 
         dataset = read_images(path, data.label, split, data.image, data.image_size)
@@ -71,6 +71,10 @@ def read_split(path: Path, config: ForgeConfig, inputs: list[str] | None = None,
         dataset = read_table(path, data.format)
     inputs = inputs or input_columns_for(config, dataset.column_names)[0]
     validate.require_columns(dataset, inputs, path, "input column")
+    if config.task == "image-generation":  # a generator learns the images alone: labels are optional
+        if data.label not in dataset.column_names:
+            dataset = dataset.add_column(data.label, ["unlabelled"] * len(dataset))
+        return dataset
     validate.require_columns(dataset, [data.label], path, "label column")
     check_labels(column(dataset, data.label), path, config)
     return dataset
@@ -190,6 +194,7 @@ def prepare(config: ForgeConfig) -> PreparedData:
                     name,
                 )
 
+    counts_classes = config.is_classification or config.task == "image-generation"  # labels kept as they are
     profile = {
         "task": config.task,
         "inputs": inputs,
@@ -199,7 +204,7 @@ def prepare(config: ForgeConfig) -> PreparedData:
         },
         "cleaning": cleaning,
         "splits": {
-            name: profile_split(dataset, texts, data.label, config.is_classification)
+            name: profile_split(dataset, texts, data.label, counts_classes)
             for name, dataset in splits.items()
             if dataset is not None
         },

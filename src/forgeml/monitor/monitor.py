@@ -133,6 +133,10 @@ class DriftMonitor:
 
                 predictor = self.model if isinstance(self.model, Predictor) else Predictor(self.model)
                 predictor._require_predictions()
+                if getattr(predictor.task, "image_shape", None) is not None:
+                    raise ForgeError(
+                        f"drift monitoring: compares texts or table columns; {predictor.run.path} is an image model"
+                    )
                 self._predictor = predictor
         return self._predictor
 

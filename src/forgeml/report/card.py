@@ -38,6 +38,16 @@ PLOT_CAPTIONS = {
     "class), the most confident mistakes first.",
     "federated.png": "Federated training: the global model per round with the range over clients, and the final "
     "model on each client's own held-out rows.",
+    # image generation (tasks/image_generation.py)
+    "samples.png": "New images from the final weights (the decoder's mean image for a VAE), drawn from the same "
+    "latent points as every per-epoch grid in plots/samples_by_step/.",
+    "reconstructions.png": "Test images (odd rows) above their VAE reconstructions (the row below).",
+    "interpolation.png": "Latent interpolation: each row walks a straight line between two latent points (a VAE: "
+    "the codes of two test images), decoded.",
+    "frechet_by_epoch.png": "Fréchet distance between classifier features of generated and validation images at "
+    "every epoch (lower is better; not comparable to published Inception-based FID).",
+    "losses.png": "The GAN's discriminator and generator losses on validation images and fixed noise, per epoch.",
+    "sample_classes.png": "The classes the evaluate.classifier run assigns to the test samples.",
 }
 CLEANING_COLUMNS = {
     "rows_in": "rows in",
@@ -77,6 +87,11 @@ METRIC_MEANINGS = {
     "rmse": "root mean squared error, in the target's units",
     "mae": "mean absolute error, in the target's units",
     "loss": "mean cross-entropy per predicted token, in nats",
+}
+# Where a task's metric means something else than the same name above.
+TASK_METRIC_MEANINGS = {
+    ("token-classification", "f1"): "entity-level micro F1, seqeval's strict IOB2: an entity counts when its type "
+    "and both boundaries match",
 }
 # Scores of generated answers (instruction tuning), as the evaluation table names them.
 GENERATION_MEANINGS = {
@@ -218,6 +233,8 @@ def _task_and_model(
         keys = ("backbone", "max_length")
     elif task == "masked-lm":
         keys = ("backbone", "architecture", "tokenizer", "vocab_size", "max_length")
+    elif task == "token-classification":  # a head on every token: no pooling
+        keys = ("backbone", "max_length", "dropout")
     for key in keys:
         if key == "hidden_sizes" and model.get(key) == []:
             facts.append(("Hidden sizes", "none (a linear model)"))
@@ -279,11 +296,12 @@ def _metrics_used(metrics: dict[str, Any]) -> Section:
         return Section("Metrics")
     training = metrics.get("training") or {}
     watched = training.get("watched_metric") or primary
+    meaning = TASK_METRIC_MEANINGS.get((metrics.get("task"), primary)) or METRIC_MEANINGS.get(primary, primary)
     return Section(
         "Metrics",
         [
             Paragraph(
-                f"The primary metric is {primary} ({METRIC_MEANINGS.get(primary, primary)}); early stopping and the "
+                f"The primary metric is {primary} ({meaning}); early stopping and the "
                 f"choice of checkpoint watched validation {watched}. Every metric is reported on held-out data, with "
                 "per-class results and plots below; cross-validation spread where it was run."
             )
@@ -300,10 +318,11 @@ def _ethics(config: dict[str, Any], profile: dict[str, Any], run: Path) -> Secti
         for split in (profile.get("cleaning") or {}).values()
         for entity, count in (split.get("pii_redacted") or {}).items()
     }
-    if pii.get("redact"):
+    images = str(config.get("task", "")).startswith("image")  # pixels: no text to screen for personal data
+    if pii.get("redact") and not images:
         found = ", ".join(f"{name} {count:,}" for name, count in sorted(redacted.items())) or "none found"
         blocks: list[Block] = [Paragraph(f"Personal data was redacted from the text before training ({found}).")]
-    elif not str(config.get("task", "")).startswith("tabular"):
+    elif not images and not str(config.get("task", "")).startswith("tabular"):
         blocks = [Paragraph("Text inputs were not screened for personal data (data.pii.redact is off).")]
     else:
         blocks = []
@@ -403,6 +422,10 @@ def _samples(path: Path) -> Section:
     if not samples:
         return Section("Sample generations")
     first = samples[0]
+    if "entities" in first:  # token classification: entities found in held-out sentences, beside the true ones
+        caption = "Entities the model finds in held-out sentences (score: mean tag probability), and the true ones."
+        rows = [[sample["sentence"], sample["entities"], sample["reference"]] for sample in samples]
+        return Section("Example predictions", [Table(["sentence", "predicted", "true"], rows, caption)])
     if "reference" in first:  # answers to held-out prompts, beside the answers the data gives
         caption = "Greedy answers to the first held-out prompts (forgeml generate RUN PROMPT --temperature 0)."
         rows = [[repr(sample["prompt"]), sample["text"], sample["reference"]] for sample in samples]
@@ -495,8 +518,17 @@ def _training(config: dict[str, Any], metrics: dict[str, Any]) -> Section:
         settings.append(("Early stopping", _early_stopping(stopping, metrics, shown)))
     adversarial = train.get("adversarial")
     if adversarial:
-        method = str(adversarial.get("method", "fgm")).upper()
-        settings.append(("Adversarial training", f"{method} on word embeddings, ε = {adversarial.get('epsilon'):g}"))
+        method = str(adversarial.get("method") or "fgm")
+        if method == "pgd":
+            levels = 255 * float(adversarial["epsilon"])
+            step = 255 * float(adversarial.get("step_size") or 0)
+            described = (
+                f"PGD on pixels (Madry et al.), ε = {levels:.3g}/255 (L∞), {adversarial.get('steps')} steps of "
+                f"{step:.3g}/255, random start; trained on the attacked images"
+            )
+        else:
+            described = f"FGM on word embeddings, ε = {adversarial.get('epsilon'):g}"
+        settings.append(("Adversarial training", described))
     if settings:
         blocks.append(Table(["setting", "value"], [list(item) for item in settings], "Hyperparameters."))
     outcome = metrics.get("training") or {}
@@ -506,7 +538,36 @@ def _training(config: dict[str, Any], metrics: dict[str, Any]) -> Section:
         blocks += _differential_privacy(outcome["privacy"], str(config.get("task", "")).startswith("tabular"))
     if outcome.get("federated"):
         blocks += _federated(outcome["federated"], outcome.get("watched_metric") or "")
+    if outcome.get("ensemble"):
+        blocks += _ensemble(outcome["ensemble"], metrics)
     return Section("Training set-up", blocks)
+
+
+def _ensemble(summary: dict[str, Any], metrics: dict[str, Any]) -> list[Block]:
+    """The members and the ensemble side by side on the same held-out splits."""
+    described = {
+        "mean": "the members' probabilities (or values) averaged",
+        "vote": "the label most members choose (ties broken by the mean probability)",
+        "stack": "a logistic (ridge, for a number) regression on the members' outputs, fitted on the validation split",
+    }
+    splits = [name for name in ("validation", "test") if name in metrics]
+    names = [metrics.get("primary_metric") or "", "accuracy", "macro_f1", "rmse"]
+    shown = list(dict.fromkeys(n for n in names if n and any(n in metrics[s] for s in splits)))
+    header = ["model", *(f"{split} {name}" for split in splits for name in shown)]
+    rows = [
+        [
+            f"member {index + 1}: {member['id']}",
+            *(_format_value(member.get(s, {}).get(n)) for s in splits for n in shown),
+        ]
+        for index, member in enumerate(summary["members"])
+    ]
+    rows.append([f"ensemble ({summary['method']})", *(_format_value(metrics[s].get(n)) for s in splits for n in shown)])
+    facts = [
+        ("Ensemble", f"{len(summary['members'])} trained runs combined: {described[summary['method']]}"),
+        ("Encodings per request", f"{summary['input_groups']} (members that read inputs alike share one)"),
+    ]
+    caption = "Each member and the ensemble on the same rows; the member runs keep their own cards."
+    return [Facts(facts), Table(header, rows, caption)]
 
 
 def _early_stopping(stopping: dict[str, Any], metrics: dict[str, Any], shown: Callable[[str, str], str]) -> str:
@@ -655,6 +716,14 @@ def _evaluation(metrics: dict[str, Any]) -> Section:
                 for cls, scores in per_class.items()
             ]
             blocks.append(Table(["class", "precision", "recall", "f1", "support"], rows, f"Per class ({name})."))
+    if any("frechet_distance" in metrics[name] for name in splits):
+        from forgeml.evaluate.frechet import NOT_FID
+
+        blocks.append(Paragraph(NOT_FID))
+    if any("bits_per_dim" in metrics[name] for name in splits):
+        from forgeml.evaluate.pixel_likelihood import ELBO_NOTE
+
+        blocks.append(Paragraph(ELBO_NOTE))
     blocks.extend(_baselines(metrics))
     cross_validation = metrics.get("cross_validation") or {}
     if cross_validation.get("metrics"):

@@ -14,20 +14,23 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, File, HTTPException, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import BaseModel, ConfigDict, Field
 
 from forgeml.config import ServeConfig
+from forgeml.data.images import ImageTooLarge
 from forgeml.errors import ForgeError
 from forgeml.serve.batching import MicroBatcher
 from forgeml.serve.common import install_basics, scope_checker
 from forgeml.serve.demo import demo_page
 from forgeml.serve.deployments import Deployment, Deployments, RegistryFollower
 from forgeml.serve.drift import DriftGauges
+from forgeml.serve.images import request_images
 from forgeml.serve.keys import KeyStore
 from forgeml.serve.records import RecordStore
 from forgeml.serve.runtime import ModelRuntime, record_values
@@ -40,7 +43,7 @@ MAX_EXPLAIN_INPUTS = 16
 
 class PredictRequest(BaseModel):
     """`inputs`: one record or a list of them; a record is a text, a [premise, hypothesis] pair, or a
-    mapping of input columns."""
+    mapping of input columns; for an image model, an image file base64-encoded (or {"image": that})."""
 
     model_config = ConfigDict(extra="forbid")
     inputs: str | list[str] | dict[str, Any] | list[dict[str, Any]] | list[list[str]]
@@ -99,19 +102,36 @@ class ExplainResponse(BaseModel):
     explanations: list[Explanation]
 
 
-def _records(request: PredictRequest, limits: ServeConfig, max_inputs: int | None = None) -> list[Any]:
+def _records(
+    request: PredictRequest, limits: ServeConfig, max_inputs: int | None = None, texts: bool = True
+) -> list[Any]:
+    """The request's records, within the limits; `texts`: strings are texts (max_chars), not base64 images."""
     inputs = request.inputs
     records = [inputs] if isinstance(inputs, (str, dict)) else list(inputs)
-    if not records:
-        raise HTTPException(422, "inputs: empty; send at least one record")
-    max_inputs = max_inputs or limits.max_inputs
-    if len(records) > max_inputs:
-        raise HTTPException(413, f"inputs: {len(records)} records; at most {max_inputs} per request")
-    for index, record in enumerate(records):
+    _check_count(len(records), max_inputs or limits.max_inputs)
+    for index, record in enumerate(records if texts else ()):
         for value in record_values(record):
             if isinstance(value, str) and len(value) > limits.max_chars:
                 raise HTTPException(413, f"inputs[{index}]: {len(value):,} characters; at most {limits.max_chars:,}")
     return records
+
+
+def _check_count(count: int, max_inputs: int) -> None:
+    if not count:
+        raise HTTPException(422, "inputs: empty; send at least one record")
+    if count > max_inputs:
+        raise HTTPException(413, f"inputs: {count} records; at most {max_inputs} per request")
+
+
+async def _decoded_images(records: list[Any], model: ModelRuntime, limits: ServeConfig) -> list[Any]:
+    """An image model's records decoded off the event loop: 413 for an image too large, 422 for a bad one."""
+    assert model.image_shape is not None
+    try:
+        return await run_in_threadpool(request_images, records, model.image_shape, limits.max_image_pixels)
+    except ImageTooLarge as error:
+        raise HTTPException(413, str(error)) from None
+    except ForgeError as error:
+        raise HTTPException(422, str(error)) from None
 
 
 class _ServiceMetrics:
@@ -329,7 +349,28 @@ def create_app(
     async def predict(
         body: PredictRequest, request: Request, key_id: str | None = Depends(require("predict"))
     ) -> JSONResponse:
-        rows = _records(body, limits)
+        """Answers for a list of records: texts, text pairs, rows of columns, or base64 images."""
+        images = runtime.image_shape is not None
+        rows = _records(body, limits, texts=not images)
+        if images:
+            rows = await _decoded_images(rows, runtime, limits)
+        return await answer(rows, request, key_id)
+
+    @app.post("/v1/predict/upload", response_model=PredictResponse, response_model_exclude_none=True)
+    async def predict_upload(
+        request: Request,
+        file: Annotated[list[UploadFile], File(description="one or more image files (multipart/form-data)")],
+        key_id: str | None = Depends(require("predict")),
+    ) -> JSONResponse:
+        """Answers for uploaded image files (an image model), in the order they were sent."""
+        if runtime.image_shape is None:
+            raise HTTPException(404, "uploads are for image models; send this model's records to /v1/predict")
+        _check_count(len(file), limits.max_inputs)
+        rows = await _decoded_images([await upload.read() for upload in file], runtime, limits)
+        return await answer(rows, request, key_id)
+
+    async def answer(rows: list[Any], request: Request, key_id: str | None) -> JSONResponse:
+        """Score `rows` on the caller's deployment (through its micro-batcher) and answer in PredictResponse's shape."""
         request_id = uuid.uuid4().hex
         chosen = deployments.route(caller(request, key_id))
         started = time.perf_counter()
@@ -378,7 +419,8 @@ def create_app(
         chosen = deployments.route(caller(request, key_id))
         model = chosen.runtime
         if not model.explainable:
-            raise HTTPException(404, "explanations: word attributions are for text models; this one is tabular")
+            kind = "an image" if model.image_shape else "a tabular"
+            raise HTTPException(404, f"explanations: word attributions are for text models; this one is {kind} model")
         rows = _records(body, limits, min(limits.max_inputs, MAX_EXPLAIN_INPUTS))
         try:
             explained = await explaining(chosen, model.explain, rows, limits.explain_steps)

@@ -5,7 +5,8 @@
   Content-Length) is counted as it arrives and refused as soon as it passes the limit, so no request
   makes the server buffer more than `max_bytes`.
 - `JsonBodies`: every API body is read as JSON whatever its Content-Type says. `curl -d '{...}'` sends
-  `application/x-www-form-urlencoded`, which FastAPI would not parse; the API takes nothing but JSON.
+  `application/x-www-form-urlencoded`, which FastAPI would not parse; the API takes nothing but JSON, except
+  the file-upload routes (`.../upload`), which keep their multipart/form-data.
 - `RequestMetrics`: counts and times every request by route and status, and the API requests in flight.
 
 All are plain ASGI callables rather than Starlette's `BaseHTTPMiddleware`, which runs every request
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 Scope = dict[str, Any]
+UPLOAD_SUFFIX = "/upload"  # routes that take multipart/form-data file uploads rather than JSON
 
 
 class BodyLimit:
@@ -74,7 +76,8 @@ class JsonBodies:
         self.app, self.prefix = app, prefix
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"].startswith(self.prefix):
+        path = scope.get("path", "")
+        if scope["type"] == "http" and path.startswith(self.prefix) and not path.endswith(UPLOAD_SUFFIX):
             kept = [(name, value) for name, value in scope["headers"] if name != b"content-type"]
             # in place: the outer middleware reads what the router records in this same scope (the route)
             scope["headers"] = [*kept, (b"content-type", b"application/json")]

@@ -7,6 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from forgeml.api import Predictor
 from forgeml.encryption import plaintext_view
 from forgeml.errors import ForgeError
@@ -30,7 +32,7 @@ class ModelRuntime:
         `serve.workers`, else one per core for ONNX and one for PyTorch)."""
         self.predictor = predictor = run_dir if isinstance(run_dir, Predictor) else Predictor(run_dir)
         run = predictor.run
-        predictor.refuse_images("serve")
+        predictor.refuse("serve")  # e.g. a generator answers no requests (forgeml generate draws)
         if getattr(predictor.task, "target", None) is None:
             raise ForgeError(
                 f"serve: {run.path} is a {predictor.task.name} run, a pre-trained encoder with nothing to answer: "
@@ -47,7 +49,11 @@ class ModelRuntime:
                 self._load_variant(run.path, chosen)
         self.input_columns = list(self.predictor.input_columns)
         self.classes = list(getattr(self.predictor.task.target, "classes", []))
-        self.explainable = bool(getattr(self.predictor.task, "text_columns", None))
+        task = self.predictor.task  # an ensemble reads text but has no one model's words to attribute
+        self.explainable = bool(getattr(task, "text_columns", None)) and getattr(task, "explainable", True)
+        # An image model takes pictures (decoded by the app before batching); None for text and tables.
+        shape = getattr(self.predictor.task, "image_shape", None)
+        self.image_shape: tuple[int, ...] | None = tuple(shape) if shape else None
 
     def _load_variant(self, run_dir: Path, chosen: dict[str, Any]) -> None:
         """Swap in the chosen variant, checking (and for an encrypted run, decrypting) only its own files."""
@@ -111,6 +117,10 @@ class ModelRuntime:
 
         Every text of the request goes through one `redact_texts` call (and one NER batch), not one each.
         """
+        if self.image_shape is not None:  # decoded pixels are kept as PNG (as sent, when they are text)
+            from forgeml.serve.images import png_base64
+
+            return [png_base64(image) if isinstance(image, np.ndarray) else image for image in inputs]
         pii = self.predictor.config.data.pii
         if not (pii.redact and getattr(self.predictor.task, "text_columns", None)):
             return inputs
@@ -135,7 +145,9 @@ class ModelRuntime:
 
     def warm_up(self) -> None:
         """One call through every layer before reporting ready, so the first request is not the slow one."""
-        if getattr(self.predictor.task, "text_columns", None):
+        if self.image_shape is not None:
+            example: Any = np.zeros(self.image_shape, dtype=np.uint8)
+        elif getattr(self.predictor.task, "text_columns", None):
             example = "warm-up" if len(self.input_columns) == 1 else dict.fromkeys(self.input_columns, "warm-up")
         else:  # tabular: missing values take what training filled them with
             example = dict.fromkeys(self.input_columns, None)
@@ -151,6 +163,7 @@ class ModelRuntime:
             "inputs": self.input_columns,
             "labels": self.classes,
             "explainable": self.explainable,
+            "image_shape": list(self.image_shape) if self.image_shape else None,
         }
 
 

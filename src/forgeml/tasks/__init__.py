@@ -15,12 +15,14 @@ from forgeml.data.prepare import PreparedData, prepare
 from forgeml.errors import ArtifactError
 from forgeml.tasks.base import EncodedSplit, Task
 from forgeml.tasks.image import ImageClassificationTask
+from forgeml.tasks.image_generation import ImageGenerationTask
 from forgeml.tasks.instruction_tuning import InstructionTuningTask
 from forgeml.tasks.language_modeling import LanguageModelingTask
 from forgeml.tasks.masked_lm import MaskedLanguageModelingTask
 from forgeml.tasks.tabular import TabularTask
 from forgeml.tasks.targets import ClassLabels, NumericTarget, target_from_state
 from forgeml.tasks.text import TextTask
+from forgeml.tasks.token_classification import TokenClassificationTask
 from forgeml.workspace import read_json
 
 __all__ = ["EncodedSplit", "Task", "build_task", "load_task", "prepare_data"]
@@ -37,6 +39,10 @@ def prepare_data(config: ForgeConfig) -> PreparedData:
         from forgeml.data.instructions import prepare_instructions
 
         return prepare_instructions(config)
+    if config.task == "token-classification":
+        from forgeml.data.tagged import prepare_tagged
+
+        return prepare_tagged(config)
     return prepare(config)
 
 
@@ -62,6 +68,16 @@ def build_task(config: ForgeConfig, input_columns: list[str]) -> Task:
         model |= {"mask_probability": config.data.mask_probability, "whole_word_mask": config.data.whole_word_mask}
         # Evaluation masks follow the split seed, so runs that differ in training seed score the same positions.
         return MaskedLanguageModelingTask(model, config.model.max_length, seed=config.data.split.seed)
+    if config.task == "token-classification":
+        model = config.model.model_dump(include={"backbone", "max_length", "dropout"})
+        return TokenClassificationTask(model, normalize=config.data.clean.normalize)
+    if config.ensemble:  # trained runs combined: their tasks come from their run directories
+        from forgeml.tasks.ensemble import from_runs
+
+        return from_runs(config.ensemble.members, config.ensemble.method)
+    if config.task == "image-generation":
+        model = config.model.model_dump(include={"kind", "width", "latent_size"})
+        return ImageGenerationTask(model, config.evaluate.classifier, seed=config.train.seed)
     label = config.data.label
     target = ClassLabels(label) if config.is_classification else NumericTarget(label)
     if config.task == "image-classification":
@@ -95,9 +111,20 @@ def _target(state: dict):
 
 
 def _task_class(folder: Path, state: dict) -> type:
-    generative = {task.name: task for task in (LanguageModelingTask, InstructionTuningTask, MaskedLanguageModelingTask)}
+    by_name = (
+        LanguageModelingTask,
+        InstructionTuningTask,
+        MaskedLanguageModelingTask,
+        TokenClassificationTask,
+        ImageGenerationTask,
+    )
+    generative = {task.name: task for task in by_name}
     if state.get("task") in generative:
         return generative[state["task"]]
+    if state.get("task") == "ensemble":
+        from forgeml.tasks.ensemble import EnsembleTask
+
+        return EnsembleTask
     architecture = state.get("model", {}).get("architecture")
     if architecture == "text":
         return TextTask

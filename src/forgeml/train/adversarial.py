@@ -1,16 +1,25 @@
-"""Adversarial training on word embeddings: the fast gradient method (FGM) of Miyato et al. (2017).
+"""Adversarial training: every step also (or only) trains on inputs pushed against the model.
 
-Each step first takes the ordinary loss. Its gradient with respect to the word embeddings of each
-input says which small change to them hurts the model most; the step then also trains on the
-embeddings moved by that change, scaled to L2 norm `epsilon` per input. The model learns to keep
-its answer when an input's words shift towards their neighbours, which is what typos and synonym
-swaps do. A step costs about two ordinary ones.
+The loop talks to one small interface, `Adversary`: `craft(inputs, targets)` may replace a batch before
+its forward pass, and `perturbed()` may run a second, perturbed forward pass after the clean backward pass.
+`passes` says how many forward+backward passes a step costs, for the loop's FLOPs count.
+
+- `EmbeddingAdversary` (method fgm, text): the fast gradient method (FGM) of Miyato et al. (2017). Each step
+  first takes the ordinary loss. Its gradient with respect to the word embeddings of each input says which
+  small change to them hurts the model most; the step then also trains on the embeddings moved by that
+  change, scaled to L2 norm `epsilon` per input. The model learns to keep its answer when an input's words
+  shift towards their neighbours, which is what typos and synonym swaps do. A step costs about two ordinary
+  ones.
+- `PixelAdversary` (method pgd, images): Madry et al. (2018). Each batch is replaced by its PGD attack
+  (L-infinity ball of `epsilon` x 255 grey levels, random start, `steps` steps) and the step trains on the
+  attacked images only: the min-max objective. A step costs `steps + 1` ordinary ones.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,8 +27,74 @@ from torch import nn
 from forgeml.errors import ConfigError
 
 
-class EmbeddingAdversary:
+class Adversary:
+    """What the training loop asks of an adversarial-training method; the base does nothing."""
+
+    passes: int = 1  # forward+backward passes a training step costs, relative to an ordinary step
+    second_pass: bool = False  # whether the loop runs `perturbed()` after the clean backward pass
+
+    def craft(self, inputs: dict[str, torch.Tensor], targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The inputs the step trains on (the batch itself unless the method replaces it)."""
+        return inputs
+
+    @contextlib.contextmanager
+    def perturbed(self) -> Iterator[None]:
+        """Forward passes inside run on perturbed inputs (methods with `second_pass`)."""
+        yield
+
+    def remove(self) -> None:
+        """Undo whatever the adversary attached to the model."""
+
+
+def make_adversary(
+    options: Any, model: nn.Module, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+) -> Adversary:
+    """The adversary `train.adversarial` names; `loss(outputs, targets)` is the task's training loss."""
+    if options.method == "pgd":
+        return PixelAdversary(model, options.epsilon, options.steps, options.step_size, loss)
+    return EmbeddingAdversary(model, options.epsilon)
+
+
+class PixelAdversary(Adversary):
+    """Trains on each batch's PGD attack (Madry et al. 2018) for models that take raw pixels."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        epsilon: float,
+        steps: int,
+        step_size: float,
+        loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ):
+        self.model, self.epsilon, self.steps, self.step_size, self.loss = model, epsilon, steps, step_size, loss
+        self.passes = steps + 1
+
+    def craft(self, inputs: dict[str, torch.Tensor], targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The batch's pixels replaced by their PGD attack against the current weights.
+
+        The attack is crafted with the model in evaluation mode (`image_attacks.evaluation_mode`): its
+        augmentation would otherwise draw a different crop and flip at every attack step, and batch norm would
+        fold every attack step's batch into its running statistics. The training step that follows runs in
+        training mode on the attacked pixels, so augmentation moves the perturbation with the image content and
+        batch norm learns the statistics of the adversarial images it trains on. The random start draws from
+        torch's global generator, which checkpoints save: a resumed run crafts the same attacks.
+        """
+        from forgeml.trust.image_attacks import evaluation_mode, pgd
+
+        if "pixels" not in inputs:
+            raise ConfigError("train.adversarial.method: 'pgd' attacks pixels; the model's inputs have none")
+        with evaluation_mode(self.model):
+            attacked = pgd(
+                self.model, inputs["pixels"], targets, self.epsilon, self.steps, self.step_size, loss=self.loss
+            )
+        return {**inputs, "pixels": attacked}
+
+
+class EmbeddingAdversary(Adversary):
     """Hooks a model's word-embedding layer to read its gradient and to add the perturbation."""
+
+    passes = 2
+    second_pass = True
 
     def __init__(self, model: nn.Module, epsilon: float):
         encoder = getattr(model, "encoder", None)

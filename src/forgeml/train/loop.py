@@ -51,6 +51,7 @@ class TrainResult:
     seconds: float
     privacy: dict[str, Any] | None = None  # DP-SGD: the plan and the epsilon spent
     federated: dict[str, Any] | None = None  # federated training: clients, rounds, per-client scores, privacy
+    ensemble: dict[str, Any] | None = None  # an ensemble of trained runs: method, members and their scores
     # (outputs, targets) on validation of the weights the model ends with, when this process evaluated
     # them (not after a resume): the final report reuses them instead of running validation again.
     validation_outputs: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
@@ -140,7 +141,7 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
-    betas = (0.9, config.adam_beta2 or 0.999)
+    betas = (0.9 if config.adam_beta1 is None else config.adam_beta1, config.adam_beta2 or 0.999)
     try:
         # The fused kernel is ~10x faster than the default on CPU (10 ms against 137 ms a step for
         # MiniLM's 22M parameters): at short sequence lengths that is a third of the step.
@@ -270,9 +271,9 @@ def _train(
         model, optimizer = privacy.make_private(model, optimizer, plan, config.batch_size)
     adversary = None
     if config.adversarial:
-        from forgeml.train.adversarial import EmbeddingAdversary
+        from forgeml.train.adversarial import make_adversary
 
-        adversary = EmbeddingAdversary(raw_model, config.adversarial.epsilon)
+        adversary = make_adversary(config.adversarial, raw_model, task.loss)
     # Only the training step is compiled: evaluation runs the eager model (another shape and mode would
     # cost a second compilation for a few batches). The compiled wrapper shares the model's parameters.
     train_forward = _compiled(model) if config.compile else model
@@ -356,13 +357,15 @@ def _train(
                 inputs, targets = train_split.batch(rows.tolist())
                 inputs = {name: tensor.to(accelerator.device) for name, tensor in inputs.items()}
                 targets = targets.to(accelerator.device)
+                if adversary:  # PGD: the step trains on the batch's attack instead (FGM keeps the batch)
+                    inputs = adversary.craft(inputs, targets)
                 loss = task.loss(train_forward(**inputs), targets)
                 if config.l1:
                     loss = loss + config.l1 * sum(p.abs().sum() for p in raw_model.parameters() if p.ndim >= 2)
                 if penalty is not None:
                     loss = loss + penalty()
                 accelerator.backward(loss / config.grad_accum_steps)
-                if adversary:  # the same batch again at its worst-case embeddings; gradients add up
+                if adversary and adversary.second_pass:  # FGM: the batch again at its worst-case embeddings
                     with adversary.perturbed():
                         adversarial_loss = task.loss(model(**inputs), targets)
                     accelerator.backward(adversarial_loss / config.grad_accum_steps)
@@ -376,7 +379,8 @@ def _train(
                     state["step"] += 1
                     state["batch"] = index + 1
                 elapsed = time.perf_counter() - tick
-                flops = raw_model.training_flops(rows, int(train_split.lengths[rows].max())) * (2 if adversary else 1)
+                passes = adversary.passes if adversary else 1  # an attack step costs about a training step
+                flops = raw_model.training_flops(rows, int(train_split.lengths[rows].max())) * passes
                 for tally in (window, totals):
                     tally["samples"] += len(rows) * processes  # the whole job's throughput
                     tally["seconds"] += elapsed

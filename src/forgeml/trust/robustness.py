@@ -221,6 +221,11 @@ def _scorer(kind: str, truth: list | None) -> Callable[[np.ndarray], float | Non
     return lambda answers: _score(kind, answers, truth_array)
 
 
+def sample_rows(count: int, max_examples: int, seed: int) -> list[int]:
+    """A seeded subset of at most `max_examples` of `count` row positions, in their original order."""
+    return _sample(count, max_examples, seed)
+
+
 def _sample(count: int, max_examples: int, seed: int) -> list[int]:
     """A seeded subset of row positions, kept in their original order."""
     if max_examples < 1:
@@ -691,10 +696,15 @@ def comparison_table(before: dict[str, Any], after: dict[str, Any]) -> dict[str,
         return [label, *(_fmt(values[name]) if name in values else "—" for name in shown for values in (old, new))]
 
     rows = [row("clean", before["clean"], after["clean"])]
-    key = ("perturbation", "rate") if "rate" in before["results"][0] else ("sigma",)
+    first = before["results"][0]
+    key = ("perturbation", "rate") if "rate" in first else ("attack", "epsilon") if "epsilon" in first else ("sigma",)
     matched = {tuple(r[k] for k in key): r for r in after["results"]}
+
+    def label(result: dict[str, Any]) -> str:
+        return " at ".join(result.get("epsilon_label", result[k]) if k == "epsilon" else str(result[k]) for k in key)
+
     for result in before["results"]:
         probe = tuple(result[k] for k in key)
         if probe in matched:
-            rows.append(row(" at ".join(str(part) for part in probe), result, matched[probe]))
+            rows.append(row(label(result), result, matched[probe]))
     return {"header": header, "rows": rows, "caption": "Before (the baseline run) and after (this run), same rows."}
