@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from forgeml.models.flops import forward_flops
+
 
 class Augment(nn.Module):
     """Random crop after padding, horizontal flip, colour jitter and cutout, on pixels in 0..255."""
@@ -133,7 +135,8 @@ class ResNetSmall(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(channels_in, num_classes)
-        self.forward_flops = self._count_flops(tuple(image_shape))
+        # Multiply-adds x 2 of one image's forward pass, counted on a blank image.
+        self.forward_flops = forward_flops(self, lambda: self(torch.zeros(1, *image_shape)))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.augment(pixels.float(), self.mean)
@@ -143,25 +146,3 @@ class ResNetSmall(nn.Module):
 
     def training_flops(self, rows: torch.Tensor | list[int], padded_length: int) -> float:
         return 3.0 * self.forward_flops * len(rows)  # backward ~ twice the forward
-
-    def _count_flops(self, image_shape: tuple[int, ...]) -> float:
-        """Multiply-adds x 2 of one image's forward pass, counted on a blank image by hooks on the layers."""
-        total = 0.0
-
-        def count(module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
-            nonlocal total
-            if isinstance(module, nn.Conv2d):
-                kernel = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
-                total += 2.0 * output.numel() * kernel
-            elif isinstance(module, nn.Linear):
-                total += 2.0 * module.in_features * module.out_features
-
-        hooks = [m.register_forward_hook(count) for m in self.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
-        was_training = self.training
-        self.eval()
-        with torch.no_grad():
-            self(torch.zeros(1, *image_shape))
-        self.train(was_training)
-        for hook in hooks:
-            hook.remove()
-        return total

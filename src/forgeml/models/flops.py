@@ -1,4 +1,4 @@
-"""Small helpers the generative image models share: their FLOP count, their noise, their number of stages."""
+"""Small helpers the image models share: their FLOP count, and the generators' noise and number of stages."""
 
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
@@ -67,6 +68,18 @@ def load_tokenizer(backbone: str) -> PreTrainedTokenizerBase:
             return AutoTokenizer.from_pretrained(location)
     except (OSError, ValueError) as error:
         raise ConfigError(f"model.backbone: cannot load a tokenizer from {backbone!r}: {error}") from None
+
+
+def unknown_token_share(ids: np.ndarray, tokenizer: PreTrainedTokenizerBase) -> float | None:
+    """Share of `ids` (a flat array of encoded tokens) that are the tokenizer's unknown token ([UNK]), special
+    tokens ([CLS], [SEP], ...) left out. None when the tokenizer has no unknown token (byte-level tokenizers
+    cover any text) or there is nothing to count."""
+    unknown = tokenizer.unk_token_id
+    if unknown is None:
+        return None
+    special = [i for i in tokenizer.all_special_ids if i != unknown]
+    counted = int(ids.size - np.isin(ids, special).sum())
+    return int((ids == unknown).sum()) / counted if counted else None
 
 
 def _encoder_from_pretrained(location: str) -> nn.Module:

@@ -15,7 +15,7 @@ from safetensors.torch import load_model, save_model
 
 from forgeml.data.io import column, table_dataset
 from forgeml.data.validate import require_columns
-from forgeml.models.hf import TextModel, load_tokenizer
+from forgeml.models.hf import TextModel, load_tokenizer, unknown_token_share
 from forgeml.tasks.base import Target, TargetTask
 from forgeml.workspace import atomic_write_json
 
@@ -101,16 +101,10 @@ class TextTask(TargetTask):
         return split
 
     def unknown_token_share(self, split: TokenizedSplit) -> float | None:
-        """Share of a split's tokens that are the tokenizer's unknown token ([UNK]), special tokens
-        ([CLS], [SEP], ...) left out; counted on the ids already encoded. None when the tokenizer has no
-        unknown token (byte-level tokenizers cover any text) or the split has no tokens."""
-        unknown = self.tokenizer.unk_token_id
-        if unknown is None:
-            return None
-        ids = pc.list_flatten(split.data.data.table.column("input_ids")).to_numpy()
-        special = [i for i in self.tokenizer.all_special_ids if i != unknown]
-        counted = int(ids.size - np.isin(ids, special).sum())
-        return int((ids == unknown).sum()) / counted if counted else None
+        """Share of a split's tokens that are [UNK] (special tokens left out), counted on the ids encoded."""
+        return unknown_token_share(
+            pc.list_flatten(split.data.data.table.column("input_ids")).to_numpy(), self.tokenizer
+        )
 
     def state(self) -> dict[str, Any]:
         return {

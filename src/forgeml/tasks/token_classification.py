@@ -28,7 +28,7 @@ from torch.nn import functional
 from forgeml.data.tagged import LINE, TAGS, TOKENS, entity_types, normal_word, read_tagged
 from forgeml.data.validate import require_columns
 from forgeml.errors import ConfigError, DataError, ForgeError
-from forgeml.models.hf import load_tokenizer
+from forgeml.models.hf import load_tokenizer, unknown_token_share
 from forgeml.models.tagger import TokenTagger
 from forgeml.tasks.entities import entity_metrics, entity_spans, joined_offsets, split_words, tag_entities
 from forgeml.workspace import atomic_write_json
@@ -347,13 +347,9 @@ class TokenClassificationTask:
 
     def unknown_token_share(self, split: TaggedSplit) -> float | None:
         """Share of the pieces (special tokens left out) the tokenizer could only call [UNK]."""
-        unknown = self.tokenizer.unk_token_id
-        if unknown is None or not len(split):
+        if not len(split):
             return None
-        ids = np.concatenate([np.asarray(row) for row in split.ids])
-        special = [i for i in self.tokenizer.all_special_ids if i != unknown]
-        counted = int(ids.size - np.isin(ids, special).sum())
-        return int((ids == unknown).sum()) / counted if counted else None
+        return unknown_token_share(np.concatenate([np.asarray(row) for row in split.ids]), self.tokenizer)
 
     # --- saving ---------------------------------------------------------------------------------
 

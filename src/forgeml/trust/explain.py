@@ -12,10 +12,9 @@ model-agnostic: shuffle one column, see how much the metric drops.
 
 from __future__ import annotations
 
-import contextlib
 import html
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from forgeml.errors import ConfigError, DataError
 from forgeml.evaluate.outputs import model_outputs
 from forgeml.evaluate.plots import plt  # pyplot as imported there, after selecting the file-only backend
 from forgeml.evaluate.plots import save_figure as save_png
+from forgeml.trust.image_attacks import evaluation_mode
 
 # Rows (interpolation steps x texts) x tokens in one forward+backward pass: bounds memory (~1 GB for MiniLM)
 # while keeping matmuls large enough to run near peak on a CPU.
@@ -103,7 +103,7 @@ def explain_texts(
     # Similar lengths in one call waste less compute on padding.
     order = sorted(range(len(inputs)), key=lambda i: sum(len(s) for s in inputs[i]))
     explanations: list[TextExplanation | None] = [None] * len(inputs)
-    with _evaluation_mode(model):
+    with evaluation_mode(model):  # no dropout: attributions must be deterministic
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             for index, explanation in zip(
@@ -309,7 +309,7 @@ def explain_tabular(
     classification = task.target.kind == "classification"
     device = _device(model)
     rows: list[dict[str, float]] = []
-    with _evaluation_mode(model):
+    with evaluation_mode(model):
         for start in range(0, len(dataset), TABULAR_ROWS_PER_CALL):
             numeric = inputs["numeric"][start : start + TABULAR_ROWS_PER_CALL].to(device)
             categorical = inputs["categorical"][start : start + TABULAR_ROWS_PER_CALL].to(device)
@@ -538,17 +538,6 @@ def _pad_id(tokenizer: Any) -> int:
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-@contextlib.contextmanager
-def _evaluation_mode(model: nn.Module) -> Iterator[None]:
-    """model.eval() inside (no dropout: attributions must be deterministic), the previous mode after."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def _require_positive(**values: int) -> None:

@@ -36,11 +36,12 @@ def default_step_size(epsilon: float, steps: int) -> float:
 
 @contextlib.contextmanager
 def evaluation_mode(model: nn.Module) -> Iterator[None]:
-    """model.eval() inside, its previous mode after.
+    """model.eval() inside, its previous mode after (attributions and attacks are computed this way).
 
-    Attacks are crafted in evaluation mode: the model's augmentation (on in training mode) would otherwise
-    draw a new crop and flip for every step, so the gradient would be of a different image each time, and
-    batch norm would use batch statistics and update its running averages with every attacked batch.
+    Explanations need it to be deterministic (no dropout). Attacks need it because the model's augmentation
+    (on in training mode) would otherwise draw a new crop and flip for every step, so the gradient would be of
+    a different image each time, and batch norm would use batch statistics and update its running averages
+    with every attacked batch.
     """
     was_training = model.training
     model.eval()
