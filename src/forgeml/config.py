@@ -61,6 +61,7 @@ LOWER_IS_BETTER = frozenset(
 NEW_GPT = "gpt"
 NEW_ENCODER = "bert"
 RESNET_SMALL = "resnet_small"  # the image backbone trained from scratch
+IMAGE_BACKBONES = f"{RESNET_SMALL!r} or a folder holding a pre-trained timm or torchvision checkpoint"
 IMAGE_GENERATORS = ("vae", "gan")  # image-generation: model.kind (also its model.backbone and its family)
 DEFAULT_LATENT_SIZE = {"vae": 64, "gan": 100}  # DCGAN's 100; a VAE on 32 x 32 images needs no more than 64
 # nanoGPT's small CPU model for character-level Shakespeare ("baby GPT" scaled down).
@@ -84,6 +85,21 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "warmup_ratio": 0.05,
         "weight_decay": 5.0e-2,
         "early_stopping.patience": 8,
+        "early_stopping.metric": "accuracy",
+        "min_lr_ratio": 0.0,
+        "adam_beta2": 0.999,
+    },
+    # A pre-trained CNN (a timm or torchvision checkpoint folder) fine-tuned with a new head: a quarter of the
+    # from-scratch step, batches of 64 and 10 epochs (the features are learnt already), the same short warm-up,
+    # cosine decay and weight decay; early stopping watches validation accuracy, as for the small ResNet.
+    "cnn-pretrained": {
+        "lr": 5.0e-4,
+        "epochs": 10,
+        "batch_size": 64,
+        "scheduler": "cosine",
+        "warmup_ratio": 0.05,
+        "weight_decay": 5.0e-2,
+        "early_stopping.patience": 3,
         "early_stopping.metric": "accuracy",
         "min_lr_ratio": 0.0,
         "adam_beta2": 0.999,
@@ -199,13 +215,15 @@ for _family, _lr in LORA_LR.items():
 
 
 def model_family(backbone: str | None, task: str | None = None, lora: bool = False) -> str:
-    """The FAMILY_DEFAULTS key of a `model.backbone` for `task`: 'mlp'; 'gpt' (a new causal LM); 'causal-lm'
-    (a pre-trained one); 'bert' (a new encoder); else a pre-trained 'encoder'. With LoRA adapters on a
-    pre-trained model, '<family>-lora'."""
+    """The FAMILY_DEFAULTS key of a `model.backbone` for `task`: 'mlp'; 'cnn' (resnet_small) or 'cnn-pretrained'
+    (an image checkpoint folder); 'gpt' (a new causal LM); 'causal-lm' (a pre-trained one); 'bert' (a new
+    encoder); else a pre-trained 'encoder'. With LoRA adapters on a pre-trained model, '<family>-lora'."""
     if backbone == "mlp":
         return "mlp"
     if backbone == RESNET_SMALL:
         return "cnn"
+    if task == "image-classification":
+        return "cnn-pretrained"
     if task == "image-generation" and backbone in IMAGE_GENERATORS:
         return backbone
     if task == "token-classification":
@@ -428,9 +446,10 @@ class ModelConfig(Section):
     backbone: str | None = Field(
         None,
         description="'minilm' (bundled), a Hugging Face id, a local folder or a forgeml run directory (name/latest: "
-        "its newest finished run), 'mlp', 'resnet_small' (images), 'gpt' (a new causal LM) or 'bert' (a new "
-        "encoder), both sized by model.architecture; default: minilm for text and masked-lm, mlp for tabular, "
-        "resnet_small for images, gpt for language modeling",
+        "its newest finished run), 'mlp', 'resnet_small' (images), a folder holding a pre-trained timm or "
+        "torchvision checkpoint (images, relative to the config file; needs forgeml[vision]), 'gpt' (a new causal "
+        "LM) or 'bert' (a new encoder), both sized by model.architecture; default: minilm for text and masked-lm, "
+        "mlp for tabular, resnet_small for images, gpt for language modeling",
     )
     architecture: dict[str, Any] | None = Field(
         None,
@@ -1173,14 +1192,22 @@ class ForgeConfig(Section):
         return self
 
     def _check_image_classification(self) -> None:
-        """A CNN from scratch on images; augmentation on by default; what is built for text and tables is refused."""
+        """A CNN from scratch on images, or a pre-trained network from a checkpoint folder (found by
+        `_resolve_paths`, which knows the config file's folder); augmentation on by default; what is built for
+        text and tables is refused."""
         model, data = self.model, self.data
         if model.backbone is None:
             model.backbone = RESNET_SMALL
         if model.backbone != RESNET_SMALL:
-            raise ValueError(
-                f"model.backbone: task 'image-classification' needs {RESNET_SMALL!r}, got {model.backbone!r}"
-            )
+            if not model.backbone.strip():
+                raise ValueError(f"model.backbone: task 'image-classification' needs {IMAGE_BACKBONES}, got ''")
+            # Compared with the defaults rather than asked whether set: a saved run's config.yaml lists every key.
+            for key in ("width", "depths", "dropout"):
+                if getattr(model, key) != ModelConfig.model_fields[key].default:
+                    raise ValueError(
+                        f"model.{key}: is for backbone {RESNET_SMALL!r}; the pre-trained network in "
+                        f"{model.backbone!r} keeps its own layers (remove model.{key})"
+                    )
         if "augment" not in data.model_fields_set:
             data.augment = AugmentConfig()
         if any(d < 1 for d in model.depths):
@@ -1650,7 +1677,9 @@ def _resolve_paths(config: ForgeConfig, base_dir: Path) -> None:
     if feedback is not None and not feedback.path.is_absolute():
         feedback.path = (base_dir / feedback.path).resolve()
     backbone = config.model.backbone
-    if backbone and Path(backbone).name == "latest":
+    if config.task == "image-classification" and backbone != RESNET_SMALL:
+        config.model.backbone = _checkpoint_folder(str(backbone), base_dir)
+    elif backbone and Path(backbone).name == "latest":
         from forgeml.workspace import latest_run
 
         # Pinned now, so the saved config names the run it started from, whatever runs come later.
@@ -1681,3 +1710,20 @@ def _resolve_paths(config: ForgeConfig, base_dir: Path) -> None:
     robustness = config.audit.robustness if config.audit else None
     if robustness and robustness.baseline and not Path(robustness.baseline).is_absolute():
         robustness.baseline = str((base_dir / robustness.baseline).resolve())
+
+
+def _checkpoint_folder(backbone: str, base_dir: Path) -> str:
+    """An image-classification `model.backbone` other than resnet_small: a checkpoint folder, relative to the
+    config file's folder as data files are. A relative one must exist now. An absolute one is taken as it is: a
+    saved run's config.yaml names the folder its weights came from, and the run must still load once that folder
+    is gone (a new run refuses a missing folder when it builds its model)."""
+    folder = Path(backbone).expanduser()
+    if folder.is_absolute():
+        return str(folder)
+    resolved = (base_dir / folder).resolve()
+    if not resolved.is_dir():
+        raise ConfigError(
+            f"model.backbone: task 'image-classification' needs {IMAGE_BACKBONES}; {backbone!r} is neither (no "
+            f"folder {resolved})"
+        )
+    return str(resolved)

@@ -81,7 +81,7 @@ def build_task(config: ForgeConfig, input_columns: list[str]) -> Task:
     label = config.data.label
     target = ClassLabels(label) if config.is_classification else NumericTarget(label)
     if config.task == "image-classification":
-        model = config.model.model_dump(include={"width", "depths", "dropout"})
+        model = config.model.model_dump(include={"backbone", "width", "depths", "dropout"})
         augment = config.data.augment.model_dump() if config.data.augment else None
         return ImageClassificationTask(target, model, augment)
     if config.task.startswith("tabular"):
@@ -130,6 +130,6 @@ def _task_class(folder: Path, state: dict) -> type:
         return TextTask
     if architecture == "mlp":
         return TabularTask
-    if architecture == "resnet_small":
+    if architecture in ImageClassificationTask.architectures:  # resnet_small, or a pre-trained network
         return ImageClassificationTask
     raise ArtifactError(f"{folder / 'task.json'}: unknown model architecture {architecture!r}")

@@ -1,8 +1,11 @@
-"""Image classification: a small ResNet trained from scratch on raw pixels, augmented inside the model.
+"""Image classification on raw pixels, augmented inside the model: a small ResNet trained from scratch, or a
+pre-trained timm or torchvision network from a local checkpoint folder fine-tuned with a new head.
 
-What is fitted on the training split (the classes, the image shape, the per-channel mean and standard
-deviation) is saved as JSON beside the weights; the mean and standard deviation are also buffers of the
-model, so the model itself (and its ONNX export) takes raw pixels.
+What is fitted on the training split (the classes, the image shape and, for the small ResNet, the per-channel
+mean and standard deviation) is saved as JSON beside the weights; the normalisation is also in buffers of the
+model, so the model itself (and its ONNX export) takes raw pixels. A pre-trained network's weights come from its
+folder when training starts; task.json records how to build it (library, model name, its arguments, mean and
+standard deviation), so a saved run reloads from its own model.safetensors without that folder.
 """
 
 from __future__ import annotations
@@ -13,21 +16,34 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from datasets import Dataset
+from torch import nn
 
+from forgeml.config import RESNET_SMALL
 from forgeml.data.images import IMAGE_COLUMN, SHAPE_COLUMN, as_image, pixels, to_rows
 from forgeml.data.io import column as column_values
-from forgeml.errors import DataError
+from forgeml.errors import ConfigError, DataError
 from forgeml.models.cnn import ResNetSmall
+from forgeml.models.vision import (
+    Checkpoint,
+    PretrainedImageModel,
+    build_network,
+    head_name,
+    inspect_checkpoint,
+    load_pretrained,
+)
 from forgeml.tasks.base import SafetensorsFolderTask, Target, TargetTask, TensorSplit
 
 GRID_SIZE = 32  # images in the card's grid of test answers
 GRID_WRONG = 16  # of which at most this many are wrong answers
+PRETRAINED = "pretrained"  # task.json's model architecture for a network from a checkpoint folder
 
 
 class ImageClassificationTask(TargetTask, SafetensorsFolderTask):
-    """image-classification: `model.backbone: resnet_small` (width and depths configurable)."""
+    """image-classification: `model.backbone: resnet_small` (width and depths configurable), or a folder holding a
+    pre-trained timm or torchvision checkpoint (models/vision.py)."""
 
     name = "image-classification"
+    architectures: ClassVar[tuple[str, ...]] = (RESNET_SMALL, PRETRAINED)  # task.json's model.architecture
     features: ClassVar[list[str]] = [IMAGE_COLUMN]  # the input column (a file, its bytes or pixels when predicting)
     # int8 exports are statically quantized (a CNN's work is in its convolutions), calibrated on this many
     # training images: enough to see each activation's range, few enough to take seconds.
@@ -39,20 +55,33 @@ class ImageClassificationTask(TargetTask, SafetensorsFolderTask):
         model: dict[str, Any],
         augment: dict[str, Any] | None = None,
         inputs: dict[str, Any] | None = None,
+        checkpoint: Checkpoint | None = None,
     ):
+        """`model`: resnet_small's width, depths and dropout, or {"backbone": a checkpoint folder}. A saved run
+        passes the `checkpoint` it recorded instead: its network is then built without the folder's weights."""
         self.target = target
-        self.model_options = dict(model)  # width, depths, dropout
+        options = dict(model)
+        backbone = options.pop("backbone", None) or RESNET_SMALL
+        if backbone != RESNET_SMALL or checkpoint is not None:
+            options = {"backbone": str(backbone)}  # resnet_small's width, depths and dropout do not apply
+            if checkpoint is None:
+                checkpoint = inspect_checkpoint(backbone)  # what the folder holds; its weights load in build_model
+        self.checkpoint = checkpoint
+        self.model_options = options  # width, depths, dropout; or the checkpoint folder
         self.augment = dict(augment or {})  # crop_padding, flip, jitter, cutout: applied while training
         inputs = inputs or {}
         self.image_shape: tuple[int, ...] | None = tuple(inputs["shape"]) if "shape" in inputs else None
         self.mean: list[float] | None = inputs.get("mean")
         self.std: list[float] | None = inputs.get("std")
+        self.new_head: list[str] = []  # a pre-trained network's weights left to train from scratch (its head)
 
     def fit(self, train: Dataset) -> None:
         self.target.fit(column_values(train, self.target.column))
         if len(train) == 0:
             raise DataError("train: no images")
         self.image_shape = tuple(train[0][SHAPE_COLUMN])  # pixels() checks every other image against it
+        if self.checkpoint is not None:  # normalised as the checkpoint's weights were trained
+            return
         images = pixels(train, self.image_shape, "train")
         total, squares, count = np.zeros(images.shape[1]), np.zeros(images.shape[1]), 0
         for start in range(0, len(images), 1024):  # in chunks: float64 copies of every image would not fit
@@ -64,7 +93,11 @@ class ImageClassificationTask(TargetTask, SafetensorsFolderTask):
         self.mean = mean.round(4).tolist()
         self.std = [max(s, 1e-3) for s in np.sqrt(np.maximum(squares / count - mean**2, 0.0)).round(4).tolist()]
 
-    def build_model(self) -> ResNetSmall:
+    def build_model(self) -> nn.Module:
+        """A fresh model: the small ResNet, or the checkpoint's network with a new head for the run's classes (its
+        pre-trained weights from the folder for a new run; a saved run's come from its model.safetensors)."""
+        if self.checkpoint is not None:
+            return self._pretrained_model()
         assert self.image_shape is not None and self.mean is not None and self.std is not None, "fit() first"
         height, width, channels = self.image_shape
         options = self.model_options
@@ -77,6 +110,30 @@ class ImageClassificationTask(TargetTask, SafetensorsFolderTask):
             depths=options["depths"],
             dropout=options["dropout"],
             augment=self.augment,
+        )
+
+    def _pretrained_model(self) -> PretrainedImageModel:
+        checkpoint = self.checkpoint
+        assert checkpoint is not None and self.image_shape is not None, "fit() first"
+        height, width, channels = self.image_shape
+        where = self.model_options.get("backbone", checkpoint.network)
+        if channels not in (1, checkpoint.channels):
+            raise DataError(
+                f"train: the images have {channels} channels; model.backbone {where} takes {checkpoint.channels}"
+            )
+        if checkpoint.fixed_size and checkpoint.input_size and [height, width] != checkpoint.input_size:
+            size_h, size_w = checkpoint.input_size
+            raise ConfigError(
+                f"data.image_size: {checkpoint.network} (model.backbone {where}) takes {size_h} x {size_w} images "
+                f"only, these are {height} x {width}; set data.image_size: {size_h}"
+            )
+        classes = self.target.num_outputs
+        network = build_network(checkpoint, classes)
+        head = head_name(network, checkpoint, classes)
+        if checkpoint.weights is not None:  # a new run starts from the checkpoint's weights
+            self.new_head = load_pretrained(network, checkpoint, head)
+        return PretrainedImageModel(
+            network, (channels, height, width), checkpoint.mean, checkpoint.std, head, augment=self.augment
         )
 
     def encode(self, dataset: Dataset, source: str = "", with_targets: bool = True) -> TensorSplit:
@@ -130,15 +187,24 @@ class ImageClassificationTask(TargetTask, SafetensorsFolderTask):
         plots.image_grid(images, titles, [bool(predicted[i] != targets[i]) for i in shown], folder / "examples.png")
 
     def state(self) -> dict[str, Any]:
+        if self.checkpoint is not None:  # how to rebuild the network; the normalisation is the checkpoint's
+            inputs: dict[str, Any] = {"shape": list(self.image_shape or ())}
+            model = {**self.model_options, **self.checkpoint.state(), "architecture": PRETRAINED}
+        else:
+            inputs = {"shape": list(self.image_shape or ()), "mean": self.mean, "std": self.std}
+            model = {**self.model_options, "architecture": RESNET_SMALL}
         return {
             "task": self.name,
-            "inputs": {"shape": list(self.image_shape or ()), "mean": self.mean, "std": self.std},
+            "inputs": inputs,
             "augment": self.augment,
             "target": self.target.state(),
-            "model": {**self.model_options, "architecture": "resnet_small"},
+            "model": model,
         }
 
     @classmethod
     def from_saved(cls, folder: Path, state: dict[str, Any], target: Target) -> ImageClassificationTask:
         options = {k: v for k, v in state["model"].items() if k != "architecture"}
+        if state["model"].get("architecture") == PRETRAINED:  # built as recorded, without the checkpoint folder
+            checkpoint = Checkpoint.from_state(options)
+            return cls(target, {"backbone": options.get("backbone")}, state.get("augment"), state["inputs"], checkpoint)
         return cls(target, options, state.get("augment"), state["inputs"])
