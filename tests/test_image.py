@@ -201,3 +201,42 @@ def test_a_killed_image_run_resumes_to_the_uninterrupted_result(tmp_path: Path) 
     config["data"]["augment"] = {"crop_padding": 2, "flip": True, "jitter": 0.2, "cutout": 4}
     reference, resumed, _ = killed_and_resumed(config, tmp_path, "runs/img/*/checkpoints/step-00000015")
     assert resumed["test"] == reference["test"]  # augmentation drew the same crops, flips and holes
+
+
+def test_mixup_and_cutmix_mix_images_and_targets_in_the_same_proportion() -> None:
+    from forgeml.tasks.image import ImageClassificationTask
+    from forgeml.tasks.targets import ClassLabels
+
+    target = ClassLabels("label")
+    target.fit(["a", "b", "c"])
+    pixels = torch.stack([torch.full((3, 8, 8), value, dtype=torch.uint8) for value in (0, 100, 200, 250)])
+    targets = torch.tensor([0, 1, 2, 0])
+    for mixing in ({"mixup": 0.4}, {"cutmix": 1.0}):
+        task = ImageClassificationTask(target, {"width": 8, "depths": [1], "dropout": 0.0}, {"flip": True, **mixing})
+        assert "mixup" not in task.pixel_augment and "cutmix" not in task.pixel_augment  # not the model's
+        torch.manual_seed(3)
+        inputs, soft = task.training_batch({"pixels": pixels}, targets)
+        mixed = inputs["pixels"].float()
+        assert soft.shape == (4, 3) and torch.allclose(soft.sum(dim=1), torch.ones(4))
+        # Each image is `share` of its own (constant) value and 1 - share of its partner's, and so is its target.
+        own = soft[torch.arange(4), targets]
+        for index in range(4):
+            values = mixed[index].unique()
+            if "cutmix" in mixing:  # a box of the partner's value pasted into the image's own
+                assert len(values) <= 2 and (mixed[index] == pixels[index].float()).float().mean() >= own[index] - 1e-6
+            else:
+                assert len(values) == 1
+        torch.manual_seed(3)
+        again, _ = task.training_batch({"pixels": pixels}, targets)
+        assert torch.equal(again["pixels"], inputs["pixels"])  # torch's generator: seeded, checkpointed
+    plain = ImageClassificationTask(target, {"width": 8, "depths": [1], "dropout": 0.0}, {"flip": True})
+    assert plain.training_batch({"pixels": pixels}, targets)[1] is targets
+
+
+def test_a_run_with_mixup_and_cutmix_learns_and_resumes_exactly(tmp_path: Path) -> None:
+    npz = write_npz(tmp_path / "d.npz", train=400)
+    config = image_config(npz, epochs=3, checkpoint_every=5, early_stopping=None)
+    config["data"]["augment"] = {"crop_padding": 2, "flip": True, "mixup": 0.2, "cutmix": 1.0}
+    reference, resumed, _ = killed_and_resumed(config, tmp_path, "runs/img/*/checkpoints/step-00000015")
+    assert resumed["test"] == reference["test"]  # the same partners, shares and boxes after the restart
+    assert reference["test"]["accuracy"] >= 0.8  # chance: about 0.5

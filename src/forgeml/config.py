@@ -363,6 +363,18 @@ class AugmentConfig(Section):
     flip: bool = Field(True, description="mirror left-right half of the time")
     jitter: float = Field(0.0, ge=0.0, lt=1.0, description="brightness, contrast, saturation scaled by 1 +- this")
     cutout: int = Field(0, ge=0, description="side of one square per image painted with the mean pixel (0: off)")
+    mixup: float = Field(
+        0.0,
+        ge=0.0,
+        description="mixup (Zhang et al. 2018): each image blended with another of its batch, weight drawn from "
+        "Beta(a, a), its target mixed alike; a, e.g. 0.2 (0: off)",
+    )
+    cutmix: float = Field(
+        0.0,
+        ge=0.0,
+        description="CutMix (Yun et al. 2019): a box of another image of the batch pasted in, the target mixed by "
+        "its area; Beta(a, a), e.g. 1.0 (0: off). With mixup too, each batch takes one of the two at random",
+    )
 
 
 class DataConfig(Section):

@@ -1,6 +1,11 @@
 """The Task protocol: the one place where text, text-pair, regression and tabular problems differ.
 
 The training loop, evaluator, predictor and model card only ever talk to these interfaces.
+
+Optional hooks a task may add, each read with getattr where it is used: `training_batch(inputs, targets)`
+(the loop: a training batch reshaped before the loss, e.g. image mixing), `input_rows(rows)` (predict: raw
+inputs decoded by the task), `refused_actions` + `refusal_hint` (Predictor.refuse: what it does not offer),
+`int8_calibration_rows` (export: a static int8 scheme calibrated on that many training rows).
 """
 
 from __future__ import annotations

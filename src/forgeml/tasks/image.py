@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 from torch import nn
+from torch.nn import functional
 
 from forgeml.config import RESNET_SMALL
 from forgeml.data.images import IMAGE_COLUMN, SHAPE_COLUMN, as_image, pixels, to_rows
@@ -35,6 +36,7 @@ from forgeml.tasks.base import SafetensorsFolderTask, Target, TargetTask, Tensor
 
 GRID_SIZE = 32  # images in the card's grid of test answers
 GRID_WRONG = 16  # of which at most this many are wrong answers
+MIXING = ("mixup", "cutmix")  # data.augment keys that mix images with their targets (the task's, not the model's)
 PRETRAINED = "pretrained"  # task.json's model architecture for a network from a checkpoint folder
 
 
@@ -68,7 +70,7 @@ class ImageClassificationTask(TargetTask, SafetensorsFolderTask):
                 checkpoint = inspect_checkpoint(backbone)  # what the folder holds; its weights load in build_model
         self.checkpoint = checkpoint
         self.model_options = options  # width, depths, dropout; or the checkpoint folder
-        self.augment = dict(augment or {})  # crop_padding, flip, jitter, cutout: applied while training
+        self.augment = dict(augment or {})  # crop_padding, flip, jitter, cutout, mixup, cutmix: while training
         inputs = inputs or {}
         self.image_shape: tuple[int, ...] | None = tuple(inputs["shape"]) if "shape" in inputs else None
         self.mean: list[float] | None = inputs.get("mean")
@@ -109,7 +111,7 @@ class ImageClassificationTask(TargetTask, SafetensorsFolderTask):
             width=options["width"],
             depths=options["depths"],
             dropout=options["dropout"],
-            augment=self.augment,
+            augment=self.pixel_augment,
         )
 
     def _pretrained_model(self) -> PretrainedImageModel:
@@ -133,8 +135,35 @@ class ImageClassificationTask(TargetTask, SafetensorsFolderTask):
         if checkpoint.weights is not None:  # a new run starts from the checkpoint's weights
             self.new_head = load_pretrained(network, checkpoint, head)
         return PretrainedImageModel(
-            network, (channels, height, width), checkpoint.mean, checkpoint.std, head, augment=self.augment
+            network, (channels, height, width), checkpoint.mean, checkpoint.std, head, augment=self.pixel_augment
         )
+
+    @property
+    def pixel_augment(self) -> dict[str, Any]:
+        """The augmentation inside the model (each image on its own); mixing images is `training_batch`'s."""
+        return {key: value for key, value in self.augment.items() if key not in MIXING}
+
+    def training_batch(
+        self, inputs: dict[str, torch.Tensor], targets: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """A training batch as the loss sees it: with `data.augment.mixup` or `cutmix`, each image blended with
+        (or patched from) another of the batch and its target the same mix of the two one-hot labels (the
+        cross-entropy takes such probabilities); otherwise unchanged. Draws from torch's generator, which
+        checkpoints save, so a resumed run mixes exactly as an uninterrupted one."""
+        mixup, cutmix = self.augment.get("mixup", 0.0), self.augment.get("cutmix", 0.0)
+        if not (mixup or cutmix) or len(targets) < 2:
+            return inputs, targets
+        pixels = inputs["pixels"]
+        use_cutmix = bool(cutmix) and (not mixup or bool(torch.rand(()) < 0.5))
+        alpha = cutmix if use_cutmix else mixup
+        share = float(torch.distributions.Beta(alpha, alpha).sample())  # of each image's own pixels / label
+        partner = torch.randperm(len(targets)).to(pixels.device)
+        if use_cutmix:
+            pixels, share = _paste_box(pixels, partner, share)
+        else:
+            pixels = share * pixels.float() + (1.0 - share) * pixels[partner].float()
+        labels = functional.one_hot(targets, self.target.num_outputs).float()
+        return {**inputs, "pixels": pixels}, share * labels + (1.0 - share) * labels[partner]
 
     def encode(self, dataset: Dataset, source: str = "", with_targets: bool = True) -> TensorSplit:
         assert self.image_shape is not None, "fit() first"
@@ -208,3 +237,17 @@ class ImageClassificationTask(TargetTask, SafetensorsFolderTask):
             checkpoint = Checkpoint.from_state(options)
             return cls(target, {"backbone": options.get("backbone")}, state.get("augment"), state["inputs"], checkpoint)
         return cls(target, options, state.get("augment"), state["inputs"])
+
+
+def _paste_box(pixels: torch.Tensor, partner: torch.Tensor, share: float) -> tuple[torch.Tensor, float]:
+    """CutMix: one box, (1 - share) of the image's area, centred at random (clipped at the edges), copied from
+    each image's partner into it; returns the images and the share of each image's own pixels left."""
+    height, width = pixels.shape[-2:]
+    ratio = (1.0 - share) ** 0.5
+    box_h, box_w = int(height * ratio), int(width * ratio)
+    centre_y, centre_x = int(torch.randint(height, ())), int(torch.randint(width, ()))
+    top, bottom = max(centre_y - box_h // 2, 0), min(centre_y + box_h // 2, height)
+    left, right = max(centre_x - box_w // 2, 0), min(centre_x + box_w // 2, width)
+    mixed = pixels.clone()
+    mixed[..., top:bottom, left:right] = pixels[partner][..., top:bottom, left:right]
+    return mixed, 1.0 - (bottom - top) * (right - left) / (height * width)

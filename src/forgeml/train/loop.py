@@ -274,6 +274,7 @@ def _train(
         from forgeml.train.adversarial import make_adversary
 
         adversary = make_adversary(config.adversarial, raw_model, task.loss)
+    mix = getattr(task, "training_batch", None)  # a task may reshape its training batches (image mixing)
     # Only the training step is compiled: evaluation runs the eager model (another shape and mode would
     # cost a second compilation for a few batches). The compiled wrapper shares the model's parameters.
     train_forward = _compiled(model) if config.compile else model
@@ -359,6 +360,8 @@ def _train(
                 targets = targets.to(accelerator.device)
                 if adversary:  # PGD: the step trains on the batch's attack instead (FGM keeps the batch)
                     inputs = adversary.craft(inputs, targets)
+                if mix is not None:  # e.g. mixup / CutMix: images mixed within the batch, targets in proportion
+                    inputs, targets = mix(inputs, targets)
                 loss = task.loss(train_forward(**inputs), targets)
                 if config.l1:
                     loss = loss + config.l1 * sum(p.abs().sum() for p in raw_model.parameters() if p.ndim >= 2)
