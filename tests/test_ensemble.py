@@ -130,3 +130,19 @@ def test_an_ensemble_exports_to_onnx_with_parity(members) -> None:
     report = api.export(run)
     assert report["passed"] and report["checks"]["onnx_fp32"]["max_abs_diff"] <= 1e-4
     assert report["checks"]["onnx_int8"]["label_agreement"] >= 0.9
+
+
+def test_an_ensemble_run_is_evaluated_and_audited_like_any_run(members, tmp_path: Path) -> None:
+    from forgeml import api
+
+    runs, workspace, _ = members
+    run = forgeml.ensemble(runs, "mean", workspace=workspace, name="audited").run_dir
+    rows = sentiment_rows(40, seed=9)
+    metrics = api.evaluate(run, write_csv(tmp_path / "more.csv", rows))
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and sum(map(sum, metrics["confusion_matrix"])) == 40
+    headline = api.audit(run)
+    assert 0.0 <= headline["membership_auc"] <= 1.0  # membership inference on the ensemble's own splits
+    assert set(headline["skipped"]) == {"Robustness: word-substitution attack", "Explanations"}  # per member
+    assert 0.0 <= headline["robustness_worst_flip_rate"] <= 1.0  # typos and the like go through the ensemble
+    card = (run / "card.md").read_text()
+    assert "Privacy" in card and "Members" in card

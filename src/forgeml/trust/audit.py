@@ -107,7 +107,11 @@ def run_audits(
         own_name = "validation" if splits.get("validation") is not None else "test"
         own = splits.get(own_name)
         explained, explained_from = (own, f"the {own_name} split") if own is not None else (audited, where)
-        if text:
+        if text and not getattr(task, "explainable", True):
+            skipped.append(
+                _skip("Explanations", "an ensemble has no single model's words to attribute (explain a member)")
+            )
+        elif text:
             if config.data.label not in explained.column_names:
                 skipped.append(
                     _skip(
@@ -491,7 +495,15 @@ def _robustness(
             task, model, dataset, rates=options.rates, max_examples=options.max_examples
         )
         if config.is_classification and options.attack_examples:
-            if labelled:
+            if not hasattr(task, "tokenizer"):  # an ensemble: each member has its own
+                skipped.append(
+                    _skip(
+                        "Robustness: word-substitution attack",
+                        "it searches one model's input embeddings for substitutes; an ensemble's members have one "
+                        "each (audit a member)",
+                    )
+                )
+            elif labelled:
                 attack = robustness.word_substitution_attack(task, model, dataset, max_examples=options.attack_examples)
             else:  # the attack starts from the rows the model gets right
                 skipped.append(_skip("Robustness: word-substitution attack", unlabelled))
