@@ -240,3 +240,24 @@ def test_a_run_with_mixup_and_cutmix_learns_and_resumes_exactly(tmp_path: Path) 
     reference, resumed, _ = killed_and_resumed(config, tmp_path, "runs/img/*/checkpoints/step-00000015")
     assert resumed["test"] == reference["test"]  # the same partners, shares and boxes after the restart
     assert reference["test"]["accuracy"] >= 0.8  # chance: about 0.5
+
+
+def test_the_my_images_example_runs_on_folders_of_class_folders(tmp_path: Path) -> None:
+    """examples/my_images.yaml as shipped, on a folder per class of PNG files of mixed sizes beside it."""
+    import shutil
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "my_images.yaml"
+    shutil.copy(example, tmp_path / "my_images.yaml")
+    for split, count, seed in (("train", 160, 1), ("test", 40, 2)):
+        images, labels = stripes(count, size=80, seed=seed)
+        for index, (image, label) in enumerate(zip(images, labels, strict=True)):
+            folder = tmp_path / "my_images" / split / ("horizontal" if label == 0 else "vertical")
+            folder.mkdir(parents=True, exist_ok=True)
+            side = 64 + index % 3 * 8  # 64, 72 or 80 pixels: brought to data.image_size (64)
+            Image.fromarray(image[:side, :side]).save(folder / f"{index:04d}.png")
+    config = load_config(tmp_path / "my_images.yaml")
+    assert config.data.train == tmp_path / "my_images" / "train" and config.data.image_size == 64
+    overrides = ["train.epochs=3", "model.width=8", "train.batch_size=32"]
+    result = forgeml.run(tmp_path / "my_images.yaml", overrides=overrides, workspace=tmp_path / "ws")
+    assert result.metrics["test"]["accuracy"] >= 0.8  # chance: about 0.5
+    assert set(result.metrics["test"]["per_class"]) == {"horizontal", "vertical"}

@@ -82,6 +82,18 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def sha256_path(path: str | Path) -> str:
+    """A file's SHA-256; for a folder (e.g. images in class folders), the SHA-256 of its files' relative paths
+    and SHA-256s, sorted, so renaming, adding, removing or changing any file inside changes it."""
+    path = Path(path)
+    if not path.is_dir():
+        return sha256_file(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(path).as_posix()}\0{sha256_file(file)}\n".encode())
+    return digest.hexdigest()
+
+
 def new_run_id() -> str:
     """Sortable by time, unique across processes: 20261123-142501-3f9a."""
     return datetime.now(UTC).strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)

@@ -15,7 +15,7 @@ from forgeml.data.io import column, read_table, replace_column
 from forgeml.data.pii import find_names, redact_texts
 from forgeml.data.profile import profile_split
 from forgeml.data.split import content_hash, holdout, sample
-from forgeml.workspace import sha256_file
+from forgeml.workspace import sha256_file, sha256_path
 
 SPLITS = ("train", "validation", "test")
 
@@ -209,9 +209,9 @@ def prepare(config: ForgeConfig) -> PreparedData:
             if dataset is not None
         },
     }
-    # The files as they were read: a lineage names data by content, not only by path.
+    # The files (or folders of images) as they were read: a lineage names data by content, not only by path.
     profile["files"] = {
-        name: {"path": str(path), "sha256": sha256_file(path)} for name, path in sources.items() if path
+        name: {"path": str(path), "sha256": sha256_path(path)} for name, path in sources.items() if path
     }
     if data.feedback is not None:
         profile["files"]["feedback"] = {"path": str(data.feedback.path), "sha256": sha256_file(data.feedback.path)}
