@@ -131,6 +131,11 @@ def test_predict_writes_labels_and_probabilities(finished: dict) -> None:
     jsonl = finished["root"] / "predictions.jsonl"
     assert forgeml_cli("predict", str(finished["run_dir"]), str(source), "-o", str(jsonl)).returncode == 0
     assert json.loads(jsonl.read_text().splitlines()[0])["prediction"] in {"positive", "negative"}
+    printed = forgeml_cli("predict", str(finished["run_dir"]), str(source))  # no -o: JSON lines on stdout
+    assert printed.returncode == 0, printed.stderr
+    assert [json.loads(line) for line in printed.stdout.splitlines()] == [
+        json.loads(line) for line in jsonl.read_text().splitlines()
+    ]
 
 
 def test_report_rewrites_the_card_and_keeps_the_manifest_valid(finished: dict) -> None:
@@ -211,7 +216,7 @@ def test_user_errors_exit_2_with_a_message_and_no_traceback(change: dict, expect
         (["nosuchverb"], "No such command 'nosuchverb'"),
         (["run", "--bogus"], "No such option: --bogus"),
         (["serve"], "Missing argument"),
-        (["predict", "runs/x", "input.csv"], "Missing option '--output'"),
+        (["predict", "runs/x"], "Missing argument 'data'"),
         (["serve", "runs/x", "--port", "eighty"], "Invalid value for '--port'"),
         (["keys", "create", "--scope"], "requires an argument"),
     ],

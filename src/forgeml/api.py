@@ -396,10 +396,37 @@ def evaluate(run_dir: str | Path, data: str | Path, batch_size: int = 64) -> dic
 def predict(
     run_dir: str | Path, data: str | Path, output: str | Path, batch_size: int = 64, show_progress: bool = False
 ) -> Path:
-    """Predict every row of a file; write its rows plus `prediction` (and `p_<class>`) to CSV or JSONL."""
+    """Predict every row of a file; write its rows plus `prediction` (and `p_<class>`) to CSV or JSONL (for a
+    token-classification run, JSONL only: each sentence with its entities). See `predict_file`."""
+    output = Path(output)
+    rows = predict_file(run_dir, data, batch_size, show_progress)
+    jsonl = output.suffix.lower() in (".jsonl", ".ndjson")
+    if rows and "entities" in rows[0] and not jsonl:
+        raise ForgeError(f"--output {output}: entities are lists per sentence; write JSON lines (a .jsonl file)")
+    if jsonl:
+        body = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    else:
+        from io import StringIO
+
+        buffer = StringIO()
+        names = list(rows[0]) if rows else ["prediction"]
+        writer = csv.DictWriter(buffer, fieldnames=names, delimiter="\t" if output.suffix.lower() == ".tsv" else ",")
+        writer.writeheader()
+        writer.writerows(rows)
+        body = buffer.getvalue()
+    atomic_write_bytes(output, body.encode("utf-8"))
+    return output
+
+
+def predict_file(
+    run_dir: str | Path, data: str | Path, batch_size: int = 64, show_progress: bool = False
+) -> list[dict[str, Any]]:
+    """Every row of a file (a table; for images an .npz, a folder or a table of image files, each named by its
+    `source`) with its `prediction` (and `p_<class>` probabilities); for a token-classification run, each
+    sentence of a text file (one a line, or JSON lines with a tokens list) with its `entities`."""
     predictor = Predictor(run_dir)
     if predictor.config.task == "token-classification":
-        return _predict_entities(predictor, Path(data), Path(output), batch_size)
+        return _predict_entities(predictor, Path(data), batch_size)
     predictor._require_predictions()
     if predictor.config.task == "image-classification":  # an npz, a folder of images or a table of image files
         from forgeml.data.images import PIXEL_COLUMNS, read_images
@@ -407,7 +434,7 @@ def predict(
         height, width, _ = predictor.task.image_shape
         size = height if height == width else None  # files of another size are brought to the model's
         dataset = read_images(Path(data), predictor.config.data.label, "test", predictor.config.data.image, size)
-        dropped = list(PIXEL_COLUMNS)  # pixels stay out of the output file; `source` names each image
+        dropped = list(PIXEL_COLUMNS)  # pixels stay out of the output; `source` names each image
     else:
         dataset, dropped = read_table(Path(data), predictor.config.data.format), []
     answers = predictor._answers(dataset, batch_size, show_progress)
@@ -418,38 +445,21 @@ def predict(
             columns[f"p_{name}"] = np.round(answers["probabilities"][:, index], 6).tolist()
     else:
         columns["prediction"] = answers["value"]
-    output = Path(output)
     names = list(columns)
-    rows = [dict(zip(names, values, strict=True)) for values in zip(*columns.values(), strict=True)]
-    if output.suffix.lower() in (".jsonl", ".ndjson"):
-        body = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    else:
-        from io import StringIO
-
-        buffer = StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=names, delimiter="\t" if output.suffix.lower() == ".tsv" else ",")
-        writer.writeheader()
-        writer.writerows(rows)
-        body = buffer.getvalue()
-    atomic_write_bytes(output, body.encode("utf-8"))
-    return output
+    return [dict(zip(names, values, strict=True)) for values in zip(*columns.values(), strict=True)]
 
 
-def _predict_entities(predictor: Predictor, data: Path, output: Path, batch_size: int) -> Path:
+def _predict_entities(predictor: Predictor, data: Path, batch_size: int) -> list[dict[str, Any]]:
     """Entities of every sentence of `data` (a text file, one sentence a line; or JSON lines with a tokens list
-    or a `text` string) as JSON lines: the sentence (or its words) and its entities."""
+    or a `text` string): the sentence (or its words) and its entities."""
     from forgeml.data.tagged import read_sentences
 
-    if output.suffix.lower() not in (".jsonl", ".ndjson"):
-        raise ForgeError(f"--output {output}: entities are lists per sentence; write JSON lines (a .jsonl file)")
     sentences = read_sentences(data, predictor.config.data.tokens)
     found = predictor.predict(sentences, batch_size)
-    rows = [
+    return [
         {"text" if isinstance(sentence, str) else "tokens": sentence, "entities": entities}
         for sentence, entities in zip(sentences, found, strict=True)
     ]
-    atomic_write_bytes(output, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8"))
-    return output
 
 
 @on_plaintext(writes=True)

@@ -215,15 +215,22 @@ def predict(
             "one sentence a line, or JSON lines with a tokens list"
         ),
     ],
-    output: Annotated[Path, typer.Option("--output", "-o", help="where to write (.csv, .tsv or .jsonl)")],
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="where to write (.csv, .tsv or .jsonl); default: JSON lines on stdout"),
+    ] = None,
     batch_size: int = 64,
     quiet: Quiet = False,
 ) -> None:
-    """Predict every row of a file; writes its rows plus prediction (and class probabilities), or for a
-    token-classification run each sentence with its entities (JSON lines: entity, text, start, end, score)."""
+    """Predict every row of a file: its rows plus prediction (and class probabilities), or for a
+    token-classification run each sentence with its entities (entity, text, start, end, score)."""
     from forgeml import api
     from forgeml.train.progress import progress_enabled
 
+    if output is None:  # the answers themselves, one JSON object a line, for a pipe or a look
+        for row in api.predict_file(run_dir, data, batch_size, show_progress=False):
+            sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
+        return
     written = api.predict(run_dir, data, output, batch_size, show_progress=progress_enabled(quiet))
     console.print(f"predictions written to {written}")
 
