@@ -119,7 +119,7 @@ def test_an_image_model_takes_an_upload_and_shows_its_label(tmp_path: Path) -> N
         page.wait_for_selector("#status.error")
         assert page.text_content("#status") == "choose an image file first"
         page.set_input_files("#input-0", str(tmp_path / "stripes.png"))
-        assert page.is_visible("#preview")
+        page.wait_for_selector("#preview", state="visible")  # shown once the browser has decoded the file
         page.click("#predict")
         page.wait_for_selector("#result:not(.hidden)")
         assert page.text_content("#label") == expected
