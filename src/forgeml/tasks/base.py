@@ -145,6 +145,26 @@ class SafetensorsFolderTask:
         return task, model
 
 
+class EncoderFolderTask:
+    """A task whose model is a pre-trained encoder with a head: its `model/` folder is model.safetensors, the
+    encoder's config in encoder/, the tokenizer in tokenizer/ and task.json."""
+
+    tokenizer: Any
+
+    def state(self) -> dict[str, Any]: ...
+
+    def save(self, folder: Path, model: nn.Module) -> None:
+        """Weights (safetensors), encoder config, tokenizer and task.json."""
+        self.save_inputs(folder)
+        save_model(model, str(folder / "model.safetensors"))
+        model.encoder.config.save_pretrained(folder / "encoder")
+
+    def save_inputs(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(folder / "tokenizer")
+        atomic_write_json(folder / "task.json", self.state())
+
+
 class HuggingFaceFolderTask:
     """A task whose `model/` folder is a Hugging Face one: the model, its tokenizer beside it, and task.json."""
 

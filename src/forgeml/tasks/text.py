@@ -11,13 +11,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from datasets import Dataset
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model
 
 from forgeml.data.io import column, table_dataset
 from forgeml.data.validate import require_columns
 from forgeml.models.hf import TextModel, load_tokenizer, unknown_token_share
-from forgeml.tasks.base import Target, TargetTask
-from forgeml.workspace import atomic_write_json
+from forgeml.tasks.base import EncoderFolderTask, Target, TargetTask
 
 TOKENIZE_CHUNK = 2_000
 
@@ -54,7 +53,7 @@ class TokenizedSplit:
         return inputs, None if self.targets is None else self.targets[rows]
 
 
-class TextTask(TargetTask):
+class TextTask(TargetTask, EncoderFolderTask):
     """text-classification, text-pair-classification and (text) regression."""
 
     def __init__(self, name: str, text_columns: list[str], target: Target, model: dict[str, Any]):
@@ -122,14 +121,7 @@ class TextTask(TargetTask):
         if is_lora(model.encoder):
             save_adapter(model.encoder, folder)
             model.encoder = merged(model.encoder)
-        self.save_inputs(folder)
-        save_model(model, str(folder / "model.safetensors"))
-        model.encoder.config.save_pretrained(folder / "encoder")
-
-    def save_inputs(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save_pretrained(folder / "tokenizer")
-        atomic_write_json(folder / "task.json", self.state())
+        super().save(folder, model)
 
     @classmethod
     def from_saved(cls, folder: Path, state: dict[str, Any], target: Target) -> TextTask:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from datasets import Dataset
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model
 from torch.nn import functional
 
 from forgeml.data.tagged import LINE, TAGS, TOKENS, entity_types, normal_word, read_tagged
@@ -30,8 +30,8 @@ from forgeml.data.validate import require_columns
 from forgeml.errors import ConfigError, DataError, ForgeError
 from forgeml.models.hf import load_tokenizer, unknown_token_share
 from forgeml.models.tagger import TokenTagger
+from forgeml.tasks.base import EncoderFolderTask
 from forgeml.tasks.entities import entity_metrics, entity_spans, joined_offsets, split_words, tag_entities
-from forgeml.workspace import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class TaggedSplit:
         return {"input_ids": input_ids, "attention_mask": attention_mask}, targets
 
 
-class TokenClassificationTask:
+class TokenClassificationTask(EncoderFolderTask):
     """Tags for every word (IOB2), entity-level precision/recall/F1 (seqeval, strict), entity spans as answers."""
 
     name = "token-classification"
@@ -361,17 +361,6 @@ class TokenClassificationTask:
             "normalize": self.normalize,
             "model": {**self.model_options, "architecture": "token-tagger"},
         }
-
-    def save(self, folder: Path, model: TokenTagger) -> None:
-        """Weights (safetensors), encoder config, tokenizer and task.json."""
-        self.save_inputs(folder)
-        save_model(model, str(folder / "model.safetensors"))
-        model.encoder.config.save_pretrained(folder / "encoder")
-
-    def save_inputs(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save_pretrained(folder / "tokenizer")
-        atomic_write_json(folder / "task.json", self.state())
 
     @classmethod
     def from_saved(cls, folder: Path, state: dict[str, Any], target: Any = None) -> TokenClassificationTask:
