@@ -399,10 +399,11 @@ def predict(
     """Predict every row of a file; write its rows plus `prediction` (and `p_<class>`) to CSV or JSONL (for a
     token-classification run, JSONL only: each sentence with its entities). See `predict_file`."""
     output = Path(output)
-    rows = predict_file(run_dir, data, batch_size, show_progress)
+    predictor = Predictor(run_dir)
     jsonl = output.suffix.lower() in (".jsonl", ".ndjson")
-    if rows and "entities" in rows[0] and not jsonl:
+    if predictor.config.task == "token-classification" and not jsonl:  # said before any sentence is tagged
         raise ForgeError(f"--output {output}: entities are lists per sentence; write JSON lines (a .jsonl file)")
+    rows = predict_file(predictor, data, batch_size, show_progress)
     if jsonl:
         body = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     else:
@@ -419,12 +420,12 @@ def predict(
 
 
 def predict_file(
-    run_dir: str | Path, data: str | Path, batch_size: int = 64, show_progress: bool = False
+    run_dir: str | Path | Predictor, data: str | Path, batch_size: int = 64, show_progress: bool = False
 ) -> list[dict[str, Any]]:
     """Every row of a file (a table; for images an .npz, a folder or a table of image files, each named by its
     `source`) with its `prediction` (and `p_<class>` probabilities); for a token-classification run, each
     sentence of a text file (one a line, or JSON lines with a tokens list) with its `entities`."""
-    predictor = Predictor(run_dir)
+    predictor = run_dir if isinstance(run_dir, Predictor) else Predictor(run_dir)
     if predictor.config.task == "token-classification":
         return _predict_entities(predictor, Path(data), batch_size)
     predictor._require_predictions()

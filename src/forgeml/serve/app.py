@@ -419,8 +419,14 @@ def create_app(
         chosen = deployments.route(caller(request, key_id))
         model = chosen.runtime
         if not model.explainable:
-            kind = "an image" if model.image_shape else "a tabular"
-            raise HTTPException(404, f"explanations: word attributions are for text models; this one is {kind} model")
+            kind = (
+                "an image model"
+                if model.image_shape
+                else "an ensemble (explain a member)"
+                if model.input_columns and getattr(model.predictor.task, "text_columns", None)
+                else "a tabular model"
+            )
+            raise HTTPException(404, f"explanations: word attributions are for text models; this one is {kind}")
         rows = _records(body, limits, min(limits.max_inputs, MAX_EXPLAIN_INPUTS))
         try:
             explained = await explaining(chosen, model.explain, rows, limits.explain_steps)
